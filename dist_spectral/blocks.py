@@ -1,0 +1,137 @@
+"""How a parameter splits into the matrices a whole-matrix rule acts on.
+
+A parameter of shape ``[..., n]`` is seen as its 2-D view ``[R, n]`` with ``R = prod(shape[:-1])``
+(the layout every engine stores rows in). A *unit* is a contiguous row range of that view that must
+be whole on one rank; inside it, *blocks* are the separate matrices a rule is applied to::
+
+    attention.q  [H·hd, d]  per head   -> H units of hd rows, one block each
+    attention.o  [d, H·hd]  per head   -> 1 unit (all rows), H column blocks of width hd
+    expert.gate_up [E, 2r, d] halves   -> 2E units (gate rows, up rows of each expert)
+    expert.gate_up [E, d, 2r] interleaved -> E units of d rows, blocks = columns ::2 and 1::2
+    anything else  [..., m, n]         -> one unit per leading index (one per expert for 3-D)
+
+Units are the granularity of ownership: a unit is gathered to one owner, which runs the rule on its
+blocks. Per-head column blocks (``o``) keep the whole matrix as one unit because columns cut every
+row; gathering the rows once and splitting on the owner costs the same bytes.
+
+The *permuted axis* says which side of a block carries the permutation symmetry (tokens, neurons,
+experts): row rules normalise along it, so a column-aware rule is the row rule on the transpose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .roles import ParamInfo
+
+
+@dataclass(frozen=True)
+class Block:
+    """One matrix inside a unit: rows ``[row_start, row_stop)`` of the unit, columns ``col_start:col_stop:col_step``."""
+
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+    col_step: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        cols = len(range(self.col_start, self.col_stop, self.col_step))
+        return (self.row_stop - self.row_start, cols)
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """A contiguous row range ``[row_start, row_stop)`` of the parameter's 2-D view and its blocks."""
+
+    row_start: int
+    row_stop: int
+    blocks: tuple[Block, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+def view_2d_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``[R, n]`` view every layout and unit refers to (a 1-D tensor is one row)."""
+    if len(shape) == 0:
+        return (1, 1)
+    return (math.prod(shape[:-1]), shape[-1])
+
+
+def permuted_axis(info: ParamInfo) -> str:
+    """``"rows"`` or ``"cols"``: the side of each block with the permutation symmetry.
+
+    Down projections hold neurons on their input side (columns in ``nn.Linear``'s out × in);
+    ``transposed`` weights (``x @ W``, GPT-OSS experts) swap that.
+    """
+    if info.role in ("mlp.down", "expert.down"):
+        neurons_on_cols = not info.transposed
+    elif info.role in ("mlp.gate", "mlp.up", "mlp.gate_up", "expert.gate", "expert.up", "expert.gate_up"):
+        neurons_on_cols = info.transposed
+    else:
+        neurons_on_cols = False
+    return "cols" if neurons_on_cols else "rows"
+
+
+def fan_out_in(info: ParamInfo, block_shape: tuple[int, int]) -> tuple[int, int]:
+    """(fan_out, fan_in) of a block, for Muon's shape scale."""
+    rows, cols = block_shape
+    return (cols, rows) if info.transposed else (rows, cols)
+
+
+def _full(rows: int, cols: int) -> tuple[Block, ...]:
+    return (Block(0, rows, 0, cols),)
+
+
+def unit_specs(info: ParamInfo, per_head: bool = True) -> tuple[UnitSpec, ...]:
+    """Split a parameter into units and blocks (see the module docstring).
+
+    Args:
+        info (ParamInfo): the parameter's role and structure.
+        per_head (bool): split attention projections into head blocks (default: True).
+    """
+    shape = info.shape
+    rows, cols = view_2d_shape(shape)
+    role = info.role
+    if len(shape) < 2:
+        return (UnitSpec(0, rows, _full(rows, cols)),)
+
+    head_dim = info.head_dim
+    if per_head and head_dim and role in ("attention.q", "attention.k", "attention.v", "attention.qkv"):
+        if rows % head_dim:
+            raise ValueError(f"{info.name}: {rows} rows are not a multiple of head_dim={head_dim} for per-head polar; "
+                             "set per_head: false for this group or fix head_dim")
+        return tuple(UnitSpec(h * head_dim, (h + 1) * head_dim, _full(head_dim, cols)) for h in range(rows // head_dim))
+    if per_head and head_dim and role == "attention.o":
+        if cols % head_dim:
+            raise ValueError(f"{info.name}: {cols} columns are not a multiple of head_dim={head_dim} for per-head polar")
+        blocks = tuple(Block(0, rows, h * head_dim, (h + 1) * head_dim) for h in range(cols // head_dim))
+        return (UnitSpec(0, rows, blocks),)
+    if role == "attention.qkv" and info.qkv_split:
+        units, start = [], 0
+        for size in info.qkv_split:
+            units.append(UnitSpec(start, start + size, _full(size, cols)))
+            start += size
+        return tuple(units)
+
+    # One matrix per leading index: experts of a 3-D tensor, or the single 2-D matrix.
+    m = shape[-2]
+    count = rows // m
+    units = []
+    for e in range(count):
+        base = e * m
+        if info.fused == "halves":
+            if m % 2:
+                raise ValueError(f"{info.name}: fused gate/up with {m} rows cannot split into equal halves")
+            half = m // 2
+            units += [UnitSpec(base, base + half, _full(half, cols)), UnitSpec(base + half, base + m, _full(half, cols))]
+        elif info.fused == "interleaved":
+            if cols % 2:
+                raise ValueError(f"{info.name}: interleaved gate/up with {cols} columns cannot split into gate and up")
+            units.append(UnitSpec(base, base + m, (Block(0, m, 0, cols, 2), Block(0, m, 1, cols, 2))))
+        else:
+            units.append(UnitSpec(base, base + m, _full(m, cols)))
+    return tuple(units)

@@ -1,0 +1,52 @@
+"""``build_optimizer``: classify a model, load a recipe, and make the optimizer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .optimizer import SpectralOptimizer
+from .recipes import GroupSpec, apply_overrides, assign, load_recipe
+from .roles import ParamInfo, classify
+
+
+def resolve_groups(model: nn.Module, recipe="symmetric", infos: list[ParamInfo] | None = None,
+                   **overrides) -> tuple[list[GroupSpec], list[str], list[ParamInfo]]:
+    """Groups of a recipe (with overrides) for a model, without building anything."""
+    infos = infos if infos is not None else classify(model)
+    groups, report = assign(infos, apply_overrides(load_recipe(recipe), overrides))
+    return groups, report, infos
+
+
+def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "skip", bucket_mb: float = 256,
+                    comm_dtype: torch.dtype | str | None = None, infos: list[ParamInfo] | None = None,
+                    **overrides) -> SpectralOptimizer:
+    """The optimizer for ``model`` under a recipe.
+
+    Call it after wrapping the model (``fully_shard``, DDP): it reads the parameters' layouts.
+
+    Args:
+        model (nn.Module): the model (plain, DDP, FSDP2/HSDP, expert parallel).
+        recipe (str | dict | Path): ``"symmetric"`` (default), ``"muon"``, ``"adamw"``, another
+            name in ``configs/recipes``, a YAML path or a dict.
+        nonfinite (str): ``"skip"`` or ``"raise"`` on a non-finite gradient (default: ``"skip"``).
+        bucket_mb (float): memory bound of one exchange bucket in MiB (default: 256).
+        comm_dtype: dtype of exchanged matrices, e.g. ``"bfloat16"`` (default: fp32).
+        infos: roles from :func:`classify`, if already computed.
+        **overrides: ``<group>={field: value}`` changes a group (e.g. ``router={"rule":
+            "centered_row_norm"}``), ``groups=[...]`` adds groups in front, ``lr_scale=x``
+            multiplies every lr, ``key=value`` sets a hyperparameter on every group whose rule
+            takes it (e.g. ``steps=8``).
+    """
+    groups, report, infos = resolve_groups(model, recipe, infos, **overrides)
+    named = dict(model.named_parameters())
+    param_groups = []
+    for g in groups:
+        params = [(i.name, named[i.name]) for i in g.members if named[i.name].requires_grad]
+        if params:
+            param_groups.append({"params": params, "name": g.name, "rule": g.rule, **g.hyper})
+    if isinstance(comm_dtype, str):
+        comm_dtype = getattr(torch, comm_dtype)
+    opt = SpectralOptimizer(param_groups, {i.name: i for i in infos}, nonfinite=nonfinite,
+                            bucket_bytes=int(bucket_mb * (1 << 20)), comm_dtype=comm_dtype)
+    opt.report = report
+    return opt

@@ -1,0 +1,69 @@
+"""FSDP2, HSDP and expert parallel: DTensor parameters on a device mesh.
+
+A DTensor's placements say how its global tensor is cut over each mesh dimension; DTensor cuts
+with ``torch.chunk`` semantics, so every rank's piece is known from (shape, mesh, placements)
+alone and the layout of every rank is computed locally. Row rules that need column statistics
+sum their local rows (each row counted by one holder only, so HSDP replicas do not double count)
+and all-reduce a length-n vector over the world.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..layout import Layout, mesh_layout, replicated
+from .base import Topology, masked_rows
+from .single import ReplicatedTopology
+
+
+class DTensorTopology(ReplicatedTopology):
+    def layout(self, param: Tensor) -> Layout:
+        if not isinstance(param, DTensor):
+            return replicated(tuple(param.shape), self.world_size)
+        mesh = param.device_mesh
+        placements = []
+        for p in param.placements:
+            if isinstance(p, Replicate):
+                placements.append(("replicate", -1))
+            elif type(p) is Shard:
+                placements.append(("shard", p.dim % param.ndim))
+            else:
+                raise ValueError(f"a parameter of shape {tuple(param.shape)} has placement {p!r} on mesh "
+                                 f"{mesh.mesh_dim_names or tuple(mesh.shape)}: dist_spectral supports Shard(d) and "
+                                 "Replicate() placements; reshard it (e.g. fully_shard without shard_placement_fn "
+                                 "strides) or redistribute it before building the optimizer")
+        return _mesh_layout(tuple(param.shape), _ranks(mesh), tuple(placements), self.world_size)
+
+    def local(self, tensor: Tensor) -> Tensor:
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    def colsum(self, layout: Layout):
+        if layout.is_replicated() or self.world_size == 1:
+            return super().colsum(layout)
+        group, rank = self.group, self.rank
+
+        def colsum(x: Tensor) -> Tensor:
+            mask = masked_rows(layout, rank, x.shape[-2])
+            partial = (x if mask is None else x * mask.to(x.dtype)).sum(-2, keepdim=True).contiguous()
+            dist.all_reduce(partial, group=group)
+            return partial
+
+        return colsum
+
+
+def _ranks(mesh) -> tuple:
+    def freeze(x):
+        return tuple(freeze(i) for i in x) if isinstance(x, list) else int(x)
+
+    return freeze(mesh.mesh.tolist())
+
+
+@lru_cache(maxsize=4096)
+def _mesh_layout(shape, ranks, placements, world_size) -> Layout:
+    return mesh_layout(shape, list(ranks), placements, world_size)
+
+
+__all__ = ["DTensorTopology"]

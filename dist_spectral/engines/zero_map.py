@@ -1,0 +1,476 @@
+"""Map DeepSpeed ZeRO flat partitions back to the parameters they hold.
+
+Under DeepSpeed ZeRO a client ``torch.optim.Optimizer`` never sees the model's parameters. At
+``step()`` each of its param groups holds flat 1-D fp32 tensors ("flat partitions") that are
+slices of the group's parameters, flattened and concatenated, with padding. This module computes,
+from DeepSpeed's own partition metadata and without any communication, which element range of
+which parameter sits at which offset of every rank's flat partition, so an optimizer can run
+element-wise, row-wise and whole-matrix rules on them.
+
+What DeepSpeed hands the client optimizer (verified with DeepSpeed 0.19.8 on CPU/gloo, W = 2, 3):
+
+ZeRO-1 / ZeRO-2 (``DeepSpeedZeroOptimizer``)
+    * One flat tensor per client param group per rank:
+      ``zero_opt.single_partition_of_fp32_groups[g]`` (fp32, ``requires_grad=True``), the same
+      object for the whole run. Outside ``step()`` it is ``param_groups[g]["params"] == [flat]``.
+    * Flat order: ``zero_opt.round_robin_bit16_groups[g]``, i.e. the group's trainable params in
+      the client's order, or round-robin reordered when ``round_robin_gradients`` is set
+      (param ``i`` goes to bucket ``i % W``; buckets concatenated).
+    * Each param starts at ``round_robin_bit16_offsets[g][j]`` in the group's flat buffer
+      (``bit16_groups_flat[g]``): the running sum of numels, plus per-param padding to 16 bytes
+      when ``zero_optimization.parameter_alignment`` is set (DeepSpeed >= 0.19; older versions
+      have no per-param padding and no ``round_robin_bit16_offsets``).
+    * The buffer is zero-padded at its end to a multiple of ``2 * W`` elements and cut into W
+      equal pieces of ``partition_size[g] = len(bit16_groups_flat[g]) // W``. Rank r's flat
+      partition is buffer ``[r * P, (r + 1) * P)``. Params, and rows of matrices, straddle ranks.
+      Group-end padding is < 2W elements and may cover several trailing ranks entirely.
+    * ``step()`` of the client is called once per param group (``len(bit16_groups)`` calls per
+      training step), and during each call ``self.param_groups`` is temporarily a one-element
+      list holding only the group being stepped (identify it by identity of its flat tensor or by
+      a custom key: custom keys survive in the group dicts).
+
+ZeRO-1 with bf16 params and fp32 gradient accumulation (``BF16_Optimizer``)
+    * Chosen by DeepSpeed when ``bf16.enabled`` and ``data_types.grad_accum_dtype == "fp32"`` at
+      stage 1. Same cut as above (no round-robin, no per-param padding): buffer
+      ``bf16_groups_flat[g]`` in ``bf16_groups[g]`` order, partition ``len // W``; the client sees
+      ``fp32_groups_flat_partition[g]`` and ``step()`` is called once with all groups.
+
+ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``)
+    * Every parameter is partitioned on its own: ``P_p = ceil(numel / W)`` (``p.partition_numel()``,
+      ``p.ds_tensor``); rank r holds elements ``[r * P_p, min((r + 1) * P_p, numel))`` followed by
+      padding up to ``P_p`` (only trailing ranks are padded, a small param can leave several ranks
+      with nothing but padding; DeepSpeed does not zero this padding in the parameter).
+    * Each client group is split into sub-groups (``sub_group_size``, default 1e9 elements counted
+      per rank): ``zero_opt.fp16_groups[k]`` with ``sub_group_to_group_id[k]`` its client group.
+      Sub-group membership depends only on the params' ``P_p``, so it is the same on every rank.
+    * Sub-group k's flat tensor ``fp32_partitioned_groups_flat[k]`` is the concatenation of the
+      ``P_p``-long per-param partitions in ``fp16_groups[k]`` order (numel
+      ``fp16_partitioned_groups_flat_numel[k]``, equal on all ranks).
+    * The client's ``step()`` is called once per sub-group; during the call the stepping group has
+      ``params == [fp32_partitioned_groups_flat[k]]``, all other groups ``params == []``; outside
+      ``step()`` every group has ``params == []`` (during ``state_dict``/``load_state_dict`` all
+      sub-group tensors are put back, in sub-group order).
+    * The full every-rank view is computable: it only needs ``numel`` of each param and W. What
+      is not possible is seeing two sub-groups in one ``step()`` call: an optimizer that needs
+      whole matrices must either keep ``sub_group_size`` >= the group's per-rank numel (the
+      default) or buffer the sub-groups of a step itself.
+
+Ranks in this module are ranks inside the partitioning process group (the data-parallel group,
+``dist.get_rank(group=...)``), which equal global ranks for plain data parallelism.
+
+Only ``dist_spectral/engines/`` may import ``deepspeed``/``torch.distributed``; this module imports
+neither at module level (it reads attributes of the objects it is given).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "ZeroSegment",
+    "ZeroPadding",
+    "ZeroFlatPartition",
+    "ZeroFlat",
+    "ZeroMap",
+    "build_zero_map",
+    "flat_buffer_partitions",
+    "per_param_partitions",
+]
+
+
+@dataclass(frozen=True)
+class ZeroSegment:
+    """A contiguous run of one parameter's elements inside one rank's flat partition.
+
+    Attributes:
+        name (str): parameter name.
+        param_index (int): position in the ``named_params`` list given to :func:`build_zero_map`.
+        local_offset (int): element offset of the run inside the rank's flat fp32 partition
+            (the tensor the client optimizer sees).
+        global_start (int): first element of the run in the flattened (row-major) parameter.
+        global_stop (int): one past the last element.
+        flat_index (int): which flat tensor: the param group index for ZeRO-1/2, the sub-group
+            index ``k`` (into ``fp32_partitioned_groups_flat``) for ZeRO-3.
+    """
+
+    name: str
+    param_index: int
+    local_offset: int
+    global_start: int
+    global_stop: int
+    flat_index: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.global_stop - self.global_start
+
+    @property
+    def local_stop(self) -> int:
+        return self.local_offset + self.numel
+
+    def row_span(self, row_numel: int) -> tuple[int, int, bool, bool]:
+        """Rows touched when the parameter is viewed as ``[-1, row_numel]``.
+
+        Returns ``(first_row, stop_row, starts_mid_row, ends_mid_row)``: the run covers rows
+        ``[first_row, stop_row)``, the first of which is cut (shared with the previous rank) if
+        ``starts_mid_row``, the last if ``ends_mid_row``.
+        """
+        if self.numel == 0:
+            return (self.global_start // row_numel,) * 2 + (False, False)
+        first = self.global_start // row_numel
+        stop = -(-self.global_stop // row_numel)
+        return first, stop, self.global_start % row_numel != 0, self.global_stop % row_numel != 0
+
+
+@dataclass(frozen=True)
+class ZeroPadding:
+    """Elements of a flat partition that belong to no parameter.
+
+    ``kind`` is ``"group_end"`` (ZeRO-1/2 alignment of the group buffer to ``2·W`` elements),
+    ``"param_alignment"`` (ZeRO-1/2 ``parameter_alignment`` gap after a param) or
+    ``"param_tail"`` (ZeRO-3: a param's partition past its last element). Their values are
+    unspecified (ZeRO-3 leaves them uninitialised); optimizers must not read or rely on them.
+    """
+
+    local_offset: int
+    numel: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class ZeroFlatPartition:
+    """What one rank holds in one flat tensor."""
+
+    rank: int
+    numel: int
+    segments: tuple[ZeroSegment, ...]
+    padding: tuple[ZeroPadding, ...]
+
+    @property
+    def padding_numel(self) -> int:
+        return sum(p.numel for p in self.padding)
+
+    def padding_mask(self, device=None) -> torch.Tensor:
+        """Boolean ``[numel]`` tensor, True on padding."""
+        mask = torch.zeros(self.numel, dtype=torch.bool, device=device)
+        for pad in self.padding:
+            mask[pad.local_offset:pad.local_offset + pad.numel] = True
+        return mask
+
+
+@dataclass(frozen=True)
+class ZeroFlat:
+    """One flat tensor slot, seen from every rank.
+
+    ZeRO-1/2: one per client param group (``flat_index == group_index``). ZeRO-3: one per
+    sub-group (several may share a ``group_index``).
+
+    Attributes:
+        flat_index (int): see :attr:`ZeroSegment.flat_index`.
+        group_index (int): index into the client optimizer's ``param_groups``.
+        world_size (int): ranks the flat is partitioned over.
+        param_indices (tuple[int, ...]): params in flat order.
+        partitions (tuple[ZeroFlatPartition, ...]): indexed by rank.
+    """
+
+    flat_index: int
+    group_index: int
+    world_size: int
+    param_indices: tuple[int, ...]
+    partitions: tuple[ZeroFlatPartition, ...]
+
+    @property
+    def partition_numel(self) -> int:
+        return self.partitions[0].numel
+
+
+def flat_buffer_partitions(entries: Sequence[tuple[str, int, int, int]], buffer_numel: int, world_size: int,
+                           flat_index: int = 0) -> tuple[ZeroFlatPartition, ...]:
+    """ZeRO-1/2 cut: a flat buffer split into ``world_size`` equal, contiguous pieces.
+
+    Args:
+        entries: ``(name, param_index, buffer_offset, numel)`` in buffer order.
+        buffer_numel: length of the whole (padded) group buffer; must be divisible by W.
+        world_size: W.
+        flat_index: stored in the segments.
+    """
+    if buffer_numel % world_size:
+        raise ValueError(f"flat buffer of {buffer_numel} elements is not divisible by {world_size} ranks")
+    size = buffer_numel // world_size
+    last_end = max((off + n for _, _, off, n in entries), default=0)
+    if last_end > buffer_numel:
+        raise ValueError(f"params end at {last_end}, past the buffer ({buffer_numel})")
+    out = []
+    for rank in range(world_size):
+        lo, hi = rank * size, (rank + 1) * size
+        segs, pads, cursor = [], [], lo
+        for name, index, off, n in entries:
+            a, b = max(off, lo), min(off + n, hi)
+            if b <= a:
+                continue
+            if a > cursor:
+                pads.append(ZeroPadding(cursor - lo, a - cursor, "param_alignment"))
+            segs.append(ZeroSegment(name, index, a - lo, a - off, b - off, flat_index))
+            cursor = b
+        if cursor < hi:
+            kind = "group_end" if cursor >= last_end else "param_alignment"
+            pads.append(ZeroPadding(cursor - lo, hi - cursor, kind))
+        out.append(ZeroFlatPartition(rank, size, tuple(segs), tuple(pads)))
+    return tuple(out)
+
+
+def per_param_partitions(entries: Sequence[tuple[str, int, int]], world_size: int,
+                         flat_index: int = 0) -> tuple[ZeroFlatPartition, ...]:
+    """ZeRO-3 cut: each param split on its own into W pieces of ``ceil(numel / W)``, the pieces of
+    one rank concatenated in ``entries`` order.
+
+    Args:
+        entries: ``(name, param_index, numel)`` in sub-group order.
+        world_size: W.
+        flat_index: the sub-group index, stored in the segments.
+    """
+    out = []
+    for rank in range(world_size):
+        segs, pads, base = [], [], 0
+        for name, index, n in entries:
+            size = -(-n // world_size)
+            a, b = min(rank * size, n), min((rank + 1) * size, n)
+            if b > a:
+                segs.append(ZeroSegment(name, index, base, a, b, flat_index))
+            if size - (b - a):
+                pads.append(ZeroPadding(base + (b - a), size - (b - a), "param_tail"))
+            base += size
+        out.append(ZeroFlatPartition(rank, base, tuple(segs), tuple(pads)))
+    return tuple(out)
+
+
+@dataclass
+class ZeroMap:
+    """Every rank's flat partitions, mapped to parameter element ranges.
+
+    Attributes:
+        stage (int): ZeRO stage (1, 2 or 3).
+        kind (str): ``"zero12"``, ``"bf16_zero1"`` or ``"zero3"``.
+        rank (int): this process's rank in the partition group(s).
+        names (tuple[str, ...]), shapes (tuple[tuple[int, ...], ...]): per ``param_index``.
+        flats (tuple[ZeroFlat, ...]): indexed by ``flat_index``.
+    """
+
+    stage: int
+    kind: str
+    rank: int
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    flats: tuple[ZeroFlat, ...]
+    _tensor_to_flat: dict
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def world_size(self) -> int:
+        return self.flats[0].world_size if self.flats else 1
+
+    @property
+    def num_groups(self) -> int:
+        return 1 + max((f.group_index for f in self.flats), default=-1)
+
+    def flats_of_group(self, group_index: int) -> list[ZeroFlat]:
+        return [f for f in self.flats if f.group_index == group_index]
+
+    def segments(self, group_index: int, rank: int) -> list[ZeroSegment]:
+        """All segments of a client param group on ``rank``, ordered by (flat_index, local_offset).
+
+        For ZeRO-1/2 there is one flat per group, so ``local_offset`` indexes that one tensor.
+        For ZeRO-3 check ``flat_index`` (one flat per sub-group).
+        """
+        return [s for f in self.flats_of_group(group_index) for s in f.partitions[rank].segments]
+
+    def by_group(self) -> dict[int, dict[int, list[ZeroSegment]]]:
+        """``{group_index: {rank: [ZeroSegment, ...]}}``."""
+        return {g: {r: self.segments(g, r) for r in range(self.world_size)} for g in range(self.num_groups)}
+
+    def flat_for(self, tensor: torch.Tensor) -> ZeroFlat:
+        """The :class:`ZeroFlat` whose local partition is ``tensor`` (a tensor the client optimizer
+        finds in its ``param_groups`` during ``step()``); matched by identity."""
+        try:
+            return self.flats[self._tensor_to_flat[id(tensor)]]
+        except KeyError:
+            raise KeyError("tensor is not one of this engine's flat fp32 partitions") from None
+
+    def param_segments(self, param_index: int) -> list[tuple[int, ZeroSegment]]:
+        """``(rank, segment)`` for every piece of one parameter, ordered by ``global_start``."""
+        out = [(p.rank, s) for f in self.flats for p in f.partitions for s in p.segments
+               if s.param_index == param_index]
+        return sorted(out, key=lambda rs: rs[1].global_start)
+
+    def local_views(self, flat_index: int, flat_tensor: torch.Tensor, rank: int | None = None):
+        """Yield ``(segment, view)`` with ``view`` the 1-D slice of ``flat_tensor`` (this rank's
+        flat partition, its ``.grad``, or optimizer state shaped like it) holding the segment."""
+        part = self.flats[flat_index].partitions[self.rank if rank is None else rank]
+        if flat_tensor.numel() != part.numel:
+            raise ValueError(f"flat {flat_index}: tensor has {flat_tensor.numel()} elements, the map {part.numel}")
+        for seg in part.segments:
+            yield seg, flat_tensor.narrow(0, seg.local_offset, seg.numel)
+
+    def layout(self, param_index: int):
+        """The parameter's :class:`dist_spectral.layout.Layout` (one interval per holding rank)."""
+        from ..layout import Layout
+
+        holdings = [[] for _ in range(self.world_size)]
+        for rank, seg in self.param_segments(param_index):
+            holdings[rank].append((seg.global_start, seg.global_stop))
+        return Layout(tuple(self.shapes[param_index]), tuple(tuple(h) for h in holdings),
+                      f"ZeRO-{self.stage} flat")
+
+    def check(self) -> None:
+        """Assert the invariants: in every partition segments and padding tile ``[0, numel)`` without
+        overlap, and across ranks every parameter's elements are covered exactly once."""
+        covered: dict[int, list[tuple[int, int]]] = {}
+        for f in self.flats:
+            for part in f.partitions:
+                pieces = sorted([(s.local_offset, s.numel) for s in part.segments]
+                                + [(p.local_offset, p.numel) for p in part.padding])
+                cursor = 0
+                for off, n in pieces:
+                    assert off == cursor and n > 0, f"flat {f.flat_index} rank {part.rank}: gap/overlap at {off}"
+                    cursor = off + n
+                assert cursor == part.numel, f"flat {f.flat_index} rank {part.rank}: tiles {cursor} != {part.numel}"
+                for s in part.segments:
+                    covered.setdefault(s.param_index, []).append((s.global_start, s.global_stop))
+        for index, shape in enumerate(self.shapes):
+            runs = sorted(covered.get(index, []))
+            cursor = 0
+            for a, b in runs:
+                assert a == cursor, f"param {self.names[index]}: element {cursor} covered {'twice' if a < cursor else 'never'}"
+                cursor = b
+            if any(index in f.param_indices for f in self.flats):
+                assert cursor == math.prod(shape), f"param {self.names[index]}: covered {cursor} of {math.prod(shape)}"
+
+    def describe(self) -> str:
+        """Human-readable table of every flat, rank, segment and padding run."""
+        lines = [f"ZeRO-{self.stage} ({self.kind}), W={self.world_size}"]
+        for f in self.flats:
+            lines.append(f"flat {f.flat_index} (group {f.group_index}): {f.partition_numel} elements per rank")
+            for part in f.partitions:
+                items = [(s.local_offset, f"{s.name}[{s.global_start}:{s.global_stop}]") for s in part.segments]
+                items += [(p.local_offset, f"<pad {p.numel} {p.kind}>") for p in part.padding]
+                lines.append(f"  rank {part.rank}: " + ", ".join(f"@{o} {t}" for o, t in sorted(items)))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- builder
+def _names_and_index(named_params, zero_opt):
+    if named_params is None:
+        names_by_param = getattr(zero_opt, "param_names", None)
+        if not names_by_param:
+            raise ValueError("pass named_params: this optimizer has no param_names")
+        named_params = [(name, p) for p, name in names_by_param.items()]
+    named_params = list(named_params)
+    index_of = {id(p): i for i, (_, p) in enumerate(named_params)}
+    if len(index_of) != len(named_params):
+        raise ValueError("named_params lists a parameter twice")
+    return named_params, index_of
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    ds_shape = getattr(p, "ds_shape", None)  # ZeRO-3: p.shape is empty while partitioned
+    return tuple(ds_shape) if ds_shape is not None else tuple(p.shape)
+
+
+def _group_rank_world(group) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
+def build_zero_map(engine_or_optimizer, named_params: Iterable[tuple[str, torch.Tensor]] | None = None) -> ZeroMap:
+    """Build the flat-partition map of an initialised DeepSpeed engine.
+
+    Args:
+        engine_or_optimizer: the engine returned by ``deepspeed.initialize`` or its
+            ``engine.optimizer`` (``DeepSpeedZeroOptimizer``, ``BF16_Optimizer`` or
+            ``DeepSpeedZeroOptimizer_Stage3``).
+        named_params: ``(name, parameter)`` pairs, e.g. ``list(model.named_parameters())`` of the
+            model given to ``deepspeed.initialize`` (DeepSpeed keeps the same Parameter objects,
+            also after casting to bf16). ``param_index`` in the result indexes this list. Defaults
+            to DeepSpeed's ``param_names``. Params DeepSpeed does not optimise (frozen) are absent.
+
+    Every rank can call this; no communication happens, and the result describes all ranks
+    (``ZeroFlat.partitions[r]``). It reads only partition metadata, not tensor values.
+    """
+    zero_opt = getattr(engine_or_optimizer, "optimizer", None)
+    if zero_opt is None or not hasattr(engine_or_optimizer, "module"):
+        zero_opt = engine_or_optimizer
+    cls = type(zero_opt).__name__
+    named_params, index_of = _names_and_index(named_params, zero_opt)
+    names = tuple(n for n, _ in named_params)
+    shapes = tuple(_shape(p) for _, p in named_params)
+
+    def lookup(p):
+        try:
+            return index_of[id(p)]
+        except KeyError:
+            raise KeyError(f"a parameter DeepSpeed optimises (shape {_shape(p)}) is not in named_params") from None
+
+    flats, tensor_to_flat, rank = [], {}, 0
+    if hasattr(zero_opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        kind, stage = "zero3", 3
+        for k, sub_group in enumerate(zero_opt.fp16_groups):
+            group = zero_opt.sub_group_process_groups[k] if hasattr(zero_opt, "sub_group_process_groups") \
+                else zero_opt.dp_process_group
+            rank, world = _group_rank_world(group)
+            entries = []
+            for p in sub_group:
+                i = lookup(p)
+                entries.append((names[i], i, int(p.ds_numel)))
+                expect = -(-int(p.ds_numel) // world)
+                if int(p.partition_numel()) != expect:
+                    raise AssertionError(f"{names[i]}: partition_numel {p.partition_numel()} != ceil({p.ds_numel}/{world})")
+            parts = per_param_partitions(entries, world, k)
+            if parts[rank].numel != zero_opt.fp16_partitioned_groups_flat_numel[k]:
+                raise AssertionError(f"sub-group {k}: map {parts[rank].numel} != DeepSpeed "
+                                     f"{zero_opt.fp16_partitioned_groups_flat_numel[k]}")
+            group_index = int(zero_opt.sub_group_to_group_id[k])
+            flats.append(ZeroFlat(k, group_index, world, tuple(e[1] for e in entries), parts))
+            tensor_to_flat[id(zero_opt.fp32_partitioned_groups_flat[k])] = k
+    elif hasattr(zero_opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        kind = "zero12"
+        stage = 2 if getattr(zero_opt, "partition_gradients", False) else 1
+        for g, ordered in enumerate(zero_opt.round_robin_bit16_groups):
+            rank, world = _group_rank_world(zero_opt.real_dp_process_group[g])
+            metas = getattr(zero_opt, "round_robin_bit16_meta", None)
+            numels = [m.numel() for m in metas[g]] if metas else [p.numel() for p in ordered]
+            offsets = getattr(zero_opt, "round_robin_bit16_offsets", None)
+            offsets = list(offsets[g]) if offsets else [sum(numels[:j]) for j in range(len(numels))]
+            entries = [(names[lookup(p)], lookup(p), off, n) for p, off, n in zip(ordered, offsets, numels)]
+            buffer_numel = zero_opt.bit16_groups_flat[g].numel()
+            parts = flat_buffer_partitions(entries, buffer_numel, world, g)
+            if parts[rank].numel != zero_opt.partition_size[g] or \
+                    parts[rank].numel != zero_opt.single_partition_of_fp32_groups[g].numel():
+                raise AssertionError(f"group {g}: map partition {parts[rank].numel} != DeepSpeed {zero_opt.partition_size[g]}")
+            flats.append(ZeroFlat(g, g, world, tuple(e[1] for e in entries), parts))
+            tensor_to_flat[id(zero_opt.single_partition_of_fp32_groups[g])] = g
+    elif hasattr(zero_opt, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-1, bf16, fp32 accumulation)
+        kind, stage = "bf16_zero1", 1
+        for g, params in enumerate(zero_opt.bf16_groups):
+            rank, world = _group_rank_world(zero_opt.real_dp_process_group[g])
+            entries, off = [], 0
+            for p in params:
+                i = lookup(p)
+                entries.append((names[i], i, off, p.numel()))
+                off += p.numel()
+            parts = flat_buffer_partitions(entries, zero_opt.bf16_groups_flat[g].numel(), world, g)
+            if parts[rank].numel != zero_opt.fp32_groups_flat_partition[g].numel():
+                raise AssertionError(f"group {g}: map partition {parts[rank].numel} != DeepSpeed "
+                                     f"{zero_opt.fp32_groups_flat_partition[g].numel()}")
+            flats.append(ZeroFlat(g, g, world, tuple(e[1] for e in entries), parts))
+            tensor_to_flat[id(zero_opt.fp32_groups_flat_partition[g])] = g
+    else:
+        raise TypeError(f"{cls} is not a DeepSpeed ZeRO optimizer this module knows "
+                        "(DeepSpeedZeroOptimizer, BF16_Optimizer, DeepSpeedZeroOptimizer_Stage3)")
+    worlds = {f.world_size for f in flats}
+    if len(worlds) > 1:
+        raise NotImplementedError(f"flats partitioned over different world sizes {sorted(worlds)} (MoE expert groups)")
+    return ZeroMap(stage, kind, rank, names, shapes, tuple(flats), tensor_to_flat)

@@ -1,0 +1,226 @@
+"""Model presets: YAML files naming a transformers architecture and its config, built at random init.
+
+A preset is a YAML file::
+
+    family: olmoe            # a transformers ``model_type``: llama, qwen3, gemma3_text, olmoe, ...
+    description: ...         # optional, one line
+    published:               # optional: published parameter counts, checked by the tests
+      total: 30532122624
+      active: 3300000000
+    config:                  # keyword arguments of the family's config class
+      hidden_size: 64
+      ...
+
+Where presets live. The YAML files stay in ``configs/models/`` at the repository root, next to the
+other configs, and are located from this file (``<repo>/dist_spectral/../configs/models``); the
+environment variable ``DIST_SPECTRAL_CONFIG_DIR`` (a ``configs`` directory) overrides that, which is
+how a non-editable install finds them. A path to any YAML file always works. We chose this over
+package data because every other config (recipes, layouts, runs) is a repo file too, and a missing
+directory gives an error saying exactly where it looked.
+
+``family`` is the transformers ``model_type``, so every causal LM that ``AutoModelForCausalLM`` knows
+works without a table here.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .roles import classify, expert_containers
+
+CONFIG_DIR_ENV = "DIST_SPECTRAL_CONFIG_DIR"
+_PRESET_KEYS = {"family", "description", "published", "config"}
+
+
+def presets_dir() -> Path:
+    """Directory holding the model presets (``configs/models``).
+
+    Raises:
+        FileNotFoundError: neither ``$DIST_SPECTRAL_CONFIG_DIR/models`` nor the repository copy exists.
+    """
+    candidates = []
+    if os.environ.get(CONFIG_DIR_ENV):
+        candidates.append(Path(os.environ[CONFIG_DIR_ENV]) / "models")
+    candidates.append(Path(__file__).resolve().parent.parent / "configs" / "models")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"model presets not found (looked in {', '.join(map(str, candidates))}). Run from a checkout of "
+        f"the repository, set {CONFIG_DIR_ENV} to its configs/ directory, or pass a path to a YAML file")
+
+
+def list_presets() -> list[str]:
+    """Names of the presets in ``configs/models`` (file names without ``.yaml``), sorted."""
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a preset name or a YAML path to an existing file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"model preset file {str(path)!r} does not exist")
+        return path
+    path = presets_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown model preset {str(name_or_path)!r}; available: {', '.join(list_presets())}")
+    return path
+
+
+def load_preset(name_or_path: str | os.PathLike) -> dict:
+    """The validated contents of a preset file (``family``, ``config`` and optional keys)."""
+    path = _preset_path(name_or_path)
+    with open(path) as f:
+        preset = yaml.safe_load(f)
+    if not isinstance(preset, dict) or "family" not in preset:
+        raise ValueError(f"{path}: a model preset needs a top-level 'family' (a transformers model_type)")
+    unknown = set(preset) - _PRESET_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_PRESET_KEYS)}")
+    preset.setdefault("config", {})
+    return preset
+
+
+def _config_class(family: str):
+    """The transformers config class registered for ``family`` (a ``model_type``)."""
+    from transformers import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        raise ValueError(f"unknown model family {family!r}: not a transformers model_type "
+                         f"(e.g. llama, qwen3, gemma3_text, olmoe, qwen3_moe, mixtral, gpt_oss, deepseek_v3)")
+    return CONFIG_MAPPING[family]
+
+
+def _check_config_keys(family: str, kwargs: dict, where: str) -> None:
+    """Reject keys the config class does not know: transformers would store a typo silently."""
+    cls = _config_class(family)
+    known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
+    default = cls()
+    unknown = sorted(k for k in kwargs if k not in known and not hasattr(default, k))
+    if unknown:
+        raise ValueError(f"{where}: {cls.__name__} has no field(s) {unknown}")
+
+
+def load_model_config(name_or_path: str | os.PathLike, **overrides):
+    """Build the transformers config of a preset.
+
+    Args:
+        name_or_path (str | PathLike): preset name in ``configs/models`` or a path to a YAML file.
+        **overrides: config fields replacing the preset's (top-level only; a dict replaces a dict).
+
+    Returns:
+        transformers.PretrainedConfig: the family's config class, e.g. ``OlmoeConfig``.
+    """
+    from transformers import AutoConfig
+
+    preset = load_preset(name_or_path)
+    family = preset["family"]
+    _check_config_keys(family, preset["config"], f"preset {str(name_or_path)!r}")
+    _check_config_keys(family, overrides, "overrides")
+    return AutoConfig.for_model(family, **{**preset["config"], **overrides})
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.bfloat16`` from ``"bfloat16"``/``"bf16"``; ``None`` and dtypes pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    value = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. float32, bfloat16")
+    return value
+
+
+def build_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: torch.dtype | str | None = None, seed: int | None = None, **config_overrides):
+    """A randomly initialised transformers ``*ForCausalLM`` for a preset.
+
+    Args:
+        name_or_path (str | PathLike): preset name or YAML path (see ``load_model_config``).
+        device (str | torch.device): where parameters are created; ``"meta"`` allocates nothing, for
+            planning at 235B scale in seconds (default: ``"cpu"``).
+        dtype (torch.dtype | str | None): parameter dtype (default: ``None``, float32).
+        seed (int | None): ``torch.manual_seed`` before initialisation (default: ``None``, unseeded).
+        **config_overrides: config fields replacing the preset's.
+
+    Returns:
+        transformers.PreTrainedModel: e.g. ``OlmoeForCausalLM``, in train mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(name_or_path, **config_overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=_as_dtype(dtype))
+    return model.train()
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts of a model.
+
+    Attributes:
+        total (int): all (deduplicated) parameters.
+        active (int): parameters used per token: routed experts (weights and biases) count
+            ``top_k / num_experts`` of their size, everything else (embedding and LM head included, as in the Qwen3/DeepSeek/OLMoE reports) fully.
+        expert (int): parameters in routed experts.
+        embedding (int): input embedding plus untied LM head.
+    """
+
+    total: int
+    active: int
+    expert: int
+    embedding: int
+
+
+def _top_k(model: torch.nn.Module) -> int | None:
+    """Experts per token from the model config (``num_experts_per_tok`` and its aliases)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def count_parameters(model: torch.nn.Module, top_k: int | None = None) -> ParamCount:
+    """Total and per-token (activated) parameter counts, from ``classify`` roles and global shapes.
+
+    Args:
+        model (nn.Module): any model ``classify`` accepts (meta, DTensor and wrapped models included).
+        top_k (int | None): experts per token; read from the model config when ``None``.
+
+    Raises:
+        ValueError: the model has routed experts and ``top_k`` is neither given nor in the config.
+    """
+    infos = classify(model)
+    containers = expert_containers(model)
+    top_k = top_k or _top_k(model)
+    total = active = expert = embedding = 0
+    for info in infos:
+        numel = math.prod(info.shape)
+        total += numel
+        if info.role in ("embedding", "lm_head"):
+            embedding += numel
+        # Everything inside an expert container (GPT-OSS expert biases too) is used by top_k of E experts.
+        num_experts = next((e for path, e in containers.items() if info.name.startswith(path + ".")), None)
+        if num_experts is None:
+            active += numel
+            continue
+        if top_k is None:
+            raise ValueError(f"{info.name} {info.shape} is in a routed expert but top_k is unknown; pass top_k=")
+        expert += numel
+        active += numel * top_k / num_experts
+    return ParamCount(total=total, active=round(active), expert=expert, embedding=embedding)

@@ -1,0 +1,288 @@
+"""The optimizer: one ``torch.optim.Optimizer`` whose param groups are roles, each with its rule.
+
+For every parameter ``W`` with gradient ``G`` in a group with rule ``f``, learning rate ``lr``
+and weight decay ``wd``::
+
+    M ← momentum(M, G)                    element-wise on the local shard (rules.py)
+    U = f(M)                              element-wise / on whole rows / on whole matrices
+    W ← W · (1 − lr · wd) − lr · U
+
+Where the direction needs more of the tensor than a rank holds, the engine brings it: row rules
+get column statistics through one all-reduce, whole-matrix rules go through the owner exchange
+(plan.py, exchange.py). Optimizer state is created for every parameter at construction and is
+shaped and sharded exactly like the parameter (a DTensor under FSDP2), so ``state_dict`` and
+``torch.distributed.checkpoint`` follow the parameter layout and every rank saves the same keys.
+"""
+from __future__ import annotations
+
+import logging
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .blocks import permuted_axis, unit_specs, view_2d_shape
+from .compute import MatrixJob
+from .engines import Topology, topology_for
+from .exchange import Exchange, ExchangeStats
+from .plan import Plan, PlanParam, build_plan
+from .roles import ParamInfo
+from .rules import get_rule
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf and the policy is ``"raise"``."""
+
+
+@dataclass
+class StepStats:
+    """Counters of the last step on this rank (bytes are on the wire, flops are polar iterations).
+
+    Attributes:
+        bytes_sent (dict): per collective (``gather``, ``scatter``, ``colsum``) bytes this rank sent.
+        bytes_received (dict): the same, received.
+        polar_flops (int): flops of polar iterations run on this rank.
+        exchange_seconds (float): time in packing, collectives and unpacking.
+        compute_seconds (float): time in whole-matrix rule computation.
+        step_seconds (float): the whole ``step()``.
+        skipped (bool): the step was skipped for a non-finite gradient.
+    """
+
+    bytes_sent: dict = field(default_factory=dict)
+    bytes_received: dict = field(default_factory=dict)
+    polar_flops: int = 0
+    exchange_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    step_seconds: float = 0.0
+    skipped: bool = False
+
+
+@dataclass
+class _Entry:
+    group: dict
+    param: Tensor
+    name: str
+    info: ParamInfo
+
+
+class SpectralOptimizer(torch.optim.Optimizer):
+    r"""Symmetry-compatible optimizer: each param group applies its rule (see :mod:`dist_spectral.rules`).
+
+    Build it with :func:`dist_spectral.build_optimizer`, which classifies parameters and loads a
+    recipe. Works unchanged on plain, DDP, FSDP2/HSDP and expert-parallel models.
+
+    Args:
+        param_groups (list[dict]): groups with ``params`` as ``(name, parameter)`` pairs, ``rule``,
+            ``lr``, ``weight_decay`` and the rule's hyperparameters.
+        infos (dict[str, ParamInfo]): role and structure of every named parameter.
+        nonfinite (str): ``"skip"`` a step with a non-finite gradient on every rank (counted in
+            ``skipped_steps``), or ``"raise"`` :class:`NonFiniteGradientError` (default: ``"skip"``).
+        bucket_bytes (int): most unit bytes gathered at once per bucket (default: 256 MiB).
+        comm_dtype (torch.dtype | None): dtype of exchanged matrices (default: the state dtype).
+        topology (Topology | None): engine adapter (default: chosen from the parameters).
+    """
+
+    def __init__(self, param_groups: list[dict], infos: dict[str, ParamInfo], *, nonfinite: str = "skip",
+                 bucket_bytes: int = 256 << 20, comm_dtype: torch.dtype | None = None,
+                 topology: Topology | None = None):
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
+        for g in param_groups:
+            get_rule(g["rule"])
+        super().__init__(param_groups, {"lr": 1e-3, "weight_decay": 0.0})
+        missing = [n for g in self.param_groups for n in g["param_names"] if n not in infos]
+        if missing:
+            raise ValueError(f"no ParamInfo for parameters {missing[:5]}: pass infos from dist_spectral.classify(model)")
+        self.infos = infos
+        self.nonfinite = nonfinite
+        self.bucket_bytes = bucket_bytes
+        self.comm_dtype = comm_dtype
+        self._topology = topology
+        self._plans: dict[tuple, tuple[Plan, Exchange]] = {}
+        self.skipped_steps = 0
+        self.last_stats = StepStats()
+        self._check_shapes()
+        self._init_state()
+
+    # ----- construction -----
+    @property
+    def topology(self) -> Topology:
+        if self._topology is None:
+            self._topology = topology_for([p for g in self.param_groups for p in g["params"]])
+        return self._topology
+
+    def _entries(self, only_with_grad: bool) -> list[_Entry]:
+        out = []
+        for g in self.param_groups:
+            for name, p in zip(g["param_names"], g["params"]):
+                if only_with_grad and p.grad is None:
+                    continue
+                out.append(_Entry(g, p, name, self.infos[name]))
+        return out
+
+    def _check_shapes(self) -> None:
+        for e in self._entries(only_with_grad=False):
+            rule = get_rule(e.group["rule"])
+            if tuple(e.param.shape) != tuple(e.info.shape):
+                raise ValueError(f"{e.name}: parameter shape {tuple(e.param.shape)} differs from its ParamInfo "
+                                 f"{tuple(e.info.shape)}; classify the model after wrapping it")
+            if rule.locality != "element" and e.param.ndim < 2:
+                raise ValueError(f"{e.name}: rule {rule.name!r} needs a matrix but the parameter has shape "
+                                 f"{tuple(e.param.shape)}; give 1-D parameters an element-wise rule such as adamw")
+            if rule.locality == "matrix":
+                unit_specs(e.info, per_head=e.group.get("per_head", False))  # raises on bad head/fused shapes
+
+    def _init_state(self) -> None:
+        for e in self._entries(only_with_grad=False):
+            state = self.state[e.param]
+            if not state:
+                state.update(get_rule(e.group["rule"]).init_state(e.param))
+                state["step"] = torch.tensor(0.0)
+
+    # ----- the step -----
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step (see the class docstring); returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t_start = time.perf_counter()
+        topo = self.topology
+        entries = self._entries(only_with_grad=True)
+        stats = StepStats()
+        if self._nonfinite(entries, topo):
+            stats.skipped = True
+            self.last_stats = stats
+            return loss
+
+        element, rows, matrix = [], [], []
+        inputs: dict[int, Tensor] = {}
+        for i, e in enumerate(entries):
+            rule = get_rule(e.group["rule"])
+            state = self.state[e.param]
+            local_state = {k: topo.local(v) for k, v in state.items() if k != "step"}
+            state["step"] += 1
+            x = rule.direction_input(local_state, topo.local(e.param.grad), e.group)
+            inputs[i] = x
+            if rule.locality == "element":
+                element.append(i)
+            elif rule.locality == "rows" and self._rows_path(e, topo):
+                rows.append(i)
+            else:
+                matrix.append(i)
+
+        updates: dict[int, Tensor] = {}
+        for i in element:
+            e = entries[i]
+            local_state = {k: topo.local(v) for k, v in self.state[e.param].items() if k != "step"}
+            updates[i] = get_rule("adamw").adam_direction(local_state, int(self.state[e.param]["step"].item()), e.group)
+        colsum_bytes = 0
+        for i in rows:
+            e = entries[i]
+            layout = topo.layout(e.param)
+            rows_2d, n = view_2d_shape(tuple(e.info.shape))
+            colsum = topo.colsum(layout)
+            calls = []
+
+            def counted(x, _colsum=colsum, _calls=calls):
+                _calls.append(x.shape[-1])
+                return _colsum(x)
+
+            rule = get_rule(e.group["rule"])
+            updates[i] = rule.direction(inputs[i].reshape(-1, n), axis=permuted_axis(e.info),
+                                        transposed=e.info.transposed, group=e.group, colsum=counted,
+                                        total_rows=rows_2d)
+            if not layout.is_replicated() and topo.world_size > 1:
+                colsum_bytes += 4 * sum(calls)
+        if matrix:
+            plan, exchange = self._plan_for(entries, matrix, topo)
+            flat = {pos: inputs[i].reshape(-1).contiguous() for pos, i in enumerate(matrix)}
+
+            def make_job(unit, mat, _entries=entries, _matrix=matrix):
+                e = _entries[_matrix[unit.param]]
+                return MatrixJob(mat, unit.spec, get_rule(e.group["rule"]), e.group, permuted_axis(e.info),
+                                 e.info.transposed)
+
+            ex = ExchangeStats()
+            out, ex = exchange.run(flat, make_job, ex)
+            for pos, i in enumerate(matrix):
+                updates[i] = out[pos]
+            stats.bytes_sent.update(ex.bytes_sent)
+            stats.bytes_received.update(ex.bytes_received)
+            stats.polar_flops = ex.polar_flops
+            stats.exchange_seconds = ex.exchange_seconds
+            stats.compute_seconds = ex.compute_seconds
+        stats.bytes_sent["colsum"] = colsum_bytes
+        stats.bytes_received["colsum"] = colsum_bytes
+
+        for i, e in enumerate(entries):
+            p = topo.local(e.param)
+            lr, wd = e.group["lr"], e.group["weight_decay"]
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(updates[i].reshape(p.shape).to(p.dtype), alpha=-lr)
+        stats.step_seconds = time.perf_counter() - t_start
+        self.last_stats = stats
+        return loss
+
+    def _rows_path(self, e: _Entry, topo: Topology) -> bool:
+        """Row rules run on the shard when rows are whole there and, if they need statistics over
+        rows, the parameter is a single matrix (3-D tensors then go per matrix through the owner)."""
+        if not topo.layout(e.param).whole_rows():
+            return False
+        needs_colsum = e.group["rule"] == "centered_row_norm" or permuted_axis(e.info) == "cols"
+        return not needs_colsum or e.param.ndim == 2
+
+    def _plan_for(self, entries: list[_Entry], matrix: list[int], topo: Topology) -> tuple[Plan, Exchange]:
+        key = tuple(entries[i].name for i in matrix)
+        if key not in self._plans:
+            params = [self.plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
+                      for pos, i in enumerate(matrix)]
+            element_bytes = torch.finfo(self.comm_dtype).bits // 8 if self.comm_dtype else 4
+            plan = build_plan(params, topo.world_size, self.bucket_bytes, element_bytes)
+            prints = topo.all_gather_object(plan.fingerprint)
+            if len(set(prints)) > 1:
+                raise RuntimeError(f"ranks disagree on the parameters to optimize (plan fingerprints {prints}): every "
+                                   "rank must build the optimizer from the same model, with the same shapes and recipe")
+            self._plans[key] = (plan, Exchange(plan, topo.rank, topo.group, self.comm_dtype))
+        return self._plans[key]
+
+    @staticmethod
+    def plan_param(pos: int, name: str, info: ParamInfo, group: dict, layout) -> PlanParam:
+        """The planner's view of one whole-matrix parameter."""
+        rule = get_rule(group["rule"])
+        specs = unit_specs(info, per_head=group.get("per_head", False))
+        costs = tuple(sum(rule.cost(*b.shape, group) for b in s.blocks) for s in specs)
+        polar = tuple(sum(rule.polar_flops(*b.shape, group) for b in s.blocks) for s in specs)
+        return PlanParam(pos, name, layout, specs, costs, polar, rule.key(group))
+
+    def plan(self) -> Plan:
+        """The plan for a step in which every parameter has a gradient (for printing and tests)."""
+        topo = self.topology
+        entries = self._entries(only_with_grad=False)
+        matrix = [i for i, e in enumerate(entries) if get_rule(e.group["rule"]).locality == "matrix"
+                  or (get_rule(e.group["rule"]).locality == "rows" and not self._rows_path(e, topo))]
+        params = [self.plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
+                  for pos, i in enumerate(matrix)]
+        return build_plan(params, topo.world_size, self.bucket_bytes)
+
+    def _nonfinite(self, entries: list[_Entry], topo: Topology) -> bool:
+        bad = next((e.name for e in entries if not bool(torch.isfinite(topo.local(e.param.grad)).all())), None)
+        if not topo.any_true(bad is not None):
+            return False
+        if self.nonfinite == "raise":
+            names = [n for n in topo.all_gather_object(bad) if n]
+            raise NonFiniteGradientError(f"non-finite gradient in {names[0]} (first on any rank); nothing was updated. "
+                                         "Use nonfinite='skip' to skip such steps")
+        self.skipped_steps += 1
+        log.warning("skipped an optimizer step: non-finite gradient in %s (skipped so far: %d)",
+                    bad or "a parameter on another rank", self.skipped_steps)
+        return True
+
+
+__all__ = ["SpectralOptimizer", "StepStats", "NonFiniteGradientError"]

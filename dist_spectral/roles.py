@@ -1,0 +1,444 @@
+"""Parameter roles: which class of weight each parameter is (see ``classify``).
+
+The optimizer picks an update rule per role (docs: ``update-rules.md``, "Rules, by parameter role").
+``classify`` walks ``model.named_parameters()`` once and decides, first match wins:
+
+1. ``vector``     every 0-D/1-D tensor (norms, biases, router bias, attention sinks).
+2. ``embedding``  the input embedding (by Parameter identity with ``get_input_embeddings()``; ``tied``
+                  when ``get_output_embeddings()`` holds the very same Parameter), then any other
+                  ``nn.Embedding`` table.
+3. ``lm_head``    the untied output embedding (identity with ``get_output_embeddings()``).
+4. ``expert.*``   tensors inside an expert container: a module holding 3-D ``[E, ·, ·]`` weights
+                  (transformers 5.x ``*Experts``) or a ``ModuleList``/``ModuleDict`` named ``experts``
+                  of per-expert MLPs. 2-D expert biases (GPT-OSS ``gate_up_proj_bias [E, 2r]``) are
+                  ``vector``.
+5. ``router``     a 2-D weight owned by the MoE block (the parent of an expert container) or one of its
+                  direct children, with one row per expert.
+6. ``attention.*`` projections of an attention module, by name (``q_proj``/``wq``, ``qkv_proj``,
+                  MLA ``q_a_proj`` ...), with head counts from the module or the model config.
+7. ``mlp.*``      SwiGLU projections by name (``gate_proj``/``w1``, ``up_proj``/``w3``,
+                  ``down_proj``/``w2``, fused ``gate_up_proj``), dense MLPs and shared experts alike.
+8. ``hidden``     any other matrix (reported by ``format_table`` so a fall-through is visible).
+
+Names are always the fully qualified ``named_parameters()`` names, so wrappers work unchanged: DDP
+(``module.`` prefix), ``torch.compile`` (``_orig_mod.``) and FSDP2 ``fully_shard`` (whose wrapped module
+classes become ``FSDP<Name>`` and whose parameters become DTensors; ``DTensor.shape`` is global).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What the optimizer needs to know about one parameter, independent of how it is stored.
+
+    Attributes:
+        name (str): fully qualified name, as in ``model.named_parameters()``.
+        shape (tuple[int, ...]): global shape.
+        role (str): ``embedding``, ``lm_head``, ``attention.{q,k,v,o,qkv,latent}``,
+            ``mlp.{gate,up,gate_up,down}``, ``expert.{gate,up,gate_up,down}``, ``router``,
+            ``hidden`` or ``vector``.
+        module_type (str): class name of the module that owns the parameter.
+        num_heads (int | None): attention heads in this tensor (q/o: query heads, k/v: kv heads).
+        head_dim (int | None): attention head size.
+        qkv_split (tuple[int, int, int] | None): rows of q, k and v in a fused qkv weight.
+        num_experts (int | None): experts on dim 0 of a 3-D expert tensor.
+        fused (str | None): fused gate/up layout: ``"halves"`` (gate rows, then up rows, along the
+            output axis) or ``"interleaved"`` (gate = ``[..., ::2]``, up = ``[..., 1::2]``).
+        transposed (bool): the weight is applied as ``x @ W`` (in × out) instead of ``nn.Linear``'s
+            out × in, so its output/neuron axis is the last one.
+        tied (bool): an embedding shared with the LM head.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    module_type: str = ""
+    num_heads: int | None = None
+    head_dim: int | None = None
+    qkv_split: tuple[int, int, int] | None = None
+    num_experts: int | None = None
+    fused: str | None = None
+    transposed: bool = False
+    tied: bool = False
+
+
+ROLES = (
+    "embedding", "lm_head",
+    "attention.q", "attention.k", "attention.v", "attention.o", "attention.qkv", "attention.latent",
+    "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down",
+    "expert.gate", "expert.up", "expert.gate_up", "expert.down",
+    "router", "hidden", "vector",
+)
+
+# Leaf module (or, for 3-D expert tensors, parameter) names. HF names first, then the Meta/torchtitan
+# ``wq``/``w1`` style. Only names whose tensor layout is known are listed: GPT-NeoX ``query_key_value``
+# interleaves q/k/v per head and so is deliberately left to ``hidden``.
+_ATTENTION_NAMES = {
+    "q_proj": "q", "wq": "q", "query": "q",
+    "k_proj": "k", "wk": "k", "key": "k",
+    "v_proj": "v", "wv": "v", "value": "v",
+    "o_proj": "o", "wo": "o", "out_proj": "o",
+    "qkv_proj": "qkv", "wqkv": "qkv", "Wqkv": "qkv",
+    # DeepSeek MLA low-rank projections: whole matrices, the head structure lives in the latent.
+    "q_a_proj": "latent", "q_b_proj": "latent", "kv_a_proj_with_mqa": "latent", "kv_a_proj": "latent",
+    "kv_b_proj": "latent",
+}
+_ATTENTION_MODULE_NAMES = {"self_attn", "attn", "attention", "self_attention"}
+_MLP_NAMES = {
+    "gate_proj": "gate", "w1": "gate",
+    "up_proj": "up", "w3": "up",
+    "down_proj": "down", "w2": "down",
+    "gate_up_proj": "gate_up", "w13": "gate_up",
+}
+_EXPERT_LIST_NAME = re.compile(r"^(local_)?experts$")
+
+
+@dataclass(frozen=True)
+class _ExpertContainer:
+    """An expert container found in the module tree (private to this file)."""
+
+    path: str
+    num_experts: int
+    batched: bool  # 3-D ``[E, ·, ·]`` tensors (True) or a list of per-expert modules (False)
+    transposed: bool = False
+    fused: str = "halves"
+
+
+def module_type_name(module: nn.Module) -> str:
+    """Class name of ``module``, without the ``FSDP`` prefix that FSDP2 ``fully_shard`` adds.
+
+    ``fully_shard`` swaps the class of a module to a dynamic ``FSDP<Name>(FSDPModule, <Name>)``; the
+    prefix is only stripped when ``FSDPModule`` is in the MRO, so a user class called ``FSDPFoo`` keeps
+    its name. No ``torch.distributed`` import is needed for that.
+    """
+    name = type(module).__name__
+    if name.startswith("FSDP") and any(c.__name__ == "FSDPModule" for c in type(module).__mro__[1:]):
+        return name[len("FSDP"):]
+    return name
+
+
+def _parent(path: str) -> str:
+    """Dotted path of the parent (``""`` for a top-level name)."""
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _leaf(path: str) -> str:
+    """Last component of a dotted path."""
+    return path.rsplit(".", 1)[-1]
+
+
+def _find_text_config(model: nn.Module):
+    """The (text) config of the outermost module that has one, or ``None`` for plain modules."""
+    for _, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        return config
+    return None
+
+
+def _io_embeddings(model: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """Weights of the input and output embeddings.
+
+    Uses ``get_input_embeddings``/``get_output_embeddings`` of the outermost module providing them (so
+    a DDP or FSDP wrapper is looked through). Plain modules fall back to the first ``nn.Embedding`` and
+    to the last ``nn.Linear`` with the embedding's ``(vocab, d)`` weight shape.
+    """
+    inp = out = None
+    for _, module in model.named_modules():
+        if inp is None and callable(getattr(module, "get_input_embeddings", None)):
+            try:
+                inp = module.get_input_embeddings()
+            except NotImplementedError:
+                inp = None
+        if out is None and callable(getattr(module, "get_output_embeddings", None)):
+            out = module.get_output_embeddings()
+        if inp is not None and out is not None:
+            break
+    in_weight = getattr(inp, "weight", None)
+    out_weight = getattr(out, "weight", None)
+    if in_weight is None:
+        in_weight = next((m.weight for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if out_weight is None and in_weight is not None and inp is None:
+        heads = [m.weight for m in model.modules()
+                 if isinstance(m, nn.Linear) and tuple(m.weight.shape) == tuple(in_weight.shape)]
+        out_weight = heads[-1] if heads else None
+    return in_weight, out_weight
+
+
+def _infer_expert_transposed(shapes: dict[str, tuple[int, ...]], hidden_size: int | None) -> bool:
+    """Whether 3-D expert weights are stored ``[E, in, out]`` (``x @ W``), from their shapes.
+
+    With both ``gate_up`` and ``down`` present the answer is unique: ``[E, 2r, d]`` + ``[E, d, r]`` vs
+    ``[E, d, 2r]`` + ``[E, r, d]`` cannot both fit for r > 0. Otherwise ``down`` is compared with the
+    model's hidden size; if that is undecidable too, the ``nn.Linear`` convention (False) is assumed.
+    """
+    gate_up, down = shapes.get("gate_up"), shapes.get("down")
+    if gate_up is not None and down is not None:
+        normal = gate_up[2] == down[1] and gate_up[1] == 2 * down[2]
+        flipped = gate_up[1] == down[2] and gate_up[2] == 2 * down[1]
+        if normal != flipped:
+            return flipped
+    if down is not None and hidden_size:
+        normal, flipped = down[1] == hidden_size, down[2] == hidden_size
+        if normal != flipped:
+            return flipped
+    return False
+
+
+def _expert_part(param_name: str) -> str | None:
+    """``gate``/``up``/``down``/``gate_up`` for a 3-D expert tensor name, else ``None``."""
+    if "gate_up" in param_name or param_name == "w13":
+        return "gate_up"
+    return _MLP_NAMES.get(param_name) or _MLP_NAMES.get(param_name + "_proj")
+
+
+def _find_expert_containers(model: nn.Module, hidden_size: int | None) -> dict[str, _ExpertContainer]:
+    """All expert containers, by module path.
+
+    A batched container is a module whose class or name mentions experts and that owns 3-D tensors
+    directly (transformers 5.x ``*Experts``; its ``is_transposed``/``is_concatenated`` attributes, set by
+    ``use_experts_implementation``, are trusted over shape inference). A list container is a
+    ``ModuleList``/``ModuleDict`` named ``experts`` or ``local_experts`` (one MLP per expert).
+    """
+    found = {}
+    for path, module in model.named_modules():
+        leaf = _leaf(path)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            if _EXPERT_LIST_NAME.match(leaf) and len(module) > 0:
+                found[path] = _ExpertContainer(path, len(module), batched=False)
+            continue
+        direct = dict(module.named_parameters(recurse=False))
+        weights3d = {n: p for n, p in direct.items() if p.ndim == 3}
+        if not weights3d or "expert" not in (leaf + module_type_name(module)).lower():
+            continue
+        num_experts = {p.shape[0] for p in weights3d.values()}
+        if len(num_experts) != 1:
+            raise ValueError(f"expert container {path!r} ({module_type_name(module)}) holds 3-D tensors "
+                             f"with different expert counts: { {n: tuple(p.shape) for n, p in weights3d.items()} }")
+        transposed = getattr(module, "is_transposed", None)
+        if transposed is None:
+            shapes = {_expert_part(n): tuple(p.shape) for n, p in weights3d.items()}
+            transposed = _infer_expert_transposed(shapes, hidden_size)
+        concatenated = getattr(module, "is_concatenated", True)
+        found[path] = _ExpertContainer(path, num_experts.pop(), batched=True, transposed=bool(transposed),
+                                       fused="halves" if concatenated else "interleaved")
+    return found
+
+
+def expert_containers(model: nn.Module) -> dict[str, int]:
+    """Expert containers of ``model`` (module path -> number of experts), 3-D and per-expert lists."""
+    config = _find_text_config(model)
+    found = _find_expert_containers(model, _first_int(getattr(config, "hidden_size", None)))
+    return {path: c.num_experts for path, c in found.items()}
+
+
+def _containing(path: str, containers: dict[str, _ExpertContainer]) -> _ExpertContainer | None:
+    """The expert container that ``path`` (a module path) is inside of, or is."""
+    probe = path
+    while True:
+        if probe in containers:
+            return containers[probe]
+        if not probe:
+            return None
+        probe = _parent(probe)
+
+
+def _expert_info(name, shape, owner_path, owner_type, container: _ExpertContainer) -> ParamInfo:
+    """Role of a parameter inside an expert container."""
+    if container.batched:
+        leaf = _leaf(name)
+        part = _expert_part(leaf)
+        if len(shape) == 3 and part is not None:
+            return ParamInfo(name, shape, f"expert.{part}", owner_type, num_experts=container.num_experts,
+                             fused=container.fused if part == "gate_up" else None,
+                             transposed=container.transposed)
+        if len(shape) == 2 and "bias" in leaf:  # per-expert bias rows, e.g. GPT-OSS [E, 2r]
+            return ParamInfo(name, shape, "vector", owner_type)
+        raise ValueError(f"unknown tensor {name!r} {shape} in expert container {container.path!r} "
+                         f"({owner_type}); expected gate_up/gate/up/down weights or *_bias rows. Name it "
+                         f"like the HF experts, or extend dist_spectral.roles._expert_part")
+    part = _MLP_NAMES.get(_leaf(owner_path))
+    if part is None:
+        return ParamInfo(name, shape, "hidden", owner_type)
+    return ParamInfo(name, shape, f"expert.{part}", owner_type, fused="halves" if part == "gate_up" else None)
+
+
+def _router_blocks(containers: dict[str, _ExpertContainer]) -> dict[str, int]:
+    """MoE blocks (parents of expert containers) mapped to their number of experts."""
+    return {_parent(c.path): c.num_experts for c in containers.values()}
+
+
+def _is_router(shape: tuple[int, ...], owner_path: str, blocks: dict[str, int]) -> bool:
+    """A 2-D ``[E, d]`` weight owned by an MoE block or by one of its direct children (``mlp.gate``).
+
+    Deeper modules (a shared expert's ``gate_proj``) are excluded, and Qwen2-MoE's ``shared_expert_gate``
+    (``[1, d]``) fails the row count.
+    """
+    if len(shape) != 2:
+        return False
+    return any(block in blocks and shape[0] == blocks[block] for block in {owner_path, _parent(owner_path)})
+
+
+def _is_attention(owner_path: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The attention module owning the projection at ``owner_path``, or ``None``."""
+    parent_path = _parent(owner_path)
+    parent = modules.get(parent_path)
+    if parent is None or parent_path == owner_path:
+        return None
+    type_name = module_type_name(parent).lower()
+    if "attention" in type_name or "attn" in type_name or _leaf(parent_path) in _ATTENTION_MODULE_NAMES:
+        return parent
+    return None
+
+
+def _first_int(*values) -> int | None:
+    """First value that is a positive int."""
+    return next((int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+
+
+def _head_counts(attn: nn.Module, config) -> tuple[int | None, int | None]:
+    """(query heads, kv heads) for one attention module.
+
+    Per-module attributes win over the model config, because some models vary them by layer (Gemma 4
+    sets ``num_key_value_groups`` per layer); ``num_key_value_groups`` is present on nearly all HF
+    attention modules, ``num_heads`` only on some.
+    """
+    cfg = getattr(attn, "config", None)
+    cfg = cfg if hasattr(cfg, "num_attention_heads") else config
+    n_q = _first_int(getattr(attn, "num_heads", None), getattr(attn, "num_attention_heads", None),
+                     getattr(cfg, "num_attention_heads", None))
+    groups = _first_int(getattr(attn, "num_key_value_groups", None))
+    n_kv = _first_int(getattr(attn, "num_key_value_heads", None), getattr(attn, "num_kv_heads", None),
+                      n_q // groups if n_q and groups else None,
+                      getattr(cfg, "num_key_value_heads", None), n_q)
+    return n_q, n_kv
+
+
+def _attention_info(name, shape, owner_path, owner_type, part, attn, config, transposed) -> ParamInfo:
+    """ParamInfo for an attention projection; heads split the output axis (q/k/v) or input axis (o)."""
+    role = f"attention.{part}"
+    if len(shape) != 2:
+        return ParamInfo(name, shape, "hidden", owner_type)
+    n_q, n_kv = _head_counts(attn, config)
+    out_dim, in_dim = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    if part == "latent":
+        if _leaf(owner_path) == "q_b_proj" and n_q and out_dim % n_q == 0:
+            # q_b_proj rows are [H, qk_nope + qk_rope]: informative, the rule stays whole-matrix.
+            return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=out_dim // n_q,
+                             transposed=transposed)
+        return ParamInfo(name, shape, role, owner_type, transposed=transposed)
+    if part == "qkv":
+        head_dim = _first_int(getattr(attn, "head_dim", None), getattr(config, "head_dim", None))
+        if not (n_q and n_kv and head_dim) or (n_q + 2 * n_kv) * head_dim != out_dim:
+            raise ValueError(f"fused qkv {name!r} {shape}: {out_dim} output rows do not match "
+                             f"(heads={n_q} + 2*kv_heads={n_kv}) * head_dim={head_dim}")
+        split = (n_q * head_dim, n_kv * head_dim, n_kv * head_dim)
+        return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=head_dim, qkv_split=split,
+                         transposed=transposed)
+    heads, size = (n_kv, out_dim) if part in ("k", "v") else (n_q, in_dim if part == "o" else out_dim)
+    if heads is None:  # a plain module without head information: whole-matrix
+        return ParamInfo(name, shape, role, owner_type, transposed=transposed)
+    if size % heads:
+        raise ValueError(f"attention {part} {name!r} {shape}: {size} is not divisible by {heads} heads "
+                         f"(from {owner_type} attributes / model config)")
+    return ParamInfo(name, shape, role, owner_type, num_heads=heads, head_dim=size // heads,
+                     transposed=transposed)
+
+
+def classify(model: nn.Module) -> list[ParamInfo]:
+    """Role and layout of every parameter, in ``model.named_parameters()`` order.
+
+    Args:
+        model (nn.Module): a transformers ``*ForCausalLM``, a plain module, or either wrapped by DDP,
+            FSDP2 ``fully_shard`` or ``torch.compile``.
+
+    Returns:
+        list[ParamInfo]: one entry per (deduplicated) parameter, with global shapes.
+
+    Raises:
+        ValueError: an expert container holds an unknown 3-D tensor, or head counts do not divide an
+            attention projection (the message names the parameter and shape).
+    """
+    config = _find_text_config(model)
+    hidden_size = _first_int(getattr(config, "hidden_size", None))
+    in_weight, out_weight = _io_embeddings(model)
+    tied = in_weight is not None and in_weight is out_weight
+    modules = dict(model.named_modules())
+    containers = _find_expert_containers(model, hidden_size)
+    blocks = _router_blocks(containers)
+
+    infos = []
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)
+        owner_path = _parent(name)
+        owner = modules[owner_path]
+        owner_type = module_type_name(owner)
+        container = _containing(owner_path, containers)
+        if len(shape) < 2:
+            info = ParamInfo(name, shape, "vector", owner_type)
+        elif param is in_weight:
+            info = ParamInfo(name, shape, "embedding", owner_type, tied=tied)
+        elif param is out_weight:
+            info = ParamInfo(name, shape, "lm_head", owner_type)
+        elif isinstance(owner, nn.Embedding):
+            info = ParamInfo(name, shape, "embedding", owner_type)
+        elif container is not None:
+            info = _expert_info(name, shape, owner_path, owner_type, container)
+        elif _is_router(shape, owner_path, blocks):
+            info = ParamInfo(name, shape, "router", owner_type)
+        elif (attn := _is_attention(owner_path, modules)) is not None and _leaf(owner_path) in _ATTENTION_NAMES:
+            info = _attention_info(name, shape, owner_path, owner_type, _ATTENTION_NAMES[_leaf(owner_path)],
+                                   attn, config, transposed=False)
+        elif _leaf(owner_path) in _MLP_NAMES and _leaf(name) == "weight":
+            part = _MLP_NAMES[_leaf(owner_path)]
+            info = ParamInfo(name, shape, f"mlp.{part}", owner_type, fused="halves" if part == "gate_up" else None)
+        else:
+            info = ParamInfo(name, shape, "hidden", owner_type)
+        infos.append(info)
+    return infos
+
+
+def _layout_note(info: ParamInfo) -> str:
+    """Short human-readable layout description for ``format_table``."""
+    notes = []
+    if info.num_experts is not None:
+        notes.append(f"E={info.num_experts}")
+    if info.num_heads is not None:
+        notes.append(f"heads={info.num_heads}x{info.head_dim}")
+    if info.qkv_split is not None:
+        notes.append("qkv=" + "/".join(map(str, info.qkv_split)))
+    if info.fused:
+        notes.append(f"fused={info.fused}")
+    if info.transposed:
+        notes.append("transposed")
+    if info.tied:
+        notes.append("tied")
+    return " ".join(notes)
+
+
+def format_table(infos: list[ParamInfo]) -> str:
+    """Aligned text table: name, shape, role, module type and layout notes, one row per parameter.
+
+    Matrices that fell through to ``hidden`` are marked with ``*`` so an unrecognised layer is visible.
+    """
+    header = ("name", "shape", "role", "module", "layout")
+    rows = [header] + [
+        (i.name, "x".join(map(str, i.shape)) or "()", i.role + (" *" if i.role == "hidden" else ""),
+         i.module_type, _layout_note(i))
+        for i in infos
+    ]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines = [line.rstrip() for line in lines]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    if any(i.role == "hidden" for i in infos):
+        lines.append("* hidden: no specific role recognised; gets the generic matrix rule (Muon)")
+    return "\n".join(lines)
