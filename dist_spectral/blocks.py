@@ -123,7 +123,12 @@ def unit_specs(info: ParamInfo, per_head: bool = True) -> tuple[UnitSpec, ...]:
     units = []
     for e in range(count):
         base = e * m
-        if info.fused == "halves":
+        if info.fused == "halves" and info.transposed:  # [E, d, 2r] used as x @ W: gate, up on the last axis
+            if cols % 2:
+                raise ValueError(f"{info.name}: fused gate/up with {cols} columns cannot split into equal halves")
+            half = cols // 2
+            units.append(UnitSpec(base, base + m, (Block(0, m, 0, half), Block(0, m, half, cols))))
+        elif info.fused == "halves":
             if m % 2:
                 raise ValueError(f"{info.name}: fused gate/up with {m} rows cannot split into equal halves")
             half = m // 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,13 +100,25 @@ def _config_class(family: str):
 
 
 def _check_config_keys(family: str, kwargs: dict, where: str) -> None:
-    """Reject keys the config class does not know: transformers would store a typo silently."""
+    """Reject config keys that nothing reads: transformers would store a typo silently.
+
+    A key is accepted when the config class declares it, or when the family's modeling code reads it
+    with ``getattr(config, "key", ...)``/``config.key`` (Qwen3-MoE's config declares no ``head_dim``,
+    yet the real checkpoints need head_dim 128 != width / heads, and the model reads it that way).
+    """
     cls = _config_class(family)
     known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
     default = cls()
-    unknown = sorted(k for k in kwargs if k not in known and not hasattr(default, k))
+    unknown = [k for k in kwargs if k not in known and not hasattr(default, k)]
     if unknown:
-        raise ValueError(f"{where}: {cls.__name__} has no field(s) {unknown}")
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        source = inspect.getsource(inspect.getmodule(MODEL_FOR_CAUSAL_LM_MAPPING[cls]))
+        read = r"config\.{0}\b|getattr\(\s*config\s*,\s*[\"']{0}[\"']"
+        unknown = [k for k in unknown if not re.search(read.format(re.escape(k)), source)]
+    if unknown:
+        raise ValueError(f"{where}: {cls.__name__} has no field(s) {sorted(unknown)} and the {family} "
+                         f"model does not read them")
 
 
 def load_model_config(name_or_path: str | os.PathLike, **overrides):
@@ -170,7 +183,8 @@ class ParamCount:
     Attributes:
         total (int): all (deduplicated) parameters.
         active (int): parameters used per token: routed experts (weights and biases) count
-            ``top_k / num_experts`` of their size, everything else (embedding and LM head included, as in the Qwen3/DeepSeek/OLMoE reports) fully.
+            ``top_k / num_experts`` of their size, everything else fully (embedding and LM head
+            included, as in the Qwen3/DeepSeek/OLMoE reports).
         expert (int): parameters in routed experts.
         embedding (int): input embedding plus untied LM head.
     """
@@ -215,7 +229,8 @@ def count_parameters(model: torch.nn.Module, top_k: int | None = None) -> ParamC
         if info.role in ("embedding", "lm_head"):
             embedding += numel
         # Everything inside an expert container (GPT-OSS expert biases too) is used by top_k of E experts.
-        num_experts = next((e for path, e in containers.items() if info.name.startswith(path + ".")), None)
+        num_experts = next((e for path, e in containers.items() if not path or info.name.startswith(path + ".")),
+                           None)
         if num_experts is None:
             active += numel
             continue

@@ -322,35 +322,37 @@ def _head_counts(attn: nn.Module, config) -> tuple[int | None, int | None]:
     return n_q, n_kv
 
 
-def _attention_info(name, shape, owner_path, owner_type, part, attn, config, transposed) -> ParamInfo:
-    """ParamInfo for an attention projection; heads split the output axis (q/k/v) or input axis (o)."""
+def _attention_info(name, shape, owner_path, owner_type, part, attn, config) -> ParamInfo:
+    """ParamInfo for an ``nn.Linear``-layout attention projection.
+
+    Heads split the output rows of q/k/v/qkv and the input columns of o; the head size is derived from
+    the tensor and the head count, so models whose head_dim differs per projection (DeepSeek MLA:
+    q/k 192, v/o 128) or per layer come out right.
+    """
     role = f"attention.{part}"
     if len(shape) != 2:
         return ParamInfo(name, shape, "hidden", owner_type)
     n_q, n_kv = _head_counts(attn, config)
-    out_dim, in_dim = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    out_dim, in_dim = shape
     if part == "latent":
         if _leaf(owner_path) == "q_b_proj" and n_q and out_dim % n_q == 0:
             # q_b_proj rows are [H, qk_nope + qk_rope]: informative, the rule stays whole-matrix.
-            return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=out_dim // n_q,
-                             transposed=transposed)
-        return ParamInfo(name, shape, role, owner_type, transposed=transposed)
+            return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=out_dim // n_q)
+        return ParamInfo(name, shape, role, owner_type)
     if part == "qkv":
         head_dim = _first_int(getattr(attn, "head_dim", None), getattr(config, "head_dim", None))
         if not (n_q and n_kv and head_dim) or (n_q + 2 * n_kv) * head_dim != out_dim:
             raise ValueError(f"fused qkv {name!r} {shape}: {out_dim} output rows do not match "
                              f"(heads={n_q} + 2*kv_heads={n_kv}) * head_dim={head_dim}")
         split = (n_q * head_dim, n_kv * head_dim, n_kv * head_dim)
-        return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=head_dim, qkv_split=split,
-                         transposed=transposed)
+        return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=head_dim, qkv_split=split)
     heads, size = (n_kv, out_dim) if part in ("k", "v") else (n_q, in_dim if part == "o" else out_dim)
     if heads is None:  # a plain module without head information: whole-matrix
-        return ParamInfo(name, shape, role, owner_type, transposed=transposed)
+        return ParamInfo(name, shape, role, owner_type)
     if size % heads:
         raise ValueError(f"attention {part} {name!r} {shape}: {size} is not divisible by {heads} heads "
                          f"(from {owner_type} attributes / model config)")
-    return ParamInfo(name, shape, role, owner_type, num_heads=heads, head_dim=size // heads,
-                     transposed=transposed)
+    return ParamInfo(name, shape, role, owner_type, num_heads=heads, head_dim=size // heads)
 
 
 def classify(model: nn.Module) -> list[ParamInfo]:
@@ -394,12 +396,13 @@ def classify(model: nn.Module) -> list[ParamInfo]:
             info = _expert_info(name, shape, owner_path, owner_type, container)
         elif _is_router(shape, owner_path, blocks):
             info = ParamInfo(name, shape, "router", owner_type)
-        elif (attn := _is_attention(owner_path, modules)) is not None and _leaf(owner_path) in _ATTENTION_NAMES:
-            info = _attention_info(name, shape, owner_path, owner_type, _ATTENTION_NAMES[_leaf(owner_path)],
-                                   attn, config, transposed=False)
+        elif _leaf(owner_path) in _ATTENTION_NAMES and (attn := _is_attention(owner_path, modules)) is not None:
+            part = _ATTENTION_NAMES[_leaf(owner_path)]
+            info = _attention_info(name, shape, owner_path, owner_type, part, attn, config)
         elif _leaf(owner_path) in _MLP_NAMES and _leaf(name) == "weight":
             part = _MLP_NAMES[_leaf(owner_path)]
-            info = ParamInfo(name, shape, f"mlp.{part}", owner_type, fused="halves" if part == "gate_up" else None)
+            fused = "halves" if part == "gate_up" else None
+            info = ParamInfo(name, shape, f"mlp.{part}", owner_type, fused=fused)
         else:
             info = ParamInfo(name, shape, "hidden", owner_type)
         infos.append(info)

@@ -76,6 +76,7 @@ __all__ = [
     "ZeroFlat",
     "ZeroMap",
     "build_zero_map",
+    "flat_tensors",
     "flat_buffer_partitions",
     "per_param_partitions",
 ]
@@ -385,6 +386,28 @@ def _group_rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
+_FLAT_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+
+def _zero_optimizer(engine_or_optimizer):
+    """The ZeRO optimizer itself, given it or the engine (whose ``.optimizer`` it is)."""
+    if any(hasattr(engine_or_optimizer, a) for a in _FLAT_ATTRS):
+        return engine_or_optimizer
+    inner = getattr(engine_or_optimizer, "optimizer", None)
+    if inner is not None and any(hasattr(inner, a) for a in _FLAT_ATTRS):
+        return inner
+    raise TypeError(f"{type(engine_or_optimizer).__name__} is neither a DeepSpeed engine with a ZeRO optimizer nor "
+                    "a ZeRO optimizer this module knows (DeepSpeedZeroOptimizer, BF16_Optimizer, "
+                    "DeepSpeedZeroOptimizer_Stage3)")
+
+
+def flat_tensors(engine_or_optimizer) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions, indexed by ``flat_index``: the very tensors the client
+    optimizer receives in ``param_groups[...]["params"]`` (and keys its ``state`` by)."""
+    zero_opt = _zero_optimizer(engine_or_optimizer)
+    return list(next(getattr(zero_opt, a) for a in _FLAT_ATTRS if hasattr(zero_opt, a)))
+
+
 def build_zero_map(engine_or_optimizer, named_params: Iterable[tuple[str, torch.Tensor]] | None = None) -> ZeroMap:
     """Build the flat-partition map of an initialised DeepSpeed engine.
 
@@ -400,9 +423,7 @@ def build_zero_map(engine_or_optimizer, named_params: Iterable[tuple[str, torch.
     Every rank can call this; no communication happens, and the result describes all ranks
     (``ZeroFlat.partitions[r]``). It reads only partition metadata, not tensor values.
     """
-    zero_opt = getattr(engine_or_optimizer, "optimizer", None)
-    if zero_opt is None or not hasattr(engine_or_optimizer, "module"):
-        zero_opt = engine_or_optimizer
+    zero_opt = _zero_optimizer(engine_or_optimizer)
     cls = type(zero_opt).__name__
     named_params, index_of = _names_and_index(named_params, zero_opt)
     names = tuple(n for n, _ in named_params)

@@ -114,7 +114,7 @@ def polar(
         raise ValueError(f"polar needs a matrix or a batch [..., m, n]; got shape {tuple(x.shape)}")
     schedule, scale = _schedule(coefficients, steps, safety)
     work = dtype if dtype is not None else (torch.bfloat16 if x.is_cuda else torch.float32)
-    norm_dtype = torch.float64 if work == torch.float64 else torch.float32
+    norm_dtype = torch.float64 if torch.float64 in (work, x.dtype) else torch.float32
 
     m, n = x.shape[-2], x.shape[-1]
     tall = m > n
@@ -129,7 +129,7 @@ def polar(
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
 
     X = X.mT if tall else X
-    return X.reshape(x.shape).to(x.dtype, memory_format=torch.contiguous_format)
+    return X.reshape(x.shape).to(x.dtype).contiguous()
 
 
 def polar_flops(m: int, n: int, steps: int) -> int:
