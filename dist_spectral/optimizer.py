@@ -27,6 +27,7 @@ from .blocks import permuted_axis, unit_specs, view_2d_shape
 from .compute import MatrixJob
 from .engines import Topology, topology_for
 from .exchange import Exchange, ExchangeStats
+from .layout import Layout
 from .plan import Plan, PlanParam, build_plan
 from .roles import ParamInfo
 from .rules import get_rule
@@ -67,6 +68,16 @@ class _Entry:
     param: Tensor
     name: str
     info: ParamInfo
+
+
+def runs_on_rows(rule_name: str, info: ParamInfo, layout: Layout) -> bool:
+    """Whether a row rule runs on the shard: rows must be whole there and, if the rule needs
+    statistics over rows (centring, column norms), the parameter a single matrix (3-D tensors then
+    go per matrix through the owner exchange)."""
+    if get_rule(rule_name).locality != "rows" or not layout.whole_rows():
+        return False
+    needs_colsum = rule_name == "centered_row_norm" or permuted_axis(info) == "cols"
+    return not needs_colsum or len(info.shape) == 2
 
 
 class SpectralOptimizer(torch.optim.Optimizer):
@@ -171,7 +182,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             inputs[i] = x
             if rule.locality == "element":
                 element.append(i)
-            elif rule.locality == "rows" and self._rows_path(e, topo):
+            elif runs_on_rows(e.group["rule"], e.info, topo.layout(e.param)):
                 rows.append(i)
             else:
                 matrix.append(i)
@@ -230,14 +241,6 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.last_stats = stats
         return loss
 
-    def _rows_path(self, e: _Entry, topo: Topology) -> bool:
-        """Row rules run on the shard when rows are whole there and, if they need statistics over
-        rows, the parameter is a single matrix (3-D tensors then go per matrix through the owner)."""
-        if not topo.layout(e.param).whole_rows():
-            return False
-        needs_colsum = e.group["rule"] == "centered_row_norm" or permuted_axis(e.info) == "cols"
-        return not needs_colsum or e.param.ndim == 2
-
     def _plan_for(self, entries: list[_Entry], matrix: list[int], topo: Topology) -> tuple[Plan, Exchange]:
         key = tuple(entries[i].name for i in matrix)
         if key not in self._plans:
@@ -265,8 +268,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """The plan for a step in which every parameter has a gradient (for printing and tests)."""
         topo = self.topology
         entries = self._entries(only_with_grad=False)
-        matrix = [i for i, e in enumerate(entries) if get_rule(e.group["rule"]).locality == "matrix"
-                  or (get_rule(e.group["rule"]).locality == "rows" and not self._rows_path(e, topo))]
+        matrix = [i for i, e in enumerate(entries) if get_rule(e.group["rule"]).locality != "element"
+                  and not runs_on_rows(e.group["rule"], e.info, topo.layout(e.param))]
         params = [self.plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
                   for pos, i in enumerate(matrix)]
         return build_plan(params, topo.world_size, self.bucket_bytes)

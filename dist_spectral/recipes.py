@@ -32,8 +32,10 @@ SCHEDULES = ("matrix", "vector", "constant")
 
 
 def configs_dir() -> Path:
-    """``configs/`` of the checkout (or ``$DIST_SPECTRAL_CONFIGS``)."""
-    env = os.environ.get("DIST_SPECTRAL_CONFIGS")
+    """``configs/`` of the checkout, or ``$DIST_SPECTRAL_CONFIG_DIR`` (see :mod:`dist_spectral.models`)."""
+    from .models import CONFIG_DIR_ENV
+
+    env = os.environ.get(CONFIG_DIR_ENV)
     return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
 
 
