@@ -38,6 +38,7 @@ TARGET = 0.80
 class Row:
     device: str
     dtype: str
+    threads: int
     shape: tuple[int, int, int]
     polar_gflops: list[float]
     matmul_gflops: list[float]
@@ -98,7 +99,8 @@ def bench_shape(shape, device, dtype, steps, repeats, warmup) -> Row:
         p_rates.append(flops / tp / 1e9)
         m_rates.append(flops / tm / 1e9)
         ratios.append(tm / tp)
-    return Row(device.type, str(dtype).replace("torch.", ""), shape, p_rates, m_rates, ratios)
+    dtype_name = str(dtype).replace("torch.", "")
+    return Row(device.type, dtype_name, torch.get_num_threads(), shape, p_rates, m_rates, ratios)
 
 
 def summary(values: list[float], fmt: str) -> str:
@@ -118,7 +120,7 @@ def cpu_model() -> str:
 
 def machine_lines(devices) -> list[str]:
     lines = [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
     ]
     if any(d.type == "cuda" for d in devices):
@@ -128,15 +130,18 @@ def machine_lines(devices) -> list[str]:
 
 def table(rows: list[Row]) -> list[str]:
     out = [
-        "| device | dtype | shape (B×m×n) | polar GFLOP/s | matmul GFLOP/s | polar/matmul | ≥ 80 % |",
-        "|---|---|---|---|---|---|---|",
+        "| device | dtype | threads | shape (B×m×n) | polar GFLOP/s | matmul GFLOP/s | polar/matmul "
+        "| ≥ 80 % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, m, n = r.shape
         ok = statistics.median(r.ratios) >= TARGET
+        verdict_cell = ("yes" if ok else "NO") if min(m, n) >= 512 else "n/a (< 512)"
         out.append(
-            f"| {r.device} | {r.dtype} | {b}×{m}×{n} | {summary(r.polar_gflops, '.1f')} | "
-            f"{summary(r.matmul_gflops, '.1f')} | {summary(r.ratios, '.2f')} | {'yes' if ok else 'NO'} |")
+            f"| {r.device} | {r.dtype} | {r.threads} | {b}×{m}×{n} | "
+            f"{summary(r.polar_gflops, '.1f')} | "
+            f"{summary(r.matmul_gflops, '.1f')} | {summary(r.ratios, '.2f')} | {verdict_cell} |")
     return out
 
 
@@ -148,7 +153,7 @@ def verdict(rows: list[Row]) -> str:
     if not missed:
         return ("Target met: for every shape with min(m, n) ≥ 512 the median polar/matmul ratio is "
                 "≥ 0.80.")
-    names = ", ".join(f"{r.device} {r.dtype} {r.shape[0]}×{r.shape[1]}×{r.shape[2]} "
+    names = ", ".join(f"{r.device} {r.dtype} {r.threads} threads {r.shape[0]}×{r.shape[1]}×{r.shape[2]} "
                       f"(median {statistics.median(r.ratios):.2f})" for r in missed)
     return f"Target NOT met for: {names}."
 
@@ -160,6 +165,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="polar steps (default: 5)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (default: 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats (default: 1)")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma-separated CPU thread counts to run (default: torch's default, "
+                             f"here {torch.get_num_threads()})")
     parser.add_argument("--devices", default="auto",
                         help="'auto' (cpu, plus cuda when available), 'cpu' or 'cuda'")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "polar.md"),
@@ -174,13 +182,16 @@ def main(argv=None) -> None:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     rows = []
+    thread_counts = [int(t) for t in args.threads.split(",")]
     for device in devices:
         # polar's own default iteration dtype on that device: fp32 on CPU, bf16 on CUDA
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        for shape in shapes:
-            row = bench_shape(shape, device, dtype, args.steps, args.repeats, args.warmup)
-            rows.append(row)
-            print("\n".join(table([row])[2:]), flush=True)
+        for threads in thread_counts if device.type == "cpu" else [torch.get_num_threads()]:
+            torch.set_num_threads(threads)
+            for shape in shapes:
+                row = bench_shape(shape, device, dtype, args.steps, args.repeats, args.warmup)
+                rows.append(row)
+                print("\n".join(table([row])[2:]), flush=True)
 
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     command = "python " + shlex.join(["benchmarks/polar.py", *(sys.argv[1:] if argv is None else argv)])

@@ -9,6 +9,8 @@ columns) the step costs three GEMMs:
     X = a X + B X            (one baddbmm)
 
 so ``4 s² l + 2 s³`` flops per step (l = max(m, n)); :func:`polar_flops` counts exactly these.
+``A`` and ``B`` are symmetric, but torch exposes no SYRK/SYMM, so they cost full GEMMs; working on
+the small Gram is what keeps the count down for rectangular matrices.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ MUON_COEFFICIENTS: Triple = (3.4445, -4.7750, 2.0315)
 
 
 def _schedule(coefficients, steps: int, safety: float) -> tuple[list[Triple], float]:
-    """The ``steps`` triples to run and the input scale ``s`` (input is ``X / (s ‖X‖_F + 1e-7)``)."""
+    """The ``steps`` triples to run and the input scale s (input: ``X / (s ‖X‖_F + 1e-7)``)."""
     if steps < 0:
         raise ValueError(f"polar: steps must be >= 0, got {steps}")
     if isinstance(coefficients, str):
@@ -59,7 +61,10 @@ def _schedule(coefficients, steps: int, safety: float) -> tuple[list[Triple], fl
                 f"polar: unknown coefficient set {coefficients!r}; use 'polar_express', 'muon' or "
                 "a sequence of (a, b, c) triples")
     else:
-        table = [tuple(float(v) for v in t) for t in coefficients]
+        try:
+            table = [tuple(float(v) for v in t) for t in coefficients]
+        except TypeError:  # e.g. one bare (a, b, c) instead of a sequence of triples
+            table = []
         if not table or any(len(t) != 3 for t in table):
             raise ValueError(
                 f"polar: custom coefficients must be a non-empty sequence of (a, b, c) triples, "

@@ -19,7 +19,8 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 def _check_matrix(x: torch.Tensor, name: str) -> None:
     if x.ndim < 2:
-        raise ValueError(f"{name} needs a matrix or a batch [..., m, n]; got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} needs a matrix or a batch [..., m, n]; got shape {tuple(x.shape)}")
 
 
 def row_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Conventions shared by this file:
 
 * ``ν(X) = ⟨X, polar(X)⟩ = ‖X‖_*`` (nuclear norm), and updates are multiplied by ``ν^α``.
-* ``eps`` in :func:`inv_sqrt` (and the rules that call it) is **relative**: the regularised matrix is
-  ``A + eps·‖A‖_F·I``. An absolute ε would swamp small gradients (a Gram of 1e-4-sized entries is
-  ~1e-8); relative, the rules are homogeneous: ``f(cX) = c^α f(X)`` for c > 0.
+* ``eps`` in :func:`inv_sqrt` (and the rules that call it) is **relative**: the regularised
+  matrix is ``A + eps·‖A‖_F·I``. An absolute ε would swamp small gradients (the Gram of
+  1e-4-sized entries is ~1e-8); relative, the rules are homogeneous: ``f(cX) = c^α f(X)``, c > 0.
 * Grams and the inverse square root run in fp32 (fp64 for fp64 input), never bf16: a Gram squares
   the condition number. Results come back in the input dtype.
 """
@@ -108,7 +108,8 @@ def inv_sqrt(
     if method == "eigh":
         return _inv_sqrt_eigh(a, eps)
     if method == "newton_schulz":
-        return _inv_sqrt_newton_schulz(a, eps, default_inv_sqrt_steps(eps) if steps is None else steps)
+        steps = default_inv_sqrt_steps(eps) if steps is None else steps
+        return _inv_sqrt_newton_schulz(a, eps, steps)
     raise ValueError(f"inv_sqrt: unknown method {method!r}; use 'newton_schulz' or 'eigh'")
 
 
@@ -137,7 +138,8 @@ def _inv_sqrt_eigh(a: torch.Tensor, eps: float) -> torch.Tensor:
     cutoff = lam[..., -1:].clamp_min(0) * (k * _FP32_EPS)
     keep = lam > cutoff
     reg = eps * torch.linalg.matrix_norm(A).unsqueeze(-1)
-    inv = torch.where(keep, (lam.clamp_min(0) + reg).clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    inv = (lam.clamp_min(0) + reg).clamp_min(1e-300).rsqrt()
+    inv = torch.where(keep, inv, torch.zeros_like(inv))
     return ((V * inv.unsqueeze(-2)) @ V.mT).to(a.dtype)
 
 
@@ -261,7 +263,8 @@ def hybrid(
     ``left=True`` (column-aware layers, e.g. SwiGLU down, whose columns are neurons): ``R`` becomes
     the column normalisation ``X diag(1/(‖X_{:,j}‖ + ε))``; centering, if asked, is still over rows.
 
-    Equivariant: rows ``f(P X Qᵀ) = P f(X) Qᵀ``; with ``left=True`` columns ``f(Q X Pᵀ) = Q f(X) Pᵀ``
+    Equivariant: rows ``f(P X Qᵀ) = P f(X) Qᵀ``; with ``left=True`` columns
+    ``f(Q X Pᵀ) = Q f(X) Pᵀ``
     (P a permutation, Q orthogonal).
 
     Args:
@@ -278,7 +281,8 @@ def hybrid(
     """
     _check_matrix(x, "hybrid")
     if order not in ("row_then_polar", "polar_then_row"):
-        raise ValueError(f"hybrid: unknown order {order!r}; use 'row_then_polar' or 'polar_then_row'")
+        raise ValueError(
+            f"hybrid: unknown order {order!r}; use 'row_then_polar' or 'polar_then_row'")
     normalise = col_norm if left else row_norm
     X = x.to(_acc(x))
     if center:

@@ -320,6 +320,7 @@ def test_right_spectral_equivariance_and_centering():
     x = randn(30, 12, seed=181)
     p, q1, q2 = permutation(30, 182), orthogonal(30, 183), orthogonal(12, 184)
     out = right_spectral(x)
+    assert ((right_spectral(x.mT) - out.mT).abs().max() / out.abs().max()) < 1e-5  # other Gram
     assert ((right_spectral(p @ x @ q2.T) - p @ out @ q2.T).abs().max() / out.abs().max()) < 1e-5
     assert ((right_spectral(q1 @ x @ q2.T) - q1 @ out @ q2.T).abs().max() / out.abs().max()) < 1e-5
     c = right_spectral(x, center=True)
@@ -485,6 +486,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         polar(torch.ones(3))
     with pytest.raises(ValueError):
+        polar(torch.ones(3, 4), coefficients=MUON_COEFFICIENTS)  # one triple, not a sequence
+    with pytest.raises(ValueError):
         inv_sqrt(torch.ones(3, 4))
     with pytest.raises(ValueError):
         inv_sqrt(torch.eye(3), method="cholesky")
@@ -492,3 +495,14 @@ def test_bad_inputs_raise():
         hybrid(torch.ones(3, 4), order="sideways")
     with pytest.raises(ValueError):
         nuclear_norm_scale(torch.ones(3, 4), torch.ones(3, 4), -1.0)
+
+
+def test_no_torch_distributed_in_functional():
+    import pathlib
+
+    import dist_spectral.functional as functional
+
+    for path in pathlib.Path(functional.__file__).parent.glob("*.py"):
+        code = "\n".join(line for line in path.read_text().splitlines()
+                         if line.lstrip().startswith(("import ", "from ")))
+        assert "distributed" not in code, path
