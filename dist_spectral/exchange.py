@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -23,6 +24,37 @@ from torch import Tensor
 
 from .compute import MatrixJob, run_jobs
 from .plan import Plan, Unit
+
+
+class CollectiveError(RuntimeError):
+    """A collective of an optimizer step failed or timed out: a rank died, stalled or diverged.
+
+    Every surviving rank raises it within the timeout instead of hanging. Resume all ranks from
+    the last checkpoint (:func:`dist_spectral.checkpoint.load`). Under gloo a collective that
+    timed out waiting for a stalled (not dead) peer stays open in a worker thread and delays a
+    normal interpreter exit until that peer goes away: training scripts should log the error and
+    leave with ``os._exit(1)`` so the launcher tears the job down.
+
+    Attributes:
+        step (int | None): the optimizer step (1-based count of ``step()`` calls, checkpoints included).
+        collective (str): which collective, and of what (bucket, parameter).
+    """
+
+    def __init__(self, step: int | None, collective: str, cause: BaseException, timeout: timedelta | None = None):
+        self.step, self.collective = step, collective
+        limit = f" (timeout {timeout.total_seconds():g} s)" if timeout is not None else ""
+        where = f"optimizer step {step}: " if step is not None else ""
+        rank = f" on rank {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else ""
+        super().__init__(f"{where}{collective} failed{rank}{limit}: {cause}. Another rank probably died, stalled or "
+                         "diverged; restart every rank from the last checkpoint")
+
+
+def wait(work, timeout: timedelta | None) -> None:
+    """Wait for an async collective, at most ``timeout`` (default: the process group's timeout)."""
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
 
 
 @dataclass
@@ -46,14 +78,19 @@ class Exchange:
         group: the process group the plan's ranks index (default: the world), or ``None`` on
             one process.
         comm_dtype (torch.dtype | None): dtype on the wire (default: the data's dtype).
-        timeout_hint (str): appended to errors from collectives (which step, which bucket).
+        timeout (timedelta | None): longest wait for one collective; past it, or when a peer dies,
+            :class:`CollectiveError` names the step, bucket and collective (default: the process
+            group's timeout).
     """
 
-    def __init__(self, plan: Plan, rank: int, group=None, comm_dtype: torch.dtype | None = None):
+    def __init__(self, plan: Plan, rank: int, group=None, comm_dtype: torch.dtype | None = None,
+                 timeout: timedelta | None = None):
         self.plan = plan
         self.rank = rank
         self.group = group
         self.comm_dtype = comm_dtype
+        self.timeout = timeout
+        self.step: int | None = None  # set by the optimizer before run(), for error messages
         self._offsets: dict[tuple[int, int], dict[int, int]] = {}
 
     # ----- helpers -----
@@ -78,8 +115,20 @@ class Exchange:
         stats.bytes_sent[phase] += payload.numel() * payload.element_size()
         stats.bytes_received[phase] += out.numel() * out.element_size()
         stats.collectives += 1
-        work = dist.all_to_all_single(out, payload, recv_sizes, send_sizes, group=self.group, async_op=True)
+        try:
+            work = dist.all_to_all_single(out, payload, recv_sizes, send_sizes, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise CollectiveError(self.step, self._what(phase, bucket_index), e, self.timeout) from e
         return work, out
+
+    def _what(self, phase: str, bucket_index: int) -> str:
+        return f"all_to_all_single ({phase}) of exchange bucket {bucket_index + 1}/{len(self.plan.buckets)}"
+
+    def _wait(self, work, phase: str, bucket_index: int) -> None:
+        try:
+            wait(work, self.timeout)
+        except RuntimeError as e:
+            raise CollectiveError(self.step, self._what(phase, bucket_index), e, self.timeout) from e
 
     def _needs_collective(self, bucket, phase: str) -> bool:
         pieces = bucket.gather if phase == "gather" else bucket.scatter
@@ -115,7 +164,7 @@ class Exchange:
             received = None
             if pending is not None:
                 work, received = pending
-                work.wait()
+                self._wait(work, "gather", bi)
             pending = start_gather(bi + 1) if bi + 1 < len(plan.buckets) else None
             # Assemble the units this rank owns: own rows first, then received pieces (by source rank).
             owned = [plan.units[u] for u in bucket.units if plan.units[u].owner == rank]
@@ -149,7 +198,7 @@ class Exchange:
             stats.compute_seconds += t2 - t1
         t0 = time.perf_counter()
         for bi, work, received in scatters:
-            work.wait()
+            self._wait(work, "scatter", bi)
             offset = 0
             for p in sorted((p for p in plan.buckets[bi].scatter if p.dst == rank), key=lambda p: p.src):
                 u = plan.units[p.uid]

@@ -15,10 +15,11 @@ shaped and sharded exactly like the parameter (a DTensor under FSDP2), so ``stat
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from torch import Tensor
 from .blocks import permuted_axis, unit_specs, view_2d_shape
 from .compute import MatrixJob
 from .engines import Topology, topology_for
-from .exchange import Exchange, ExchangeStats
+from .exchange import CollectiveError, Exchange, ExchangeStats
 from .layout import Layout
 from .plan import Plan, PlanParam, build_plan
 from .roles import ParamInfo
@@ -92,14 +93,23 @@ class SpectralOptimizer(torch.optim.Optimizer):
         infos (dict[str, ParamInfo]): role and structure of every named parameter.
         nonfinite (str): ``"skip"`` a step with a non-finite gradient on every rank (counted in
             ``skipped_steps``), or ``"raise"`` :class:`NonFiniteGradientError` (default: ``"skip"``).
+            A skipped step changes no weight, state or ``step`` counter and sets
+            ``last_stats.skipped``; call ``scheduler.step()`` only when it is false, so the
+            learning rate follows the updates actually applied (as if that batch never came).
         bucket_bytes (int): most unit bytes gathered at once per bucket (default: 256 MiB).
         comm_dtype (torch.dtype | None): dtype of exchanged matrices (default: the state dtype).
         topology (Topology | None): engine adapter (default: chosen from the parameters).
+        timeout (float | timedelta | None): seconds one collective of a step may wait before
+            :class:`~dist_spectral.exchange.CollectiveError` names the step and collective
+            (default: the process group's timeout).
+
+    At construction every rank compares a fingerprint of its parameters (names, shapes, rules,
+    layouts) with the others' and raises ``ValueError`` on all ranks if they differ.
     """
 
     def __init__(self, param_groups: list[dict], infos: dict[str, ParamInfo], *, nonfinite: str = "skip",
                  bucket_bytes: int = 256 << 20, comm_dtype: torch.dtype | None = None,
-                 topology: Topology | None = None):
+                 topology: Topology | None = None, timeout: float | timedelta | None = None):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
         for g in param_groups:
@@ -114,9 +124,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.comm_dtype = comm_dtype
         self._topology = topology
         self._plans: dict[tuple, tuple[Plan, Exchange]] = {}
+        self.timeout = timeout
         self.skipped_steps = 0
+        self.num_steps = 0  # step() calls, skipped ones included (saved by dist_spectral.checkpoint)
         self.last_stats = StepStats()
         self._check_shapes()
+        self._check_ranks_agree()
         self._init_state()
 
     # ----- construction -----
@@ -124,7 +137,21 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def topology(self) -> Topology:
         if self._topology is None:
             self._topology = topology_for([p for g in self.param_groups for p in g["params"]])
+            self._topology.timeout = self.timeout
         return self._topology
+
+    @property
+    def timeout(self) -> timedelta | None:
+        """Longest wait of one collective of a step (settable, in seconds or as a timedelta)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | timedelta | None) -> None:
+        self._timeout = timedelta(seconds=value) if isinstance(value, (int, float)) else value
+        if self._topology is not None:
+            self._topology.timeout = self._timeout
+        for _, exchange in self._plans.values():
+            exchange.timeout = self._timeout
 
     def _entries(self, only_with_grad: bool) -> list[_Entry]:
         out = []
@@ -147,6 +174,38 @@ class SpectralOptimizer(torch.optim.Optimizer):
             if rule.locality == "matrix":
                 unit_specs(e.info, per_head=e.group.get("per_head", False))  # raises on bad head/fused shapes
 
+    def fingerprint(self) -> str:
+        """A short digest of what every rank must agree on: names, global shapes, dtypes, rules and layouts."""
+        topo, h = self.topology, hashlib.sha256()
+        for e in self._entries(only_with_grad=False):
+            rule = get_rule(e.group["rule"])
+            h.update(repr((e.name, tuple(e.param.shape), str(e.param.dtype), rule.key(e.group),
+                           topo.layout(e.param).holdings)).encode())
+        return h.hexdigest()[:16]
+
+    def _check_ranks_agree(self) -> None:
+        topo = self.topology
+        mine = self.fingerprint()  # also raises on layouts the engine adapter does not support
+        if topo.world_size == 1:
+            return
+        prints = self._guard("fingerprint all_gather_object", lambda: topo.all_gather_object(mine))
+        if len(set(prints)) > 1:
+            groups: dict[str, list[int]] = {}
+            for r, fp in enumerate(prints):
+                groups.setdefault(fp, []).append(r)
+            raise ValueError(f"ranks disagree on the parameters to optimize (fingerprint -> ranks: {groups}); every rank "
+                             "must build the optimizer from the same model (parameter names, shapes, dtypes, layouts) "
+                             "and recipe. Nothing was created")
+
+    def _guard(self, what: str, fn):
+        """Run a collective; a failure or timeout becomes a :class:`CollectiveError` naming the step."""
+        try:
+            return fn()
+        except CollectiveError:
+            raise
+        except RuntimeError as e:  # gloo/NCCL errors and timeouts (DistBackendError is a RuntimeError)
+            raise CollectiveError(self.num_steps or None, what, e, self.timeout) from e
+
     def _init_state(self) -> None:
         for e in self._entries(only_with_grad=False):
             state = self.state[e.param]
@@ -163,6 +222,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t_start = time.perf_counter()
+        self.num_steps += 1
         topo = self.topology
         entries = self._entries(only_with_grad=True)
         stats = StepStats()
@@ -200,9 +260,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
             colsum = topo.colsum(layout)
             calls = []
 
-            def counted(x, _colsum=colsum, _calls=calls):
+            def counted(x, _colsum=colsum, _calls=calls, _name=e.name):
                 _calls.append(x.shape[-1])
-                return _colsum(x)
+                return self._guard(f"column-statistics all_reduce of {_name}", lambda: _colsum(x))
 
             rule = get_rule(e.group["rule"])
             updates[i] = rule.direction(inputs[i].reshape(-1, n), axis=permuted_axis(e.info),
@@ -220,6 +280,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
                                  e.info.transposed)
 
             ex = ExchangeStats()
+            exchange.step = self.num_steps
             out, ex = exchange.run(flat, make_job, ex)
             for pos, i in enumerate(matrix):
                 updates[i] = out[pos]
@@ -248,11 +309,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
                       for pos, i in enumerate(matrix)]
             element_bytes = torch.finfo(self.comm_dtype).bits // 8 if self.comm_dtype else 4
             plan = build_plan(params, topo.world_size, self.bucket_bytes, element_bytes)
-            prints = topo.all_gather_object(plan.fingerprint)
+            prints = self._guard("plan fingerprint all_gather_object", lambda: topo.all_gather_object(plan.fingerprint))
             if len(set(prints)) > 1:
                 raise RuntimeError(f"ranks disagree on the parameters to optimize (plan fingerprints {prints}): every "
                                    "rank must build the optimizer from the same model, with the same shapes and recipe")
-            self._plans[key] = (plan, Exchange(plan, topo.rank, topo.group, self.comm_dtype))
+            self._plans[key] = (plan, Exchange(plan, topo.rank, topo.group, self.comm_dtype, self.timeout))
         return self._plans[key]
 
     @staticmethod
@@ -276,10 +337,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def _nonfinite(self, entries: list[_Entry], topo: Topology) -> bool:
         bad = next((e.name for e in entries if not bool(torch.isfinite(topo.local(e.param.grad)).all())), None)
-        if not topo.any_true(bad is not None):
+        if not self._guard("non-finite check all_reduce", lambda: topo.any_true(bad is not None)):
             return False
         if self.nonfinite == "raise":
-            names = [n for n in topo.all_gather_object(bad) if n]
+            names = [n for n in self._guard("non-finite names all_gather_object", lambda: topo.all_gather_object(bad)) if n]
             raise NonFiniteGradientError(f"non-finite gradient in {names[0]} (first on any rank); nothing was updated. "
                                          "Use nonfinite='skip' to skip such steps")
         self.skipped_steps += 1

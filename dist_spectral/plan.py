@@ -16,11 +16,15 @@ once, ``(W−1)/W`` of the matrix each way in total. Nothing here imports ``torc
 """
 from __future__ import annotations
 
+import bisect
+import functools
+import heapq
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .blocks import UnitSpec
-from .layout import Interval, Layout, intersect
+from .layout import Interval, Layout
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class Bucket:
         return send, recv
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     world_size: int
     params: tuple[PlanParam, ...]
@@ -103,19 +107,32 @@ class Plan:
     fingerprint: str = field(default="", compare=False)
 
     # ----- what the counters must equal -----
+    @functools.cached_property
+    def _totals(self) -> dict[str, list[int]]:
+        """Per-rank sums, computed once: flops, cost, and elements sent/received per phase."""
+        W = self.world_size
+        t = {k: [0] * W for k in ("polar", "cost", "gather_sent", "gather_received", "scatter_sent", "scatter_received")}
+        for u in self.units:
+            t["polar"][u.owner] += u.polar_flops
+            t["cost"][u.owner] += u.cost
+        for b in self.buckets:
+            for phase, pieces in (("gather", b.gather), ("scatter", b.scatter)):
+                for p in pieces:
+                    t[f"{phase}_sent"][p.src] += p.numel
+                    t[f"{phase}_received"][p.dst] += p.numel
+        return t
+
     def polar_flops(self, rank: int) -> int:
-        return sum(u.polar_flops for u in self.units if u.owner == rank)
+        return self._totals["polar"][rank]
 
     def cost(self, rank: int) -> int:
-        return sum(u.cost for u in self.units if u.owner == rank)
+        return self._totals["cost"][rank]
 
     def bytes_sent(self, rank: int, phase: str) -> int:
-        return self.element_bytes * sum(
-            p.numel for b in self.buckets for p in (b.gather if phase == "gather" else b.scatter) if p.src == rank)
+        return self.element_bytes * self._totals[f"{phase}_sent"][rank]
 
     def bytes_received(self, rank: int, phase: str) -> int:
-        return self.element_bytes * sum(
-            p.numel for b in self.buckets for p in (b.gather if phase == "gather" else b.scatter) if p.dst == rank)
+        return self.element_bytes * self._totals[f"{phase}_received"][rank]
 
     def balance(self) -> float:
         """max / mean estimated flops over ranks (1.0 is perfect)."""
@@ -145,29 +162,52 @@ class Plan:
         return "\n".join(lines)
 
 
-def _holders(layout: Layout, start: int, stop: int) -> tuple[list[int], dict[int, list[Interval]]]:
-    """Ranks holding all of ``[start, stop)``, and each rank's intersections with it."""
+class _IntervalIndex:
+    """Every rank's intervals of one layout, sorted by start, for fast "who holds [a, b)" queries
+    (a plan at W = 1024 asks this for tens of thousands of units)."""
+
+    def __init__(self, layout: Layout):
+        items = sorted((a, b, r) for r, ivs in enumerate(layout.holdings) for a, b in ivs if b > a)
+        self.starts = [a for a, _, _ in items]
+        self.items = items
+        self.reach = list(itertools.accumulate((b for _, b, _ in items), max))  # max stop so far
+
+    def overlapping(self, start: int, stop: int):
+        i = bisect.bisect_left(self.starts, stop) - 1
+        while i >= 0 and self.reach[i] > start:
+            a, b, r = self.items[i]
+            if b > start:
+                yield r, (max(a, start), min(b, stop))
+            i -= 1
+
+
+def _holders(index: _IntervalIndex, start: int, stop: int) -> tuple[list[int], dict[int, list[Interval]]]:
+    """Ranks holding all of ``[start, stop)``, and each rank's intersections with it (in order)."""
     parts: dict[int, list[Interval]] = {}
+    for rank, iv in index.overlapping(start, stop):
+        parts.setdefault(rank, []).append(iv)
     whole = []
-    for rank, intervals in enumerate(layout.holdings):
-        mine = [iv for iv in (intersect(i, (start, stop)) for i in intervals) if iv]
-        if mine:
-            parts[rank] = mine
-            if sum(b - a for a, b in mine) == stop - start:
-                whole.append(rank)
-    return whole, parts
+    for rank in sorted(parts):
+        parts[rank].sort()
+        if sum(b - a for a, b in parts[rank]) == stop - start:
+            whole.append(rank)
+    return whole, dict(sorted(parts.items()))
 
 
 def _sources(uid: int, owner: int, start: int, stop: int, parts: dict[int, list[Interval]]) -> list[Piece]:
     """Cover ``[start, stop)`` with pieces: from the owner where it holds them, else from one holder,
     chosen by unit id so replicas share the sending."""
     cuts = sorted({start, stop} | {x for ivs in parts.values() for iv in ivs for x in iv})
+    holders: list[list[int]] = [[] for _ in range(len(cuts) - 1)]
+    for rank, ivs in parts.items():
+        for x, y in ivs:
+            for k in range(bisect.bisect_left(cuts, x), bisect.bisect_left(cuts, y)):
+                holders[k].append(rank)
     pieces: list[Piece] = []
-    for a, b in zip(cuts, cuts[1:]):
-        holders = [r for r, ivs in parts.items() if any(x <= a and b <= y for x, y in ivs)]
-        if not holders:
+    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if not holders[k]:
             raise ValueError(f"elements [{a}, {b}) of a unit are held by no rank: the layout does not cover the tensor")
-        src = owner if owner in holders else holders[uid % len(holders)]
+        src = owner if owner in holders[k] else holders[k][uid % len(holders[k])]
         if pieces and pieces[-1].src == src and pieces[-1].stop == a:
             pieces[-1] = Piece(uid, src, owner, pieces[-1].start, b)
         else:
@@ -188,9 +228,10 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
     raw = []  # (param position, spec, start, stop, cost, polar, whole holders, parts)
     for pi, p in enumerate(params):
         n = p.layout.cols
+        index = _IntervalIndex(p.layout)
         for spec, cost, pf in zip(p.units, p.unit_costs, p.unit_polar_flops):
             start, stop = spec.row_start * n, spec.row_stop * n
-            whole, parts = _holders(p.layout, start, stop)
+            whole, parts = _holders(index, start, stop)
             raw.append((pi, spec, start, stop, cost, pf, whole, parts))
 
     # Longest processing time first: forced units (already whole somewhere) go first, on their holders.
@@ -198,12 +239,17 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
     owners = [0] * len(raw)
     forced = [i for i, r in enumerate(raw) if r[6] and len(r[6]) < world_size]
     free = [i for i, r in enumerate(raw) if not (r[6] and len(r[6]) < world_size)]
-    for group in (forced, free):
-        for i in sorted(group, key=lambda i: (-raw[i][4], i)):
-            candidates = raw[i][6] or range(world_size)
-            owner = min(candidates, key=lambda r: (load[r], r))
-            owners[i] = owner
-            load[owner] += max(raw[i][4], 1)
+    for i in sorted(forced, key=lambda i: (-raw[i][4], i)):
+        owner = min(raw[i][6], key=lambda r: (load[r], r))
+        owners[i] = owner
+        load[owner] += max(raw[i][4], 1)
+    heap = [(load[r], r) for r in range(world_size)]  # least-loaded rank first, ties to the lower rank
+    heapq.heapify(heap)
+    for i in sorted(free, key=lambda i: (-raw[i][4], i)):
+        current, owner = heapq.heappop(heap)
+        owners[i] = owner
+        load[owner] = current + max(raw[i][4], 1)
+        heapq.heappush(heap, (load[owner], owner))
 
     units: list[Unit] = []
     buckets: list[Bucket] = []

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .roles import ParamInfo
+from .roles import ROLES, ParamInfo
 from .rules import get_rule
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,19 @@ def _role_matches(role: str, wanted) -> bool:
     return any(role == w or role.startswith(w + ".") for w in wanted)
 
 
+def check_roles(group: dict, where: str) -> None:
+    """A ``role`` selector must name a role of :data:`~dist_spectral.roles.ROLES` or a prefix of one
+    (``attention``, ``mlp``, ``expert``): a misspelt role would otherwise silently match nothing."""
+    wanted = group.get("match", {}).get("role")
+    if wanted is None:
+        return
+    known = set(ROLES) | {r.split(".")[0] for r in ROLES}
+    bad = [w for w in ([wanted] if isinstance(wanted, str) else list(wanted)) if w not in known]
+    if bad:
+        raise ValueError(f"{where}: group {group.get('name')!r} selects unknown role(s) {bad}; roles are "
+                         f"{', '.join(sorted(known))}")
+
+
 def _matches(info: ParamInfo, match: dict) -> bool:
     unknown = set(match) - {"role", "name", "module"}
     if unknown:
@@ -183,6 +196,7 @@ def assign(infos: list[ParamInfo], recipe: dict, fallback_lr: float | None = Non
     specs = []
     for g in recipe["groups"]:
         rule, hyper = resolve_hyper(g, where)
+        check_roles(g, where)
         specs.append((g, GroupSpec(g["name"], rule, hyper)))
     fallback = None
     report = []

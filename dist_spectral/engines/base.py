@@ -16,11 +16,14 @@ class Topology:
         world_size (int): ranks taking part in the plan.
         rank (int): this rank.
         group: process group for collectives (``None`` on one process).
+        timeout (timedelta | None): longest wait for one collective (``None``: the process
+            group's own timeout); the optimizer sets it from its ``timeout`` option.
     """
 
     world_size: int = 1
     rank: int = 0
     group = None
+    timeout = None
 
     def layout(self, param: Tensor) -> Layout:
         raise NotImplementedError

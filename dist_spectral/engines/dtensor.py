@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ..exchange import wait
 from ..layout import Layout, mesh_layout, replicated
 from .base import Topology, masked_rows
 from .single import ReplicatedTopology
@@ -43,12 +44,12 @@ class DTensorTopology(ReplicatedTopology):
     def colsum(self, layout: Layout):
         if layout.is_replicated() or self.world_size == 1:
             return super().colsum(layout)
-        group, rank = self.group, self.rank
+        group, rank, timeout = self.group, self.rank, self.timeout
 
         def colsum(x: Tensor) -> Tensor:
             mask = masked_rows(layout, rank, x.shape[-2])
             partial = (x if mask is None else x * mask.to(x.dtype)).sum(-2, keepdim=True).contiguous()
-            dist.all_reduce(partial, group=group)
+            wait(dist.all_reduce(partial, group=group, async_op=True), timeout)
             return partial
 
         return colsum

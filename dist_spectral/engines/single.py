@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..exchange import wait
 from ..layout import Layout, replicated
 from .base import Topology
 
@@ -30,7 +31,7 @@ class ReplicatedTopology(Topology):
         if self.world_size == 1:
             return flag
         t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, group=self.group)
+        wait(dist.all_reduce(t, group=self.group, async_op=True), self.timeout)
         return bool(t.item() > 0)
 
     def all_gather_object(self, obj) -> list:

@@ -1,62 +1,86 @@
 """Map DeepSpeed ZeRO flat partitions back to the parameters they hold.
 
 Under DeepSpeed ZeRO a client ``torch.optim.Optimizer`` never sees the model's parameters. At
-``step()`` each of its param groups holds flat 1-D fp32 tensors ("flat partitions") that are
-slices of the group's parameters, flattened and concatenated, with padding. This module computes,
-from DeepSpeed's own partition metadata and without any communication, which element range of
-which parameter sits at which offset of every rank's flat partition, so an optimizer can run
-element-wise, row-wise and whole-matrix rules on them.
+``step()`` its param groups hold flat 1-D fp32 tensors ("flat partitions"): the group's parameters
+flattened, concatenated, padded and cut between ranks. :func:`build_zero_map` computes, from
+DeepSpeed's partition metadata and without communication, which element range of which parameter
+sits at which offset of *every* rank's flat partition (:class:`ZeroMap`), so an optimizer can run
+element-wise, row-wise and whole-matrix rules on them. :func:`flat_tensors` returns this rank's
+flat tensors (the objects the client optimizer receives and keys its ``state`` by).
 
-What DeepSpeed hands the client optimizer (verified with DeepSpeed 0.19.8 on CPU/gloo, W = 2, 3):
+Facts this relies on (verified with DeepSpeed 0.19.8, and 0.17.6 where noted, on CPU/gloo, W = 2
+and 3, fp32 and bf16, by ``tests/distributed/test_zero_map.py``):
 
 ZeRO-1 / ZeRO-2 (``DeepSpeedZeroOptimizer``)
-    * One flat tensor per client param group per rank:
-      ``zero_opt.single_partition_of_fp32_groups[g]`` (fp32, ``requires_grad=True``), the same
-      object for the whole run. Outside ``step()`` it is ``param_groups[g]["params"] == [flat]``.
-    * Flat order: ``zero_opt.round_robin_bit16_groups[g]``, i.e. the group's trainable params in
-      the client's order, or round-robin reordered when ``round_robin_gradients`` is set
-      (param ``i`` goes to bucket ``i % W``; buckets concatenated).
-    * Each param starts at ``round_robin_bit16_offsets[g][j]`` in the group's flat buffer
-      (``bit16_groups_flat[g]``): the running sum of numels, plus per-param padding to 16 bytes
-      when ``zero_optimization.parameter_alignment`` is set (DeepSpeed >= 0.19; older versions
-      have no per-param padding and no ``round_robin_bit16_offsets``).
-    * The buffer is zero-padded at its end to a multiple of ``2 * W`` elements and cut into W
-      equal pieces of ``partition_size[g] = len(bit16_groups_flat[g]) // W``. Rank r's flat
-      partition is buffer ``[r * P, (r + 1) * P)``. Params, and rows of matrices, straddle ranks.
-      Group-end padding is < 2W elements and may cover several trailing ranks entirely.
-    * ``step()`` of the client is called once per param group (``len(bit16_groups)`` calls per
-      training step), and during each call ``self.param_groups`` is temporarily a one-element
-      list holding only the group being stepped (identify it by identity of its flat tensor or by
-      a custom key: custom keys survive in the group dicts).
+    * One flat tensor per client param group per rank: ``single_partition_of_fp32_groups[g]`` (fp32,
+      ``requires_grad=True``, the same object for the whole run, also after ``load_checkpoint``).
+      Outside ``step()`` ``param_groups[g]["params"] == [flat]``.
+    * Flat order: ``round_robin_bit16_groups[g]`` = the group's trainable params in the client's
+      order, or, with ``round_robin_gradients``, param ``i`` put in bucket ``i % W`` and the buckets
+      concatenated (e.g. 4 params, W = 2: order 0, 2, 1, 3).
+    * Param j starts at ``round_robin_bit16_offsets[g][j]`` in the group buffer
+      ``bit16_groups_flat[g]``: the running sum of numels, plus a zero gap after each param up to a
+      16-byte boundary when ``zero_optimization.parameter_alignment`` is set (0.19 only; 0.17/0.18
+      have neither the option nor ``round_robin_bit16_offsets``: offsets are the running sum).
+    * The buffer is zero-padded at its end to a multiple of ``2·W`` elements (``"group_end"``
+      padding, < 2W elements, possibly spanning several trailing ranks) and cut into W equal pieces
+      of ``partition_size[g] = len(bit16_groups_flat[g]) // W``; rank r holds ``[r·P, (r+1)·P)``.
+      Params and matrix rows straddle ranks (``first_offset[g]`` is where the first straddling
+      param starts on this rank).
+    * The client's ``step()`` runs once per param group per optimizer step, groups in order, and
+      during the call ``self.param_groups`` is a one-element list with only that group (custom
+      keys such as ``"rule"``/``"names"`` survive: the dicts are the client's own).
 
-ZeRO-1 with bf16 params and fp32 gradient accumulation (``BF16_Optimizer``)
-    * Chosen by DeepSpeed when ``bf16.enabled`` and ``data_types.grad_accum_dtype == "fp32"`` at
-      stage 1. Same cut as above (no round-robin, no per-param padding): buffer
-      ``bf16_groups_flat[g]`` in ``bf16_groups[g]`` order, partition ``len // W``; the client sees
-      ``fp32_groups_flat_partition[g]`` and ``step()`` is called once with all groups.
+ZeRO-1 with bf16 params and ``data_types.grad_accum_dtype = "fp32"`` (``BF16_Optimizer``)
+    * Same cut without round-robin or per-param gaps: buffer ``bf16_groups_flat[g]`` in
+      ``bf16_groups[g]`` order; the client sees ``fp32_groups_flat_partition[g]``; ``step()`` is
+      called once with every group present. DeepSpeed <= 0.18.4 instead wraps the client in the
+      unpartitioned ``FP16_UnfusedOptimizer`` for this config (constant clash ``BFLOAT16 ==
+      DDP_BFLOAT16``), which this module rejects with a clear error. bf16 with the default (bf16)
+      accumulation, and stage 2 with fp32 accumulation, use ``DeepSpeedZeroOptimizer``.
 
 ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``)
-    * Every parameter is partitioned on its own: ``P_p = ceil(numel / W)`` (``p.partition_numel()``,
-      ``p.ds_tensor``); rank r holds elements ``[r * P_p, min((r + 1) * P_p, numel))`` followed by
-      padding up to ``P_p`` (only trailing ranks are padded, a small param can leave several ranks
-      with nothing but padding; DeepSpeed does not zero this padding in the parameter).
-    * Each client group is split into sub-groups (``sub_group_size``, default 1e9 elements counted
-      per rank): ``zero_opt.fp16_groups[k]`` with ``sub_group_to_group_id[k]`` its client group.
-      Sub-group membership depends only on the params' ``P_p``, so it is the same on every rank.
-    * Sub-group k's flat tensor ``fp32_partitioned_groups_flat[k]`` is the concatenation of the
-      ``P_p``-long per-param partitions in ``fp16_groups[k]`` order (numel
-      ``fp16_partitioned_groups_flat_numel[k]``, equal on all ranks).
-    * The client's ``step()`` is called once per sub-group; during the call the stepping group has
-      ``params == [fp32_partitioned_groups_flat[k]]``, all other groups ``params == []``; outside
-      ``step()`` every group has ``params == []`` (during ``state_dict``/``load_state_dict`` all
-      sub-group tensors are put back, in sub-group order).
-    * The full every-rank view is computable: it only needs ``numel`` of each param and W. What
-      is not possible is seeing two sub-groups in one ``step()`` call: an optimizer that needs
-      whole matrices must either keep ``sub_group_size`` >= the group's per-rank numel (the
-      default) or buffer the sub-groups of a step itself.
+    * Every parameter is partitioned on its own (``p.ds_tensor``): ``P_p = ceil(numel/W)`` =
+      ``p.partition_numel()``; rank r holds ``[r·P_p, min((r+1)·P_p, numel))`` then padding up to
+      ``P_p`` (``"param_tail"``; only trailing ranks, but a small param leaves several ranks with
+      nothing else). DeepSpeed never initialises this padding in the parameter (values seen: 0,
+      1e-41, -2.8e15, NaN); its gradient padding is 0. Frozen params are partitioned too but absent.
+    * Client groups are split into sub-groups of whole params (``sub_group_size``, default 1e9,
+      counted in per-rank elements; the param that crosses the size closes the sub-group):
+      ``fp16_groups[k]``, client group ``sub_group_to_group_id[k]``. Membership depends only on
+      ``P_p``, so it is identical on all ranks. Sub-group k's flat tensor
+      ``fp32_partitioned_groups_flat[k]`` is the per-param partitions concatenated in
+      ``fp16_groups[k]`` order (``fp16_partitioned_groups_flat_numel[k]`` elements on every rank).
+    * The client's ``step()`` runs once per sub-group, in order. During it every client group is
+      present; the stepping one has ``params == [flat_k]``, the others ``[]``. Outside ``step()``
+      all groups have ``params == []``; ``state_dict()``/``load_state_dict()`` are called with all
+      sub-group tensors put back (several per group when there are several sub-groups).
+    * So the every-rank view is complete (it needs only each param's numel and W). What a client
+      cannot do is see two sub-groups (ZeRO-3) or two groups (ZeRO-1/2) in one call: right after
+      each call DeepSpeed copies that flat into the low-precision params, so updates cannot be
+      deferred to a later call. Each call does cover whole params on the union of ranks, so an
+      owner-based exchange per call is exact; batching across calls is what is lost.
 
-Ranks in this module are ranks inside the partitioning process group (the data-parallel group,
-``dist.get_rank(group=...)``), which equal global ranks for plain data parallelism.
+All stages
+    * At ``step()`` each flat has ``.grad``: fp32, same numel, already averaged over ranks and
+      ``gradient_accumulation_steps`` micro-batches (the client is called only at the boundary) and
+      already clipped by DeepSpeed's global norm (``gradient_clipping``, factor
+      ``clip / (norm + 1e-6)`` when ``norm > clip``). ``.grad`` is None outside ``step()`` (except
+      ``BF16_Optimizer``, which keeps a view of its fp32 gradient buffer).
+    * Checkpoints (``engine.save_checkpoint``): every rank saves its own file
+      (``zero_pp_rank_{r}_mp_rank_00_optim_states.pt``, ``bf16_`` prefix for ``BF16_Optimizer``)
+      holding the client's ``state_dict()`` as-is (key ``base_optimizer_state`` at stages 1/2,
+      ``optimizer_state_dict`` at stage 3): state keyed 0..n-1 by flat, tensors of flat-partition
+      size including padding, custom group keys included. ``load_checkpoint`` calls the client's
+      ``load_state_dict`` with the same rank's dict: exact resume at the same W and layout only.
+    * DeepSpeed's own local mapping ``param._hp_mapping`` (stages 1/2) is wrong under
+      ``round_robin_gradients`` without ``parameter_alignment`` in 0.19.8 (it assumes the
+      unpermuted order); do not use it or tools built on it (``safe_get_full_fp32_param``,
+      ``param_slice_mappings``) in that configuration.
+
+Ranks in this module are ranks inside the partitioning process group (the data-parallel group),
+which equal global ranks for plain data parallelism. Expert (MoE) groups partitioned over other
+groups are not supported (a clear error).
 
 Only ``dist_spectral/engines/`` may import ``deepspeed``/``torch.distributed``; this module imports
 neither at module level (it reads attributes of the objects it is given).
@@ -64,7 +88,7 @@ neither at module level (it reads attributes of the objects it is given).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -266,7 +290,7 @@ class ZeroMap:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     flats: tuple[ZeroFlat, ...]
-    _tensor_to_flat: dict
+    _tensor_to_flat: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -299,6 +323,12 @@ class ZeroMap:
             return self.flats[self._tensor_to_flat[id(tensor)]]
         except KeyError:
             raise KeyError("tensor is not one of this engine's flat fp32 partitions") from None
+
+    def stepping(self, param_groups) -> list[tuple[int, ZeroFlat, torch.Tensor]]:
+        """``(group_position, flat, tensor)`` for every flat tensor present in ``param_groups`` now
+        (call from the client's ``step()`` with ``self.param_groups``: one entry per call under
+        ZeRO-1/2/3, one per group under ``BF16_Optimizer``)."""
+        return [(i, self.flat_for(t), t) for i, g in enumerate(param_groups) for t in g["params"]]
 
     def param_segments(self, param_index: int) -> list[tuple[int, ZeroSegment]]:
         """``(rank, segment)`` for every piece of one parameter, ordered by ``global_start``."""
@@ -362,11 +392,12 @@ class ZeroMap:
 
 
 # ---------------------------------------------------------------------- builder
-def _names_and_index(named_params, zero_opt):
+def _names_and_index(named_params, engine_or_optimizer, zero_opt):
     if named_params is None:
-        names_by_param = getattr(zero_opt, "param_names", None)
+        # DeepSpeedEngine.param_names is {param: name}; ZeRO-3 optimizers only carry it from 0.18 on
+        names_by_param = getattr(engine_or_optimizer, "param_names", None) or getattr(zero_opt, "param_names", None)
         if not names_by_param:
-            raise ValueError("pass named_params: this optimizer has no param_names")
+            raise ValueError("pass named_params: neither the engine nor its optimizer has param_names")
         named_params = [(name, p) for p, name in names_by_param.items()]
     named_params = list(named_params)
     index_of = {id(p): i for i, (_, p) in enumerate(named_params)}
@@ -396,6 +427,11 @@ def _zero_optimizer(engine_or_optimizer):
     inner = getattr(engine_or_optimizer, "optimizer", None)
     if inner is not None and any(hasattr(inner, a) for a in _FLAT_ATTRS):
         return inner
+    if type(inner).__name__ in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
+        raise TypeError(f"the engine wraps the client optimizer in {type(inner).__name__}: parameters are not "
+                        "partitioned (whole fp32 copies on every rank). DeepSpeed <= 0.18.4 does this for bf16 + "
+                        "data_types.grad_accum_dtype=fp32 at ZeRO stage 1 (BFLOAT16 == DDP_BFLOAT16 == 'bf16'); "
+                        "use DeepSpeed >= 0.18.5 or ZeRO stage 2")
     raise TypeError(f"{type(engine_or_optimizer).__name__} is neither a DeepSpeed engine with a ZeRO optimizer nor "
                     "a ZeRO optimizer this module knows (DeepSpeedZeroOptimizer, BF16_Optimizer, "
                     "DeepSpeedZeroOptimizer_Stage3)")
@@ -425,7 +461,7 @@ def build_zero_map(engine_or_optimizer, named_params: Iterable[tuple[str, torch.
     """
     zero_opt = _zero_optimizer(engine_or_optimizer)
     cls = type(zero_opt).__name__
-    named_params, index_of = _names_and_index(named_params, zero_opt)
+    named_params, index_of = _names_and_index(named_params, engine_or_optimizer, zero_opt)
     names = tuple(n for n, _ in named_params)
     shapes = tuple(_shape(p) for _, p in named_params)
 

@@ -1,0 +1,66 @@
+"""Training entry point: ``launch/train.py`` and ``dist-spectral train`` (under ``torchrun``).
+
+    torchrun --standalone --nproc_per_node=2 launch/train.py --config tiny-olmoe-fsdp train.steps=100
+    dist-spectral train --config tiny-olmoe-fsdp parallel=none       # one process, no torchrun
+
+::
+
+    config.py   run config dataclasses, YAML composition, key.sub=value overrides
+    data.py     built-in corpus / memmap / text / datasets; deterministic (seed, step, rank) batches
+    engines.py  process group and model wrapping per parallel.engine (none, ddp, fsdp, hsdp, ep)
+    loop.py     the step, validation, checkpoints
+    metrics.py  metrics.jsonl and loss.png
+
+Outputs go to ``runs/<name>/``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``loss.png`` and
+``checkpoints/step_NNNNNN`` with a ``checkpoints/latest`` pointer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, RunConfig, dump, load_config
+
+DEFAULT_RUN = "tiny-olmoe-fsdp"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="train", description="Train a transformers model with a dist_spectral optimizer (run under torchrun).",
+        epilog="Overrides are key.sub=value (YAML values), e.g. train.steps=100 optim.recipe=muon parallel=ddp "
+               "data.source=memmap data.path=data/train.bin. Unknown keys are errors listing the valid ones.")
+    p.add_argument("--config", default=DEFAULT_RUN,
+                   help=f"run config: a name in configs/runs or a YAML path (default: {DEFAULT_RUN})")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint directory, a run directory, or (no value) this run's latest")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_intermixed_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume train.steps=600`: a bare --resume followed by an override, not a path.
+        before = argv[:argv.index(args.resume)]
+        args.overrides.insert(sum(a in args.overrides for a in before), args.resume)
+        args.resume = "auto"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, load the config and train; returns a process exit code."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    from .loop import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+__all__ = ["main", "load_config", "RunConfig", "ConfigError", "DEFAULT_RUN"]

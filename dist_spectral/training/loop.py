@@ -1,0 +1,229 @@
+"""The training loop: build, wrap, optimise, evaluate, log, checkpoint.
+
+One step on every rank::
+
+    x = batch(seed, step, rank)                       data.py: no loader state
+    loss = model(input_ids=x, labels=x).loss          HF causal-LM cross-entropy, local mean
+    loss.backward()                                   engine averages gradients over ranks
+    [clip_grad_norm_]                                 optional; works on FSDP2 DTensors
+    opt.step(); sched.step(); opt.zero_grad()         dist_spectral optimizer, paper_schedule
+
+Validation is the token-weighted mean cross-entropy over a fixed held-out set, at step 0, every
+``eval_every`` steps and at the end. Checkpoints (``dist_spectral.checkpoint``) hold the model,
+optimizer and scheduler; the step count is all the data needs to continue.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import RunConfig, dump
+from .data import TokenData, load_tokens
+from .engines import DistEnv, init_distributed, wrap_model
+from .metrics import MetricsLog, plot_losses
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint_module():
+    try:
+        from .. import checkpoint
+    except ImportError as e:
+        raise ImportError("checkpoints need dist_spectral.checkpoint, which this checkout does not have; "
+                          "set train.ckpt_every=0 and train.ckpt_final=false, and do not pass --resume") from e
+    return checkpoint
+
+
+def resolve_resume(resume: str, out: Path) -> Path:
+    """``auto`` → the latest checkpoint of this run; a run directory → its latest; else the path itself."""
+    root = out if resume == "auto" else Path(resume)
+    pointer = root / "checkpoints" / "latest"
+    if pointer.is_file():
+        return root / "checkpoints" / pointer.read_text().strip()
+    if resume == "auto" or not root.exists():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {root if resume != 'auto' else pointer} "
+                                "(a checkpoint directory, a run directory with checkpoints/latest, or no value for "
+                                "this run's latest)")
+    return root
+
+
+class Trainer:
+    """State of one run on one rank (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv):
+        from .. import build_optimizer, paper_schedule
+        from ..models import build_model
+
+        self.cfg, self.env = cfg, env
+        self.out = cfg.output
+        self.is_main = env.rank == 0
+        train, val, tok_vocab = load_tokens(cfg.data)
+        model = build_model(cfg.model.preset, seed=cfg.train.seed, dtype=cfg.model.dtype, **cfg.model.config)
+        self.vocab = model.config.get_text_config().vocab_size
+        if tok_vocab > self.vocab:
+            raise ValueError(f"the tokenizer {cfg.data.tokenizer!r} has {tok_vocab} tokens but the model "
+                             f"{cfg.model.preset!r} only {self.vocab}: set model.config.vocab_size={tok_vocab}")
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.data = TokenData(train, val, cfg.data.seq_len, cfg.data.batch_size, env.world_size, cfg.train.seed,
+                              self.vocab)
+        self.model = wrap_model(model, cfg.parallel, env)
+        o = cfg.optim
+        self.opt = build_optimizer(self.model, o.recipe, nonfinite=o.nonfinite, bucket_mb=o.bucket_mb,
+                                   comm_dtype=o.comm_dtype, **o.overrides)
+        self.sched = paper_schedule(self.opt, cfg.train.steps, warmup=o.warmup, constant_fraction=o.constant_fraction)
+        self.val = ([x.to(env.device) for x in self.data.val_batches(env.rank, cfg.train.eval_batches)]
+                    if cfg.train.eval_every else [])
+
+    # ----- pieces -----
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(t)
+            t /= self.env.world_size
+        return t.tolist()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for x in self.val:
+            logits = self.model(input_ids=x).logits
+            total[0] += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                        reduction="sum").double()
+            total[1] += x[:, 1:].numel()
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    def save(self, step: int) -> Path:
+        path = self.out / "checkpoints" / f"step_{step:06d}"
+        _checkpoint_module().save(str(path), self.model, self.opt, self.sched,
+                                  extra={"step": step, "name": self.cfg.name})
+        if self.is_main:  # rank 0 returns after the checkpoint's metadata is written
+            (self.out / "checkpoints" / "latest").write_text(path.name)
+        return path
+
+    def load(self, path: Path) -> int:
+        extra = _checkpoint_module().load(str(path), self.model, self.opt, self.sched)
+        step = int(extra["step"])
+        if not 0 <= step <= self.cfg.train.steps:
+            raise ValueError(f"checkpoint {path} is at step {step}, outside this run's 0..{self.cfg.train.steps}")
+        return step
+
+    def train_step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        x = self.data.train_batch(step, self.env.rank).to(self.env.device)
+        loss = self.model(input_ids=x, labels=x).loss
+        loss.backward()
+        if self.cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        lrs = {g["name"]: g["lr"] for g in self.opt.param_groups}
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        s = self.opt.last_stats
+        local = [loss.item(), s.step_seconds, s.exchange_seconds, s.compute_seconds, time.perf_counter() - t0]
+        loss_v, opt_s, exch_s, comp_s, step_s = self.mean_over_ranks(local)
+        return {"kind": "train", "step": step + 1, "loss": loss_v, "lr": lrs, "tokens": self.data.tokens_per_step,
+                "tokens_per_s": self.data.tokens_per_step / step_s, "step_s": step_s, "opt_s": opt_s,
+                "exchange_s": exch_s, "compute_s": comp_s, "skipped": int(s.skipped)}
+
+    # ----- the run -----
+    def header(self) -> str:
+        c, e = self.cfg, self.env
+        lines = [f"run {c.name!r} -> {self.out}",
+                 f"model {c.model.preset} ({self.n_params / 1e6:.2f}M params), recipe {c.optim.recipe}, engine "
+                 f"{c.parallel.engine} x{e.world_size} ({e.backend}, {e.device}, {torch.get_num_threads()} threads/rank)",
+                 f"data {c.data.source}: {len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
+                 f"{c.data.batch_size} x {c.data.seq_len} per rank = {self.data.tokens_per_step:,} tokens/step, "
+                 f"{c.train.steps} steps"]
+        return "\n".join(lines + [f"note: {line}" for line in getattr(self.opt, "report", [])])
+
+    def run(self, resume: str | None = None) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        start = self.load(resolve_resume(resume, self.out)) if resume else 0
+        metrics = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(f"# resolved config of run {cfg.name}\n" + dump(cfg))
+            metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resume else None)
+            print(self.header() + (f"\nresumed at step {start}" if resume else ""), flush=True)
+        write = metrics.write if metrics else (lambda record: None)
+        evals = []
+        if cfg.train.eval_every and start == 0:
+            evals.append((0, self.evaluate()))
+            write({"kind": "eval", "step": 0, "val_loss": evals[-1][1]})
+        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not (self.is_main and cfg.train.progress))
+        records = []
+        t_run = time.perf_counter()
+        for step in range(start, cfg.train.steps):
+            rec = self.train_step(step)
+            records.append(rec)
+            write(rec)
+            done = step + 1
+            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                evals.append((done, self.evaluate()))
+                write({"kind": "eval", "step": done, "val_loss": evals[-1][1]})
+                if self.is_main:
+                    bar.write(f"step {done:>6} | val {evals[-1][1]:.4f} | train {rec['loss']:.4f} | optimizer "
+                              f"{1e3 * rec['opt_s']:.1f} ms (exchange {1e3 * rec['exchange_s']:.1f}, compute "
+                              f"{1e3 * rec['compute_s']:.1f}) | {rec['tokens_per_s']:,.0f} tok/s")
+            if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (cfg.train.ckpt_final and done == cfg.train.steps):
+                self.save(done)
+            postfix = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+            if evals:
+                postfix["val"] = f"{evals[-1][1]:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if not math.isfinite(rec["loss"]) and self.is_main:
+                bar.write(f"warning: non-finite training loss at step {done}")
+        bar.close()
+        summary = self.summary(records, evals, time.perf_counter() - t_run, start)
+        if self.is_main:
+            write(summary)
+            if cfg.train.plot:
+                plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"{cfg.name}: {cfg.model.preset}, "
+                            f"{cfg.optim.recipe}, {cfg.parallel.engine} x{self.env.world_size}")
+            print(self.describe(summary), flush=True)
+        return summary
+
+    def summary(self, records: list[dict], evals: list[tuple], seconds: float, start: int) -> dict:
+        warm = records[1:] or records  # the first step builds plans and warms caches
+        mean = lambda key: sum(r[key] for r in warm) / max(1, len(warm))  # noqa: E731
+        return {"kind": "summary", "step": self.cfg.train.steps, "start_step": start, "seconds": seconds,
+                "final_loss": records[-1]["loss"] if records else None,
+                "val_first": evals[0][1] if evals else None, "val_last": evals[-1][1] if evals else None,
+                "tokens_per_s": mean("tokens_per_s"), "step_s": mean("step_s"), "opt_s": mean("opt_s"),
+                "exchange_s": mean("exchange_s"), "compute_s": mean("compute_s"),
+                "skipped_steps": self.opt.skipped_steps, "world_size": self.env.world_size}
+
+    def describe(self, s: dict) -> str:
+        val = (f"val loss {s['val_first']:.4f} -> {s['val_last']:.4f}" if s["val_first"] is not None else "no validation")
+        return (f"done: {s['step'] - s['start_step']} steps in {s['seconds']:.1f} s, {s['tokens_per_s']:,.0f} tok/s; "
+                f"{val}; final train loss {s['final_loss']:.4f}\noptimizer step {1e3 * s['opt_s']:.1f} ms/step "
+                f"(exchange {1e3 * s['exchange_s']:.1f} ms, compute {1e3 * s['compute_s']:.1f} ms) of "
+                f"{1e3 * s['step_s']:.1f} ms; skipped steps {s['skipped_steps']}\noutputs: {self.out}/metrics.jsonl"
+                + (f", {self.out}/loss.png" if self.cfg.train.plot else ""))
+
+
+def train(cfg: RunConfig, resume: str | None = None) -> dict:
+    """Run ``cfg`` on this process (under torchrun, or alone as a world of one); returns the summary."""
+    env = init_distributed(cfg.parallel)
+    try:
+        return Trainer(cfg, env).run(resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["Trainer", "train", "resolve_resume"]
