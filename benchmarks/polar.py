@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from dist_spectral.functional import polar, polar_flops
+
+from common import machine_lines, summary
 
 DEFAULT_SHAPES = "8x256x256,4x512x512,2x1024x1024,1x512x1536"
 TARGET = 0.80
@@ -101,31 +102,6 @@ def bench_shape(shape, device, dtype, steps, repeats, warmup) -> Row:
         ratios.append(tm / tp)
     dtype_name = str(dtype).replace("torch.", "")
     return Row(device.type, dtype_name, torch.get_num_threads(), shape, p_rates, m_rates, ratios)
-
-
-def summary(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_lines(devices) -> list[str]:
-    lines = [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
-    ]
-    if any(d.type == "cuda" for d in devices):
-        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
-    return lines
 
 
 def table(rows: list[Row]) -> list[str]:

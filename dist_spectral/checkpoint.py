@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +63,16 @@ def _distributed() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
+
+
+def _dcp(fn, state: dict, path) -> None:
+    """``dcp.save``/``dcp.load``; on one process without a process group DCP's no-pg mode, whose
+    "assuming the intent is to ... in a single process" warning is the intent here."""
+    no_dist = not _distributed()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, checkpoint_id=str(path), no_dist=no_dist)
 
 
 def _groups_without_names(osd: dict) -> dict:
@@ -149,7 +160,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     if _rank() == 0:
         world = dist.get_world_size() if _distributed() else 1
         state[META_KEY] = pickle.dumps(_meta(msd, optimizer, osd, scheduler, extra, world))
-    dcp.save(state, checkpoint_id=str(path))
+    _dcp(dcp.save, state, path)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -158,7 +169,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     if META_KEY not in reader.read_metadata().state_dict_metadata:
         raise ValueError(f"{path} is not a dist_spectral checkpoint (no {META_KEY!r} entry)")
     holder = {META_KEY: b""}
-    dcp.load(holder, checkpoint_id=str(path))
+    _dcp(dcp.load, holder, path)
     return pickle.loads(holder[META_KEY])
 
 
@@ -181,7 +192,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     if lines:
         raise ValueError(f"checkpoint {path} holds different optimizer state; nothing was loaded:\n  " + "\n  ".join(lines))
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp(dcp.load, state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return _restore_meta(meta, optimizer, scheduler)
 

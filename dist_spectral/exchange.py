@@ -13,6 +13,7 @@ order, so both sides agree on offsets without sending any metadata.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -91,7 +92,6 @@ class Exchange:
         self.comm_dtype = comm_dtype
         self.timeout = timeout
         self.step: int | None = None  # set by the optimizer before run(), for error messages
-        self._offsets: dict[tuple[int, int], dict[int, int]] = {}
 
     # ----- helpers -----
     def _local_slice(self, inputs: dict[int, Tensor], unit: Unit, start: int, stop: int) -> Tensor:
@@ -134,10 +134,35 @@ class Exchange:
         pieces = bucket.gather if phase == "gather" else bucket.scatter
         return self.plan.world_size > 1 and len(pieces) > 0
 
+    # ----- this rank's schedule, computed once -----
+    @functools.cached_property
+    def _views(self) -> list[_BucketView]:
+        plan, rank, W = self.plan, self.rank, self.plan.world_size
+        views = []
+        for bucket in plan.buckets:
+            incoming = {p.uid for p in bucket.gather if p.dst == rank}
+            owned = [plan.units[u] for u in bucket.units if plan.units[u].owner == rank]
+            views.append(_BucketView(
+                gather_send=sorted((p for p in bucket.gather if p.src == rank), key=lambda p: p.dst),
+                gather_recv=sorted((p for p in bucket.gather if p.dst == rank), key=lambda p: p.src),
+                gather_sizes=bucket.split_sizes(rank, W, "gather"),
+                scatter_send=sorted((p for p in bucket.scatter if p.src == rank), key=lambda p: p.dst),
+                scatter_recv=sorted((p for p in bucket.scatter if p.dst == rank), key=lambda p: p.src),
+                scatter_sizes=bucket.split_sizes(rank, W, "scatter"),
+                ready=[u for u in owned if u.uid not in incoming],
+                waiting=[u for u in owned if u.uid in incoming],
+                gather=self._needs_collective(bucket, "gather"),
+                scatter=self._needs_collective(bucket, "scatter"),
+            ))
+        return views
+
     # ----- the step -----
     def run(self, inputs: dict[int, Tensor], make_job: Callable[[Unit, Tensor], MatrixJob],
             stats: ExchangeStats | None = None) -> tuple[dict[int, Tensor], ExchangeStats]:
         """Directions for every whole-matrix parameter, as flat local tensors.
+
+        Per bucket: units whose rows are all on this rank (``ready``) are computed while the
+        bucket's gather is in flight; the others once it lands.
 
         Args:
             inputs: plan parameter position → flat local direction input (contiguous, 1-D).
@@ -146,63 +171,81 @@ class Exchange:
         stats = stats or ExchangeStats()
         outputs = {pos: torch.empty_like(x) for pos, x in inputs.items()}
         dtype = next(iter(inputs.values())).dtype if inputs else torch.float32
-        plan, rank, W = self.plan, self.rank, self.plan.world_size
+        plan, views = self.plan, self._views
+        clock = time.perf_counter
 
         def start_gather(bi):
-            bucket = plan.buckets[bi]
-            if not self._needs_collective(bucket, "gather"):
+            v = views[bi]
+            if not v.gather:
                 return None
-            send_sizes, recv_sizes = bucket.split_sizes(rank, W, "gather")
-            mine = sorted((p for p in bucket.gather if p.src == rank), key=lambda p: p.dst)
-            send = [self._local_slice(inputs, plan.units[p.uid], p.start, p.stop) for p in mine]
+            send = [self._local_slice(inputs, plan.units[p.uid], p.start, p.stop) for p in v.gather_send]
+            send_sizes, recv_sizes = v.gather_sizes
             return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, stats)
+
+        def compute(units, mats, flat):
+            t = clock()
+            results, flops = run_jobs([make_job(u, mats[u.uid].view(u.spec.rows, -1)) for u in units])
+            stats.polar_flops += flops
+            stats.compute_seconds += clock() - t
+            for u, r in zip(units, results):
+                flat[u.uid] = r.reshape(-1)
+                for a, b in self._owned_parts(u):
+                    self._local_slice(outputs, u, a, b).copy_(flat[u.uid][a - u.start:b - u.start])
 
         pending = start_gather(0) if plan.buckets else None
         scatters = []
-        for bi, bucket in enumerate(plan.buckets):
-            t0 = time.perf_counter()
-            received = None
+        for bi, v in enumerate(views):
+            t0 = clock()
+            mats = {u.uid: torch.empty(u.stop - u.start, dtype=dtype) for u in v.ready + v.waiting}
+            for u in v.ready + v.waiting:
+                for a, b in self._owned_parts(u):
+                    mats[u.uid][a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
+            stats.exchange_seconds += clock() - t0
+            flat: dict[int, Tensor] = {}
+            compute(v.ready, mats, flat)  # overlaps the gather in flight
+            t0 = clock()
             if pending is not None:
                 work, received = pending
                 self._wait(work, "gather", bi)
-            pending = start_gather(bi + 1) if bi + 1 < len(plan.buckets) else None
-            # Assemble the units this rank owns: own rows first, then received pieces (by source rank).
-            owned = [plan.units[u] for u in bucket.units if plan.units[u].owner == rank]
-            mats = {u.uid: torch.empty(u.stop - u.start, dtype=dtype) for u in owned}
-            for u in owned:
-                for a, b in self._owned_parts(u):
-                    mats[u.uid][a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
-            if received is not None:
                 offset = 0
-                for p in sorted((p for p in bucket.gather if p.dst == rank), key=lambda p: p.src):
+                for p in v.gather_recv:
                     u = plan.units[p.uid]
                     mats[u.uid][p.start - u.start:p.stop - u.start].copy_(received[offset:offset + p.numel])
                     offset += p.numel
-            t1 = time.perf_counter()
-            jobs = [make_job(u, mats[u.uid].view(u.spec.rows, -1)) for u in owned]
-            results, flops = run_jobs(jobs)
-            stats.polar_flops += flops
-            t2 = time.perf_counter()
-            flat = {u.uid: r.reshape(-1) for u, r in zip(owned, results)}
-            for u in owned:
-                for a, b in self._owned_parts(u):
-                    self._local_slice(outputs, u, a, b).copy_(flat[u.uid][a - u.start:b - u.start])
-            if self._needs_collective(bucket, "scatter"):
-                send_sizes, recv_sizes = bucket.split_sizes(rank, W, "scatter")
-                mine = sorted((p for p in bucket.scatter if p.src == rank), key=lambda p: p.dst)
-                send = [flat[p.uid][p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start] for p in mine]
+            pending = start_gather(bi + 1) if bi + 1 < len(views) else None
+            stats.exchange_seconds += clock() - t0
+            compute(v.waiting, mats, flat)
+            t0 = clock()
+            if v.scatter:
+                send = [flat[p.uid][p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start]
+                        for p in v.scatter_send]
+                send_sizes, recv_sizes = v.scatter_sizes
                 scatters.append((bi, *self._collective("scatter", bi, send, sum(recv_sizes), send_sizes, recv_sizes,
                                                        dtype, stats)))
-            t3 = time.perf_counter()
-            stats.exchange_seconds += (t1 - t0) + (t3 - t2)
-            stats.compute_seconds += t2 - t1
-        t0 = time.perf_counter()
+            stats.exchange_seconds += clock() - t0
+        t0 = clock()
         for bi, work, received in scatters:
             self._wait(work, "scatter", bi)
             offset = 0
-            for p in sorted((p for p in plan.buckets[bi].scatter if p.dst == rank), key=lambda p: p.src):
+            for p in views[bi].scatter_recv:
                 u = plan.units[p.uid]
                 self._local_slice(outputs, u, p.start, p.stop).copy_(received[offset:offset + p.numel])
                 offset += p.numel
-        stats.exchange_seconds += time.perf_counter() - t0
+        stats.exchange_seconds += clock() - t0
         return outputs, stats
+
+
+@dataclass
+class _BucketView:
+    """One bucket as this rank sees it: what it sends and receives (in wire order) and computes."""
+
+    gather_send: list
+    gather_recv: list
+    gather_sizes: tuple
+    scatter_send: list
+    scatter_recv: list
+    scatter_sizes: tuple
+    ready: list
+    waiting: list
+    gather: bool
+    scatter: bool

@@ -86,6 +86,8 @@ class ParallelConfig:
         device (str): ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (default: ``auto``).
         threads (int): CPU threads per rank; 0 = cores // local ranks, at least 1 (default: 0).
         reshard_after_forward (bool): FSDP2 frees gathered parameters after forward (default: true).
+        mixed_precision (str | None): FSDP2 compute dtype, e.g. ``bfloat16`` (parameters, optimizer
+            state and gradient reduction stay fp32); ``null`` computes in the parameter dtype.
     """
 
     engine: str = "fsdp"
@@ -94,6 +96,7 @@ class ParallelConfig:
     device: str = "auto"
     threads: int = 0
     reshard_after_forward: bool = True
+    mixed_precision: typing.Optional[str] = None
 
 
 @dataclass

@@ -103,16 +103,31 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _fully_shard(model: nn.Module, mesh, cfg: ParallelConfig, shard_placement_fn=None, units=()) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
+    if cfg.mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_as_dtype(cfg.mixed_precision), reduce_dtype=torch.float32)
     for module in list(units) + _layers(model):
-        fully_shard(module, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward,
-                    shard_placement_fn=shard_placement_fn)
-    fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(module, shard_placement_fn=shard_placement_fn, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
+def _as_dtype(name: str) -> torch.dtype:
+    from ..models import _as_dtype as as_dtype
+
+    return as_dtype(name)
+
+
+def _no_mixed_precision(cfg: ParallelConfig) -> None:
+    if cfg.mixed_precision:
+        raise ValueError(f"parallel.mixed_precision={cfg.mixed_precision} is an FSDP2 policy (engines fsdp, hsdp, ep); "
+                         f"with engine {cfg.engine} set model.dtype instead")
+
+
 def _none(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
+    _no_mixed_precision(cfg)
     if env.world_size != 1:
         raise ValueError(f"parallel.engine=none runs one process but the job has {env.world_size}; "
                          "use parallel=ddp, fsdp, hsdp or ep")
@@ -120,6 +135,7 @@ def _none(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
 
 
 def _ddp(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
+    _no_mixed_precision(cfg)
     return nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
 

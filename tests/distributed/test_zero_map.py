@@ -248,8 +248,12 @@ def _free_port() -> int:
 
 
 def _launch(world: int, out_dir: Path) -> dict:
+    # The interpreter's bin dir first on PATH: the JIT build then always uses the venv's ninja (a
+    # DeepSpeed dependency). Switching between two ninja versions (e.g. /usr/bin/ninja 1.11 and
+    # ninja 1.13) invalidates the build log and recompiles the cached extension.
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=EXT_DIR, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     Path(EXT_DIR).mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs, logs = [], []

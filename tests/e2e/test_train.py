@@ -20,9 +20,10 @@ from dist_spectral.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVAL_EVERY, CKPT_AT = 24, 8, 12
-# The short job, measured on the dev box (2 cores): val loss 5.587 at step 0 -> 4.42 at step 24.
-# The test asks for half that drop.
-MIN_VAL_DROP = 0.5
+# The short job, measured on the dev box (2 cores, CPython 3.11 stdlib): val loss 5.561 at step 0 ->
+# 4.198 at step 24, a drop of 1.36. The corpus is the interpreter's own source, so another Python
+# version sees other text: the test asks for 1.0.
+MIN_VAL_DROP = 1.0
 SHORT = [f"train.steps={STEPS}", f"train.eval_every={EVAL_EVERY}", "train.eval_batches=2", "data.seq_len=64",
          "data.batch_size=4", "data.max_bytes=400000", "optim.warmup=5", "train.progress=false"]
 HAS_CHECKPOINT = importlib.util.find_spec("dist_spectral.checkpoint") is not None

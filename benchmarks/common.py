@@ -1,0 +1,61 @@
+"""Shared bits of the benchmark scripts: machine description, summaries, process groups."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+
+import torch
+
+
+def summary(values: list[float], fmt: str) -> str:
+    """``median (min–max)``."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_lines(devices=()) -> list[str]:
+    lines = [
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+    ]
+    if any(getattr(d, "type", d) == "cuda" for d in devices):
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines.append(f"- load average (1 min) at the start: {load:.2f}")
+    return lines
+
+
+def _entry(rank, world_size, store, out_dir, fn, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=10))
+    try:
+        torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world_size: int, fn, *args) -> list:
+    """Run ``fn(rank, world_size, *args)`` on a fresh gloo group of ``world_size`` processes (one
+    thread each); returns each rank's result."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), tmp, fn, args), nprocs=world_size,
+                           join=True, start_method="spawn")
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
