@@ -50,7 +50,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 
 FORMAT = "dist_spectral.checkpoint"
 VERSION = 1
@@ -251,9 +252,10 @@ def load_consolidated(path: str | os.PathLike, model: nn.Module, optimizer: torc
     if error is not None:
         raise error
     if _distributed():
+        # Separately: set_state_dict skips the model on ranks whose (empty) model dict says "optimizer only".
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_state_dict(model, optimizer, model_state_dict=full.get("model", {}), optim_state_dict=full.get("optim", {}),
-                       options=options)
+        set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=options)
+        set_model_state_dict(model, full.get("model", {}), options=options)
     else:
         set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optim"],
                        options=StateDictOptions(full_state_dict=True))

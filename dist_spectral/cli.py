@@ -52,22 +52,49 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import Parallel, simulate
+    import numpy as np
+
+    from .planner import Parallel, simulate_step
+    from .predict import Rates, format_table, predict, summary_rows
 
     model = _meta_model(args.model)
     parallel = Parallel(args.world, replicas=args.hsdp, expert_parallel=args.ep)
-    plan = simulate(model, parallel, args.recipe, bucket_mb=args.bucket_mb,
-                    element_bytes=2 if args.comm_dtype == "bfloat16" else 4, **parse_overrides(args.set))
-    text = plan.describe(names=args.units)
-    if not args.all_ranks and args.world > 8:
-        lines = text.splitlines()
-        head = [l for l in lines if not l[:5].strip().isdigit()]
-        ranks = [l for l in lines if l[:5].strip().isdigit()]
-        text = "\n".join(head + ranks[:4] + [f"  ... {len(ranks) - 8} ranks ..."] + ranks[-4:])
-    print(text)
-    flops = [plan.polar_flops(r) for r in range(plan.world_size)]
-    print(f"polar flops per rank: max {max(flops) / 1e9:.2f} GFLOP, mean {sum(flops) / len(flops) / 1e9:.2f} GFLOP; "
-          f"balance (max/mean estimated cost) {plan.balance():.3f}")
+    sim = simulate_step(model, parallel, args.recipe, bucket_mb=args.bucket_mb,
+                        element_bytes=2 if args.comm_dtype == "bfloat16" else 4, **parse_overrides(args.set))
+    plan = sim.plan
+    rates = Rates(flops=args.flops_rate, flops_efficiency=args.flops_efficiency, bandwidth=args.bandwidth,
+                  nvlink_bandwidth=args.nvlink_bandwidth, gpus_per_node=args.gpus_per_node,
+                  comm_efficiency=args.comm_efficiency, latency=args.latency, hbm_bandwidth=args.hbm_bandwidth)
+    pred = predict(sim, rates)
+    W = plan.world_size
+
+    text = plan.describe(names=args.units).splitlines()
+    head = [l for l in text if not l[:5].strip().isdigit()]
+    print(head[0])
+    if args.units or args.buckets:
+        print("\n".join(head[1:-1]))
+    sizes = [sum(plan.units[u].stop - plan.units[u].start for u in b.units) * plan.element_bytes for b in plan.buckets]
+    gather = sum(len(b.gather) for b in plan.buckets)
+    scatter = sum(len(b.scatter) for b in plan.buckets)
+    print(f"buckets: {len(plan.buckets)} (largest {max(sizes, default=0) / 2**20:.1f} MiB of units); pieces: gather "
+          f"{gather}, scatter {scatter}; collectives per step: {pred.collectives - len(sim.colsum_sizes)} all-to-all, "
+          f"{len(sim.colsum_sizes)} column all-reduce")
+    rows = summary_rows(sim, pred, every=args.all_ranks)
+    scope = "every rank" if W <= 16 or args.all_ranks else "max / mean / min, then the slowest ranks; --all-ranks lists all"
+    print(f"per rank ({scope}):")
+    print(format_table(rows))
+    flops = np.array([plan.polar_flops(r) for r in range(W)], dtype=np.float64)
+    print(f"load balance: max/mean estimated flops {plan.balance():.4f}; polar flops per rank: max "
+          f"{flops.max() / 1e9:.2f} GFLOP, mean {flops.mean() / 1e9:.2f} GFLOP")
+    worst = int(np.argmax(pred.step))
+    print(f"predicted optimizer step ({rates.describe()}):")
+    print(f"  {pred.step.max() * 1e3:.2f} ms on the slowest rank ({worst}), mean {pred.step.mean() * 1e3:.2f} ms: "
+          f"element-wise {pred.elementwise[worst] * 1e3:.2f} ms + column all-reduces {pred.colsum[worst] * 1e3:.2f} ms + "
+          f"exchange {pred.exchange[worst] * 1e3:.2f} ms (compute {pred.compute[worst] * 1e3:.2f} ms, all-to-alls "
+          f"{pred.comm[worst] * 1e3:.2f} ms, overlapped; {pred.serial[worst] * 1e3:.2f} ms if not)")
+    print(f"  AdamW on the same shards: {pred.adamw.max() * 1e3:.2f} ms")
+    print(f"memory per rank (max): optimizer state {pred.state.max() / 1e9:.2f} GB (AdamW {pred.adamw_state.max() / 1e9:.2f} GB), "
+          f"peak extra during the step {pred.peak_extra.max() / 1e9:.2f} GB (see dist_spectral/predict.py)")
     return 0
 
 
@@ -98,8 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket-mb", type=float, default=256)
     p.add_argument("--comm-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--units", action="store_true", help="list every unit with its owner")
+    p.add_argument("--buckets", action="store_true", help="list every bucket")
     p.add_argument("--all-ranks", action="store_true", help="print every rank's row")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    from .predict import Rates
+
+    r = Rates()
+    p.add_argument("--flops-rate", type=float, default=r.flops,
+                   help=f"matmul peak per GPU, flop/s (default: {r.flops:.4g}, H100 SXM dense bf16)")
+    p.add_argument("--flops-efficiency", type=float, default=r.flops_efficiency,
+                   help=f"fraction of --flops-rate batched polar reaches (default: {r.flops_efficiency})")
+    p.add_argument("--bandwidth", type=float, default=r.bandwidth,
+                   help=f"inter-node bytes/s per GPU and direction (default: {r.bandwidth:.3g}, 400 Gb/s NDR InfiniBand)")
+    p.add_argument("--nvlink-bandwidth", type=float, default=r.nvlink_bandwidth,
+                   help=f"intra-node bytes/s per GPU and direction (default: {r.nvlink_bandwidth:.3g}, NVLink 4)")
+    p.add_argument("--gpus-per-node", type=int, default=r.gpus_per_node)
+    p.add_argument("--comm-efficiency", type=float, default=r.comm_efficiency,
+                   help=f"fraction of link rates an all-to-all reaches (default: {r.comm_efficiency})")
+    p.add_argument("--latency", type=float, default=r.latency, help=f"seconds per collective (default: {r.latency})")
+    p.add_argument("--hbm-bandwidth", type=float, default=r.hbm_bandwidth,
+                   help=f"memory bytes/s for element-wise work (default: {r.hbm_bandwidth:.3g}, H100 HBM3)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train (see launch/train.py); run under torchrun or deepspeed", add_help=False)

@@ -64,6 +64,20 @@ class StepStats:
 
 
 @dataclass
+class _Item:
+    """This rank's share of one parameter in a step: local views of it, its gradient and state."""
+
+    group: dict
+    name: str
+    info: ParamInfo
+    layout: Layout
+    param: Tensor
+    grad: Tensor
+    state: dict
+    step: Tensor  # the step counter (shared by every parameter of a DeepSpeed flat partition)
+
+
+@dataclass
 class _Entry:
     group: dict
     param: Tensor
@@ -124,8 +138,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.comm_dtype = comm_dtype
         self._topology = topology
         self._plans: dict[tuple, tuple[Plan, Exchange]] = {}
+        self._zero = None  # a ZeroMap once attached to DeepSpeed (see dist_spectral.deepspeed)
+        self._zero_groups = list(self.param_groups)  # DeepSpeed later shows only some groups per step() call
         self.timeout = timeout
         self.skipped_steps = 0
+        self.total_polar_flops = 0  # over all step() calls on this rank (DeepSpeed calls step() per group)
         self.num_steps = 0  # step() calls, skipped ones included (saved by dist_spectral.checkpoint)
         self.last_stats = StepStats()
         self._check_shapes()
@@ -214,6 +231,66 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0)
 
     # ----- the step -----
+    def _items(self, topo: Topology) -> list[_Item]:
+        """This rank's share of every parameter with a gradient, as local views."""
+        if self._zero is not None:
+            return self._zero_items()
+        items = []
+        for e in self._entries(only_with_grad=True):
+            state = self.state[e.param]
+            items.append(_Item(e.group, e.name, e.info, topo.layout(e.param), topo.local(e.param),
+                               topo.local(e.param.grad), {k: topo.local(v) for k, v in state.items() if k != "step"},
+                               state["step"]))
+        return items
+
+    # ----- DeepSpeed ZeRO -----
+    def attach_zero(self, zero_map, flats: list[Tensor], topology: Topology) -> None:
+        """Switch to DeepSpeed's flat partitions (called by :func:`dist_spectral.deepspeed.initialize`).
+
+        DeepSpeed hands the optimizer one flat fp32 slice per group (ZeRO-1/2) or sub-group
+        (ZeRO-3); ``zero_map`` says which element range of which parameter each rank's slice
+        holds. State moves to the flats (shaped like them, as DeepSpeed checkpoints expect); the
+        rules, plans and exchange run unchanged on the parameters' pieces.
+        """
+        self.state.clear()
+        for meta, flat in zip(zero_map.flats, flats):
+            group = self._zero_group(meta.group_index)
+            state = self.state[flat]
+            state.update(get_rule(group["rule"]).init_state(flat))
+            state["step"] = torch.tensor(0.0)
+            for pi in meta.param_indices:
+                if zero_map.names[pi] not in self.infos:
+                    raise ValueError(f"DeepSpeed partitions parameter {zero_map.names[pi]!r}, which this optimizer "
+                                     "was not built with: build it from the same model you pass to deepspeed")
+        self._zero = zero_map
+        self._zero_layouts: dict[int, Layout] = {}
+        self._topology = topology
+        self._topology.timeout = self.timeout
+        self._plans.clear()
+
+    def _zero_group(self, group_index: int) -> dict:
+        """The param group dict of a flat (its rule and hyperparameters), by the group's name order."""
+        return self._zero_groups[group_index]
+
+    def _zero_items(self) -> list[_Item]:
+        zmap, rank = self._zero, self._zero.rank
+        items = []
+        for _, meta, flat in zmap.stepping(self.param_groups):
+            if flat.grad is None:
+                continue
+            group = self._zero_group(meta.group_index)
+            state = self.state[flat]
+            segments = {seg.param_index: seg for seg in meta.partitions[rank].segments}
+            for pi in meta.param_indices:
+                seg = segments.get(pi)
+                view = slice(seg.local_offset, seg.local_stop) if seg else slice(0, 0)
+                name = zmap.names[pi]
+                if pi not in self._zero_layouts:
+                    self._zero_layouts[pi] = zmap.layout(pi)
+                items.append(_Item(group, name, self.infos[name], self._zero_layouts[pi], flat.data[view], flat.grad[view],
+                                   {k: v[view] for k, v in state.items() if k != "step"}, state["step"]))
+        return items
+
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step (see the class docstring); returns the closure's loss."""
@@ -224,60 +301,56 @@ class SpectralOptimizer(torch.optim.Optimizer):
         t_start = time.perf_counter()
         self.num_steps += 1
         topo = self.topology
-        entries = self._entries(only_with_grad=True)
+        items = self._items(topo)
         stats = StepStats()
-        if self._nonfinite(entries, topo):
+        if self._nonfinite(items, topo):
             stats.skipped = True
             self.last_stats = stats
             return loss
+        for counter in {id(it.step): it.step for it in items}.values():
+            counter += 1
 
         element, rows, matrix = [], [], []
         inputs: dict[int, Tensor] = {}
-        for i, e in enumerate(entries):
-            rule = get_rule(e.group["rule"])
-            state = self.state[e.param]
-            local_state = {k: topo.local(v) for k, v in state.items() if k != "step"}
-            state["step"] += 1
-            x = rule.direction_input(local_state, topo.local(e.param.grad), e.group)
-            inputs[i] = x
+        for i, it in enumerate(items):
+            rule = get_rule(it.group["rule"])
+            inputs[i] = rule.direction_input(it.state, it.grad, it.group)
             if rule.locality == "element":
                 element.append(i)
-            elif runs_on_rows(e.group["rule"], e.info, topo.layout(e.param)):
+            elif runs_on_rows(it.group["rule"], it.info, it.layout):
                 rows.append(i)
             else:
                 matrix.append(i)
 
         updates: dict[int, Tensor] = {}
         for i in element:
-            e = entries[i]
-            local_state = {k: topo.local(v) for k, v in self.state[e.param].items() if k != "step"}
-            updates[i] = get_rule("adamw").adam_direction(local_state, int(self.state[e.param]["step"].item()), e.group)
+            it = items[i]
+            updates[i] = get_rule("adamw").adam_direction(it.state, int(it.step.item()), it.group)
         colsum_bytes = 0
         for i in rows:
-            e = entries[i]
-            layout = topo.layout(e.param)
-            rows_2d, n = view_2d_shape(tuple(e.info.shape))
-            colsum = topo.colsum(layout)
+            it = items[i]
+            rows_2d, n = view_2d_shape(tuple(it.info.shape))
+            colsum = topo.colsum(it.layout)
             calls = []
 
-            def counted(x, _colsum=colsum, _calls=calls, _name=e.name):
+            def counted(x, _colsum=colsum, _calls=calls, _name=it.name):
                 _calls.append(x.shape[-1])
                 return self._guard(f"column-statistics all_reduce of {_name}", lambda: _colsum(x))
 
-            rule = get_rule(e.group["rule"])
-            updates[i] = rule.direction(inputs[i].reshape(-1, n), axis=permuted_axis(e.info),
-                                        transposed=e.info.transposed, group=e.group, colsum=counted,
+            rule = get_rule(it.group["rule"])
+            updates[i] = rule.direction(inputs[i].reshape(-1, n), axis=permuted_axis(it.info),
+                                        transposed=it.info.transposed, group=it.group, colsum=counted,
                                         total_rows=rows_2d)
-            if not layout.is_replicated() and topo.world_size > 1:
+            if not it.layout.is_replicated() and topo.world_size > 1:
                 colsum_bytes += 4 * sum(calls)
         if matrix:
-            plan, exchange = self._plan_for(entries, matrix, topo)
+            plan, exchange = self._plan_for([items[i] for i in matrix], topo)
             flat = {pos: inputs[i].reshape(-1).contiguous() for pos, i in enumerate(matrix)}
 
-            def make_job(unit, mat, _entries=entries, _matrix=matrix):
-                e = _entries[_matrix[unit.param]]
-                return MatrixJob(mat, unit.spec, get_rule(e.group["rule"]), e.group, permuted_axis(e.info),
-                                 e.info.transposed)
+            def make_job(unit, mat, _items=items, _matrix=matrix):
+                it = _items[_matrix[unit.param]]
+                return MatrixJob(mat, unit.spec, get_rule(it.group["rule"]), it.group, permuted_axis(it.info),
+                                 it.info.transposed)
 
             ex = ExchangeStats()
             exchange.step = self.num_steps
@@ -292,21 +365,20 @@ class SpectralOptimizer(torch.optim.Optimizer):
         stats.bytes_sent["colsum"] = colsum_bytes
         stats.bytes_received["colsum"] = colsum_bytes
 
-        for i, e in enumerate(entries):
-            p = topo.local(e.param)
-            lr, wd = e.group["lr"], e.group["weight_decay"]
+        for i, it in enumerate(items):
+            lr, wd = it.group["lr"], it.group["weight_decay"]
             if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(updates[i].reshape(p.shape).to(p.dtype), alpha=-lr)
+                it.param.mul_(1 - lr * wd)
+            it.param.add_(updates[i].reshape(it.param.shape).to(it.param.dtype), alpha=-lr)
         stats.step_seconds = time.perf_counter() - t_start
         self.last_stats = stats
+        self.total_polar_flops += stats.polar_flops
         return loss
 
-    def _plan_for(self, entries: list[_Entry], matrix: list[int], topo: Topology) -> tuple[Plan, Exchange]:
-        key = tuple(entries[i].name for i in matrix)
+    def _plan_for(self, items: list[_Item], topo: Topology) -> tuple[Plan, Exchange]:
+        key = tuple(it.name for it in items)
         if key not in self._plans:
-            params = [self.plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
-                      for pos, i in enumerate(matrix)]
+            params = [self.plan_param(pos, it.name, it.info, it.group, it.layout) for pos, it in enumerate(items)]
             element_bytes = torch.finfo(self.comm_dtype).bits // 8 if self.comm_dtype else 4
             plan = build_plan(params, topo.world_size, self.bucket_bytes, element_bytes)
             prints = self._guard("plan fingerprint all_gather_object", lambda: topo.all_gather_object(plan.fingerprint))
@@ -335,8 +407,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
                   for pos, i in enumerate(matrix)]
         return build_plan(params, topo.world_size, self.bucket_bytes)
 
-    def _nonfinite(self, entries: list[_Entry], topo: Topology) -> bool:
-        bad = next((e.name for e in entries if not bool(torch.isfinite(topo.local(e.param.grad)).all())), None)
+    def _nonfinite(self, items: list[_Item], topo: Topology) -> bool:
+        bad = next((it.name for it in items if not bool(torch.isfinite(it.grad).all())), None)
         if not self._guard("non-finite check all_reduce", lambda: topo.any_true(bad is not None)):
             return False
         if self.nonfinite == "raise":

@@ -13,18 +13,29 @@ Every rank builds the same plan from the same layouts, without communicating::
 
 Bytes per rank and step for a Shard(0) matrix: each shard goes to the owner once and comes back
 once, ``(W−1)/W`` of the matrix each way in total. Nothing here imports ``torch.distributed``.
+
+How it is built (a plan at W = 1024 has millions of pieces, so nothing below loops over them in
+Python). For each parameter, the *geometry* — which ranks hold which part of each unit, cut into
+segments held by the same set of ranks — depends only on the layout and the unit row ranges, so
+it is computed once with numpy and shared by every parameter with the same layout and units (the
+94 layers of a model share a handful). Owners are chosen one unit at a time (LPT is sequential;
+tens of thousands of units), then every parameter's pieces are vectorised from its geometry and
+owners. Pieces are stored as columns (:class:`Pieces`) and read as a tuple of :class:`Piece`,
+built on first access.
 """
 from __future__ import annotations
 
-import bisect
 import functools
+import hashlib
 import heapq
-import itertools
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .blocks import UnitSpec
-from .layout import Interval, Layout
+from .layout import Layout
 
 
 @dataclass(frozen=True)
@@ -78,22 +89,113 @@ class Piece:
         return self.stop - self.start
 
 
+_COLUMNS = ("uid", "src", "dst", "start", "stop")
+
+
+class Pieces(Sequence):
+    """The pieces of one bucket and direction, as columns; reads like a tuple of :class:`Piece`.
+
+    ``uid``, ``src``, ``dst``, ``start`` and ``stop`` are int64 numpy arrays (do not modify
+    them). Indexing and iteration build :class:`Piece` objects (once, then cached); per-rank
+    questions are better asked of the columns, e.g. ``pieces.select(src=rank)``.
+    """
+
+    __slots__ = _COLUMNS + ("_tuple",)
+
+    def __init__(self, uid, src, dst, start, stop):
+        for name, col in zip(_COLUMNS, (uid, src, dst, start, stop)):
+            object.__setattr__(self, name, np.asarray(col, dtype=np.int64))
+        object.__setattr__(self, "_tuple", None)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Pieces is immutable")
+
+    @classmethod
+    def of(cls, pieces: Iterable[Piece]) -> Pieces:
+        """Columns of a sequence of :class:`Piece` (the inverse of ``tuple(pieces)``)."""
+        if isinstance(pieces, Pieces):
+            return pieces
+        rows = [(p.uid, p.src, p.dst, p.start, p.stop) for p in pieces]
+        cols = np.array(rows, dtype=np.int64).reshape(len(rows), 5).T
+        return cls(*cols)
+
+    @property
+    def numel(self) -> np.ndarray:
+        """Elements of each piece."""
+        return self.stop - self.start
+
+    def as_tuple(self) -> tuple[Piece, ...]:
+        if self._tuple is None:
+            cols = [c.tolist() for c in (self.uid, self.src, self.dst, self.start, self.stop)]
+            object.__setattr__(self, "_tuple", tuple(map(Piece, *cols)))
+        return self._tuple
+
+    def select(self, mask=None, *, src: int | None = None, dst: int | None = None) -> Pieces:
+        """The pieces where ``mask`` (a boolean array) holds, and from ``src`` / to ``dst`` if given, in order."""
+        keep = np.ones(len(self), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if src is not None:
+            keep = keep & (self.src == src)
+        if dst is not None:
+            keep = keep & (self.dst == dst)
+        return Pieces(*(getattr(self, c)[keep] for c in _COLUMNS))
+
+    def sizes(self, by: str, world_size: int) -> list[int]:
+        """Elements per rank of column ``by`` (``"src"`` or ``"dst"``)."""
+        return _sum_by(getattr(self, by), self.numel, world_size).tolist()
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+    def __getitem__(self, index):
+        return self.as_tuple()[index]
+
+    def __iter__(self):
+        return iter(self.as_tuple())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Pieces):
+            return len(self) == len(other) and all(np.array_equal(getattr(self, c), getattr(other, c)) for c in _COLUMNS)
+        if isinstance(other, (tuple, list)):
+            return self.as_tuple() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, c).tobytes() for c in _COLUMNS))
+
+    def __repr__(self) -> str:
+        if len(self) <= 4:
+            return f"Pieces({self.as_tuple()!r})"
+        return f"Pieces(<{len(self)} pieces, {int(self.numel.sum())} elements>)"
+
+
+def _sum_by(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """Exact int64 sums of ``values`` grouped by ``index`` (0 ≤ index < size)."""
+    out = np.zeros(size, dtype=np.int64)
+    np.add.at(out, index, values)
+    return out
+
+
 @dataclass(frozen=True)
 class Bucket:
+    """Consecutive units exchanged together: one ``all_to_all_single`` per direction.
+
+    ``gather`` and ``scatter`` read as tuples of :class:`Piece` (tuples given to the constructor
+    are stored as :class:`Pieces` columns).
+    """
+
     units: tuple[int, ...]
-    gather: tuple[Piece, ...]   # sources -> owners
-    scatter: tuple[Piece, ...]  # owners -> holders
+    gather: Pieces   # sources -> owners
+    scatter: Pieces  # owners -> holders
+
+    def __post_init__(self):
+        object.__setattr__(self, "units", tuple(self.units))
+        for name in ("gather", "scatter"):
+            object.__setattr__(self, name, Pieces.of(getattr(self, name)))
 
     def split_sizes(self, rank: int, world_size: int, phase: str) -> tuple[list[int], list[int]]:
         """(input_split_sizes, output_split_sizes) of ``rank``'s all_to_all_single in ``phase``."""
         pieces = self.gather if phase == "gather" else self.scatter
-        send, recv = [0] * world_size, [0] * world_size
-        for p in pieces:
-            if p.src == rank:
-                send[p.dst] += p.numel
-            if p.dst == rank:
-                recv[p.src] += p.numel
-        return send, recv
+        return (pieces.select(src=rank).sizes("dst", world_size), pieces.select(dst=rank).sizes("src", world_size))
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,15 +213,18 @@ class Plan:
     def _totals(self) -> dict[str, list[int]]:
         """Per-rank sums, computed once: flops, cost, and elements sent/received per phase."""
         W = self.world_size
-        t = {k: [0] * W for k in ("polar", "cost", "gather_sent", "gather_received", "scatter_sent", "scatter_received")}
-        for u in self.units:
+        t = {"polar": [0] * W, "cost": [0] * W}
+        for u in self.units:  # Python ints, exact however large
             t["polar"][u.owner] += u.polar_flops
             t["cost"][u.owner] += u.cost
-        for b in self.buckets:
-            for phase, pieces in (("gather", b.gather), ("scatter", b.scatter)):
-                for p in pieces:
-                    t[f"{phase}_sent"][p.src] += p.numel
-                    t[f"{phase}_received"][p.dst] += p.numel
+        for phase in ("gather", "scatter"):
+            sent, received = np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
+            for b in self.buckets:
+                pieces = getattr(b, phase)
+                if len(pieces):
+                    sent += _sum_by(pieces.src, pieces.numel, W)
+                    received += _sum_by(pieces.dst, pieces.numel, W)
+            t[f"{phase}_sent"], t[f"{phase}_received"] = sent.tolist(), received.tolist()
         return t
 
     def polar_flops(self, rank: int) -> int:
@@ -162,57 +267,153 @@ class Plan:
         return "\n".join(lines)
 
 
-class _IntervalIndex:
-    """Every rank's intervals of one layout, sorted by start, for fast "who holds [a, b)" queries
-    (a plan at W = 1024 asks this for tens of thousands of units)."""
+# ----- geometry: who holds what of each unit (depends on the layout and unit ranges only) -----
 
-    def __init__(self, layout: Layout):
-        items = sorted((a, b, r) for r, ivs in enumerate(layout.holdings) for a, b in ivs if b > a)
-        self.starts = [a for a, _, _ in items]
-        self.items = items
-        self.reach = list(itertools.accumulate((b for _, b, _ in items), max))  # max stop so far
+@dataclass(frozen=True)
+class _Geometry:
+    """Where a parameter's units live, unit indices local to the parameter.
 
-    def overlapping(self, start: int, stop: int):
-        i = bisect.bisect_left(self.starts, stop) - 1
-        while i >= 0 and self.reach[i] > start:
-            a, b, r = self.items[i]
-            if b > start:
-                yield r, (max(a, start), min(b, stop))
-            i -= 1
+    parts      (unit, rank, lo, hi): each rank interval ∩ unit, sorted by (unit, rank, lo)
+    whole      CSR per unit (whole_ptr) of the ranks holding all of it (whole_rank), ascending
+    segments   the unit cut at every part boundary: seg_unit, seg_lo, seg_hi, in element order;
+               holders of each in CSR (hold_ptr, hold_rank ascending)
+    """
 
-
-def _holders(index: _IntervalIndex, start: int, stop: int) -> tuple[list[int], dict[int, list[Interval]]]:
-    """Ranks holding all of ``[start, stop)``, and each rank's intersections with it (in order)."""
-    parts: dict[int, list[Interval]] = {}
-    for rank, iv in index.overlapping(start, stop):
-        parts.setdefault(rank, []).append(iv)
-    whole = []
-    for rank in sorted(parts):
-        parts[rank].sort()
-        if sum(b - a for a, b in parts[rank]) == stop - start:
-            whole.append(rank)
-    return whole, dict(sorted(parts.items()))
+    part_unit: np.ndarray
+    part_rank: np.ndarray
+    part_lo: np.ndarray
+    part_hi: np.ndarray
+    whole_ptr: np.ndarray
+    whole_rank: np.ndarray
+    seg_unit: np.ndarray
+    seg_lo: np.ndarray
+    seg_hi: np.ndarray
+    hold_ptr: np.ndarray
+    hold_rank: np.ndarray
 
 
-def _sources(uid: int, owner: int, start: int, stop: int, parts: dict[int, list[Interval]]) -> list[Piece]:
-    """Cover ``[start, stop)`` with pieces: from the owner where it holds them, else from one holder,
-    chosen by unit id so replicas share the sending."""
-    cuts = sorted({start, stop} | {x for ivs in parts.values() for iv in ivs for x in iv})
-    holders: list[list[int]] = [[] for _ in range(len(cuts) - 1)]
-    for rank, ivs in parts.items():
-        for x, y in ivs:
-            for k in range(bisect.bisect_left(cuts, x), bisect.bisect_left(cuts, y)):
-                holders[k].append(rank)
-    pieces: list[Piece] = []
-    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        if not holders[k]:
-            raise ValueError(f"elements [{a}, {b}) of a unit are held by no rank: the layout does not cover the tensor")
-        src = owner if owner in holders[k] else holders[k][uid % len(holders[k])]
-        if pieces and pieces[-1].src == src and pieces[-1].stop == a:
-            pieces[-1] = Piece(uid, src, owner, pieces[-1].start, b)
-        else:
-            pieces.append(Piece(uid, src, owner, a, b))
-    return [p for p in pieces if p.src != owner]
+def _intervals(layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, stop, rank) of every non-empty interval of a layout."""
+    counts = [len(h) for h in layout.holdings]
+    total = sum(counts)
+    flat = np.fromiter((x for h in layout.holdings for iv in h for x in iv), dtype=np.int64, count=2 * total)
+    a, b = flat[0::2], flat[1::2]
+    r = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    keep = b > a
+    return a[keep], b[keep], r[keep]
+
+
+def _csr(groups: np.ndarray, count: int) -> np.ndarray:
+    """Row pointers of entries sorted by ``groups`` (values in [0, count))."""
+    return np.concatenate(([0], np.cumsum(np.bincount(groups, minlength=count)))).astype(np.int64)
+
+
+def _geometry(intervals, ustart: np.ndarray, ustop: np.ndarray) -> _Geometry:
+    a, b, r = intervals
+    U = len(ustart)
+    # Every (interval, unit) pair that overlaps: units are disjoint and in element order, so each
+    # interval meets a contiguous run of units.
+    ordered = U <= 1 or bool(np.all(ustart[1:] >= ustop[:-1]))
+    if ordered:
+        u_lo = np.searchsorted(ustop, a, side="right")
+        u_hi = np.searchsorted(ustart, b, side="left")
+        counts = np.maximum(u_hi - u_lo, 0)
+        iv = np.repeat(np.arange(len(a)), counts)
+        first = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(counts) else np.zeros(0, np.int64)
+        unit = u_lo[iv] + (np.arange(len(iv)) - first[iv]) if len(iv) else np.zeros(0, np.int64)
+    else:  # arbitrary unit ranges (not produced by unit_specs): test every pair
+        iv, unit = np.nonzero((a[:, None] < ustop[None, :]) & (b[:, None] > ustart[None, :]))
+    lo = np.maximum(a[iv], ustart[unit])
+    hi = np.minimum(b[iv], ustop[unit])
+    rank = r[iv]
+    keep = (hi > lo) | (ustart[unit] == ustop[unit])
+    unit, rank, lo, hi = unit[keep], rank[keep], lo[keep], hi[keep]
+    order = np.lexsort((hi, lo, rank, unit))
+    unit, rank, lo, hi = unit[order], rank[order], lo[order], hi[order]
+
+    # Ranks holding a whole unit: their parts add up to the unit's length.
+    if len(unit):
+        new = np.concatenate(([True], (unit[1:] != unit[:-1]) | (rank[1:] != rank[:-1])))
+        starts = np.flatnonzero(new)
+        held = np.add.reduceat(hi - lo, starts)
+        g_unit, g_rank = unit[starts], rank[starts]
+        is_whole = held == (ustop - ustart)[g_unit]
+        w_unit, w_rank = g_unit[is_whole], g_rank[is_whole]
+    else:
+        w_unit = w_rank = np.zeros(0, np.int64)
+    whole_ptr = _csr(w_unit, U)
+
+    # Segments: each unit cut at every part boundary (and its own ends).
+    cu = np.concatenate((unit, unit, np.arange(U), np.arange(U)))
+    cx = np.concatenate((lo, hi, ustart, ustop))
+    order = np.lexsort((cx, cu))
+    cu, cx = cu[order], cx[order]
+    distinct = np.concatenate(([True], (cu[1:] != cu[:-1]) | (cx[1:] != cx[:-1]))) if len(cu) else np.zeros(0, bool)
+    cu, cx = cu[distinct], cx[distinct]
+    seg = np.flatnonzero(cu[1:] == cu[:-1]) if len(cu) else np.zeros(0, np.int64)  # cut j .. j+1, same unit
+    seg_unit, seg_lo, seg_hi = cu[seg], cx[seg], cx[seg + 1]
+    # Holders of each segment: every part covers the cuts from its lo to its hi.
+    # A strictly increasing key of the cuts, to find each part's first and last cut: with units in
+    # element order, x + unit separates a unit's stop from the next one's equal start.
+    if ordered:
+        key, key_lo, key_hi = cx + cu, lo + unit, hi + unit
+    else:
+        span = (ustop - ustart).max(initial=0) + 1
+        key, key_lo, key_hi = (cu * span + (cx - ustart[cu]), unit * span + (lo - ustart[unit]),
+                               unit * span + (hi - ustart[unit]))
+    pos_lo = np.searchsorted(key, key_lo)
+    pos_hi = np.searchsorted(key, key_hi)
+    n = pos_hi - pos_lo
+    part = np.repeat(np.arange(len(unit)), n)
+    first = np.concatenate(([0], np.cumsum(n)[:-1])) if len(n) else np.zeros(0, np.int64)
+    cut = pos_lo[part] + (np.arange(len(part)) - first[part])
+    seg_of_cut = np.full(len(cu), -1, dtype=np.int64)
+    seg_of_cut[seg] = np.arange(len(seg))
+    h_seg, h_rank = seg_of_cut[cut], rank[part]
+    order = np.lexsort((h_rank, h_seg))
+    h_seg, h_rank = h_seg[order], h_rank[order]
+    hold_ptr = _csr(h_seg, len(seg))
+    empty = np.flatnonzero(hold_ptr[1:] == hold_ptr[:-1])
+    if len(empty):
+        s = empty[0]
+        raise ValueError(f"elements [{seg_lo[s]}, {seg_hi[s]}) of a unit are held by no rank: the layout does not "
+                         "cover the tensor")
+    return _Geometry(unit, rank, lo, hi, whole_ptr, w_rank, seg_unit, seg_lo, seg_hi, hold_ptr, h_rank)
+
+
+def _pieces(geo: _Geometry, uid: np.ndarray, owner: np.ndarray) -> tuple[tuple, tuple]:
+    """Gather and scatter columns of one parameter, given its units' ids and owners.
+
+    Gather: each segment comes from the owner where it holds it, else from one holder chosen by
+    unit id (so replicas share the sending); consecutive segments from the same rank merge.
+    """
+    seg_owner = owner[geo.seg_unit]
+    count = np.diff(geo.hold_ptr)
+    h_seg = np.repeat(np.arange(len(count)), count)
+    has_owner = np.zeros(len(count), dtype=bool)
+    has_owner[h_seg[geo.hold_rank == seg_owner[h_seg]]] = True
+    pick = geo.hold_ptr[:-1] + uid[geo.seg_unit] % np.maximum(count, 1)
+    src = np.where(has_owner, seg_owner, geo.hold_rank[pick] if len(pick) else seg_owner)
+    if len(src):
+        run = np.concatenate(([True], (geo.seg_unit[1:] != geo.seg_unit[:-1]) | (src[1:] != src[:-1])))
+        starts = np.flatnonzero(run)
+        stops = np.concatenate((starts[1:], [len(src)])) - 1
+        r_unit, r_src, r_lo, r_hi = geo.seg_unit[starts], src[starts], geo.seg_lo[starts], geo.seg_hi[stops]
+        move = r_src != owner[r_unit]
+        gather = (uid[r_unit[move]], r_src[move], owner[r_unit[move]], r_lo[move], r_hi[move])
+    else:
+        gather = tuple(np.zeros(0, np.int64) for _ in range(5))
+    back = geo.part_rank != owner[geo.part_unit]
+    u = geo.part_unit[back]
+    scatter = (uid[u], owner[u], geo.part_rank[back], geo.part_lo[back], geo.part_hi[back])
+    return gather, scatter
+
+
+def _int_array(values) -> np.ndarray:
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:  # flops past 2⁶³: keep exact Python ints
+        return np.array(values, dtype=object)
 
 
 def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256 << 20,
@@ -225,62 +426,113 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
         bucket_bytes: the most unit bytes gathered at once (default: 256 MiB).
         element_bytes: bytes per element on the wire (4 for fp32, 2 for bf16).
     """
-    raw = []  # (param position, spec, start, stop, cost, polar, whole holders, parts)
-    for pi, p in enumerate(params):
+    W = world_size
+    intervals: dict[int, tuple] = {}   # id(layout) -> interval columns (layouts are shared by many params)
+    geometries: dict[tuple, _Geometry] = {}
+    per_param = []  # (geometry, first uid, unit starts, unit stops)
+    first = 0
+    for p in params:
         n = p.layout.cols
-        index = _IntervalIndex(p.layout)
-        for spec, cost, pf in zip(p.units, p.unit_costs, p.unit_polar_flops):
-            start, stop = spec.row_start * n, spec.row_stop * n
-            whole, parts = _holders(index, start, stop)
-            raw.append((pi, spec, start, stop, cost, pf, whole, parts))
+        rows = np.array([(s.row_start, s.row_stop) for s in p.units], dtype=np.int64).reshape(-1, 2)
+        ustart, ustop = rows[:, 0] * n, rows[:, 1] * n
+        lid = id(p.layout)
+        if lid not in intervals:
+            intervals[lid] = _intervals(p.layout)
+        key = (lid, rows.tobytes())
+        if key not in geometries:
+            geometries[key] = _geometry(intervals[lid], ustart, ustop)
+        per_param.append((geometries[key], first, ustart, ustop))
+        first += len(p.units)
+    N = first
 
     # Longest processing time first: forced units (already whole somewhere) go first, on their holders.
-    load = [0] * world_size
-    owners = [0] * len(raw)
-    forced = [i for i, r in enumerate(raw) if r[6] and len(r[6]) < world_size]
-    free = [i for i, r in enumerate(raw) if not (r[6] and len(r[6]) < world_size)]
-    for i in sorted(forced, key=lambda i: (-raw[i][4], i)):
-        owner = min(raw[i][6], key=lambda r: (load[r], r))
-        owners[i] = owner
-        load[owner] += max(raw[i][4], 1)
-    heap = [(load[r], r) for r in range(world_size)]  # least-loaded rank first, ties to the lower rank
+    costs = [c for p in params for c in p.unit_costs]
+    whole_count = np.concatenate([np.diff(g.whole_ptr) for g, *_ in per_param]) if params else np.zeros(0, np.int64)
+    forced_mask = (whole_count > 0) & (whole_count < W)
+    cost_arr = _int_array(costs)
+    order = sorted(range(N), key=lambda i: (-costs[i], i)) if cost_arr.dtype == object \
+        else np.lexsort((np.arange(N), -cost_arr)).tolist()
+    load = [0] * W
+    owners = [0] * N
+    whole_of = {}
+    for geo, base, _, _ in per_param:
+        for k in np.flatnonzero((np.diff(geo.whole_ptr) > 0)).tolist():
+            whole_of[base + k] = geo.whole_rank[geo.whole_ptr[k]:geo.whole_ptr[k + 1]].tolist()
+    forced = forced_mask.tolist()
+    for i in order:
+        if forced[i]:
+            owner = min(whole_of[i], key=lambda r: (load[r], r))
+            owners[i] = owner
+            load[owner] += max(costs[i], 1)
+    heap = [(load[r], r) for r in range(W)]  # least-loaded rank first, ties to the lower rank
     heapq.heapify(heap)
-    for i in sorted(free, key=lambda i: (-raw[i][4], i)):
-        current, owner = heapq.heappop(heap)
-        owners[i] = owner
-        load[owner] = current + max(raw[i][4], 1)
-        heapq.heappush(heap, (load[owner], owner))
+    for i in order:
+        if not forced[i]:
+            current, owner = heapq.heappop(heap)
+            owners[i] = owner
+            load[owner] = current + max(costs[i], 1)
+            heapq.heappush(heap, (load[owner], owner))
+
+    # Buckets: consecutive units while their bytes fit.
+    unit_bucket = [0] * N
+    bucket_first = [0]
+    size = 0
+    uid = 0
+    for _, base, ustart, ustop in per_param:
+        for nbytes in ((ustop - ustart) * element_bytes).tolist():
+            if uid > bucket_first[-1] and size + nbytes > bucket_bytes:
+                bucket_first.append(uid)
+                size = 0
+            unit_bucket[uid] = len(bucket_first) - 1
+            size += nbytes
+            uid += 1
 
     units: list[Unit] = []
+    owner_arr = np.array(owners, dtype=np.int64)
+    gather_cols, scatter_cols = [], []
+    polar = [f for p in params for f in p.unit_polar_flops]
+    for pi, (p, (geo, base, ustart, ustop)) in enumerate(zip(params, per_param)):
+        for k, (spec, a, b) in enumerate(zip(p.units, ustart.tolist(), ustop.tolist())):
+            i = base + k
+            units.append(Unit(i, pi, spec, a, b, owners[i], costs[i], polar[i], unit_bucket[i]))
+        ids = np.arange(base, base + len(p.units), dtype=np.int64)
+        g, s = _pieces(geo, ids, owner_arr[base:base + len(p.units)])
+        gather_cols.append(g)
+        scatter_cols.append(s)
+
+    def columns(parts):
+        if not parts:
+            return [np.zeros(0, np.int64) for _ in range(5)]
+        return [np.concatenate([c[j] for c in parts]) for j in range(5)]
+
+    gather, scatter = columns(gather_cols), columns(scatter_cols)
     buckets: list[Bucket] = []
-    members, gathers, scatters, size = [], [], [], 0
-    for i, (pi, spec, start, stop, cost, pf, whole, parts) in enumerate(raw):
-        nbytes = (stop - start) * element_bytes
-        if members and size + nbytes > bucket_bytes:
-            buckets.append(Bucket(tuple(members), tuple(gathers), tuple(scatters)))
-            members, gathers, scatters, size = [], [], [], 0
-        owner = owners[i]
-        units.append(Unit(i, pi, spec, start, stop, owner, cost, pf, len(buckets)))
-        members.append(i)
-        size += nbytes
-        gathers += _sources(i, owner, start, stop, parts)
-        for rank, ivs in parts.items():
-            if rank != owner:
-                scatters += [Piece(i, owner, rank, a, b) for a, b in ivs]
-    if members:
-        buckets.append(Bucket(tuple(members), tuple(gathers), tuple(scatters)))
+    if N:
+        bounds = bucket_first + [N]
+        g_cut = np.searchsorted(gather[0], bounds)
+        s_cut = np.searchsorted(scatter[0], bounds)
+        for bi in range(len(bucket_first)):
+            g = Pieces(*(c[g_cut[bi]:g_cut[bi + 1]] for c in gather))
+            s = Pieces(*(c[s_cut[bi]:s_cut[bi + 1]] for c in scatter))
+            buckets.append(Bucket(tuple(range(bounds[bi], bounds[bi + 1])), g, s))
     plan = Plan(world_size, tuple(params), tuple(units), tuple(buckets), bucket_bytes, element_bytes)
     object.__setattr__(plan, "fingerprint", fingerprint(params))
     return plan
 
 
 def fingerprint(params: list[PlanParam]) -> str:
-    """A short digest of what every rank must agree on (names, shapes, layouts, rules)."""
-    import hashlib
+    """A short digest of what every rank must agree on (names, shapes, layouts, rules).
 
+    The bytes hashed are ``repr((name, shape, holdings, key, len(units)))`` per parameter; the
+    ``repr`` of a layout's holdings (large at W = 1024) is built once per layout object.
+    """
     h = hashlib.sha256()
+    holdings: dict[int, str] = {}
     for p in params:
-        h.update(repr((p.name, p.layout.shape, p.layout.holdings, p.key, len(p.units))).encode())
+        lid = id(p.layout)
+        if lid not in holdings:
+            holdings[lid] = repr(p.layout.holdings)
+        h.update(f"({p.name!r}, {p.layout.shape!r}, {holdings[lid]}, {p.key!r}, {len(p.units)!r})".encode())
     return h.hexdigest()[:16]
 
 

@@ -4,13 +4,23 @@ No processes and no memory: a model built on the ``meta`` device gives names and
 parallel layout gives each rank's element ranges exactly as DTensor would, and the plan is the one
 every rank would build. Used by ``dist-spectral plan`` and by tests that check the planner's bytes
 and flops against counters of real runs.
+
+:func:`simulate` returns the :class:`~dist_spectral.plan.Plan`; :func:`simulate_step` adds what a
+step does outside the exchange (local sizes, optimizer state, column-statistics all-reduces), which
+:mod:`dist_spectral.predict` turns into time and memory. Layouts and unit lists are computed once
+per distinct (shape, role) — a 94-layer model has a handful — so W = 1024 plans take seconds.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import nn
 
+from .blocks import permuted_axis, view_2d_shape
 from .build import resolve_groups
 from .layout import Layout, mesh_layout
 from .optimizer import SpectralOptimizer, runs_on_rows
@@ -40,30 +50,121 @@ class Parallel:
                 raise ValueError(f"{name}={getattr(self, name)} must divide world_size={self.world_size}")
 
     def layout(self, shape: tuple[int, ...], expert: bool) -> Layout:
-        W = self.world_size
-        if expert and self.expert_parallel > 1:
-            ep, dp = self.expert_parallel, W // self.expert_parallel
-            grid = [[e * dp + d for d in range(dp)] for e in range(ep)]
-            return mesh_layout(shape, grid, (("shard", 0), ("shard", 1)), W)
-        if self.replicas > 1:
-            r, s = self.replicas, W // self.replicas
-            grid = [[i * s + j for j in range(s)] for i in range(r)]
-            return mesh_layout(shape, grid, (("replicate", -1), ("shard", 0)), W)
-        return mesh_layout(shape, list(range(W)), (("shard", 0),), W)
+        """The layout DTensor would give a parameter of ``shape`` (cached: the same object for equal
+        arguments, so plans share the work per layout)."""
+        return _layout(self, tuple(shape), bool(expert))
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(parallel: Parallel, shape: tuple[int, ...], expert: bool) -> Layout:
+    W = parallel.world_size
+    if expert and parallel.expert_parallel > 1:
+        ep, dp = parallel.expert_parallel, W // parallel.expert_parallel
+        grid = [[e * dp + d for d in range(dp)] for e in range(ep)]
+        return mesh_layout(shape, grid, (("shard", 0), ("shard", 1)), W)
+    if parallel.replicas > 1:
+        r, s = parallel.replicas, W // parallel.replicas
+        grid = [[i * s + j for j in range(s)] for i in range(r)]
+        return mesh_layout(shape, grid, (("replicate", -1), ("shard", 0)), W)
+    return mesh_layout(shape, list(range(W)), (("shard", 0),), W)
+
+
+@dataclass(frozen=True, eq=False)
+class Simulation:
+    """One simulated optimizer step: the plan, and per rank what happens outside it.
+
+    Attributes:
+        plan (Plan): the exchange plan of the whole-matrix parameters.
+        parallel (Parallel): the simulated layout.
+        local_numel (tuple[int, ...]): per rank, elements of every optimized parameter it holds
+            (what element-wise work and AdamW touch).
+        matrix_numel (tuple[int, ...]): per rank, elements of the parameters in the plan.
+        state_numel (tuple[int, ...]): per rank, optimizer-state elements (two buffers for
+            AdamW groups, one momentum buffer for every other rule).
+        colsum_sizes (tuple[int, ...]): length of every column-statistics all-reduce of a step
+            (row rules on sharded rows); each moves ``4 · length`` bytes each way per rank.
+    """
+
+    plan: Plan
+    parallel: Parallel
+    local_numel: tuple[int, ...]
+    matrix_numel: tuple[int, ...]
+    state_numel: tuple[int, ...]
+    colsum_sizes: tuple[int, ...]
+
+    @property
+    def colsum_bytes(self) -> int:
+        """Bytes each rank sends (and receives) in column-statistics all-reduces per step, as the
+        optimizer counts them (fp32, whatever the algorithm inside the all-reduce)."""
+        return 4 * sum(self.colsum_sizes)
+
+    def bytes_sent(self, rank: int, phase: str) -> int:
+        """Per collective (``gather``, ``scatter``, ``colsum``), as ``StepStats.bytes_sent``."""
+        return self.colsum_bytes if phase == "colsum" else self.plan.bytes_sent(rank, phase)
+
+    def bytes_received(self, rank: int, phase: str) -> int:
+        return self.colsum_bytes if phase == "colsum" else self.plan.bytes_received(rank, phase)
+
+
+def _colsum_sizes(rule_name: str, group: dict, info) -> list[int]:
+    """Lengths of the all-reduces a row rule makes on one parameter: the rule itself runs on a
+    ``meta`` tensor with a counting ``colsum``, so the count follows the rule's code."""
+    rows, n = view_2d_shape(tuple(info.shape))
+    sizes = []
+
+    def colsum(x):
+        sizes.append(x.shape[-1])
+        return x.sum(-2, keepdim=True)
+
+    x = torch.empty((rows, n), device="meta")
+    get_rule(rule_name).direction(x, axis=permuted_axis(info), transposed=info.transposed, group=group,
+                                  colsum=colsum, total_rows=rows)
+    return sizes
+
+
+def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
+                  element_bytes: int = 4, **overrides) -> Simulation:
+    """The plan every rank would build for ``model`` (best on ``meta``) under ``parallel``, with the
+    per-rank sizes and all-reduces of the rest of the step."""
+    W = parallel.world_size
+    groups, _, _ = resolve_groups(model, recipe, **overrides)
+    params = []
+    protos: dict[tuple, object] = {}
+    sizes: dict[int, list[int]] = {}
+    colsum_cache: dict[tuple, list[int]] = {}
+    local, matrix, state = (np.zeros(W, dtype=np.int64) for _ in range(3))
+    colsum_sizes: list[int] = []
+    for g in groups:
+        rule = get_rule(g.rule)
+        group = {**g.hyper, "rule": g.rule}
+        for info in g.members:
+            layout = parallel.layout(info.shape, expert=len(info.shape) == 3 and info.role.startswith("expert"))
+            if id(layout) not in sizes:
+                sizes[id(layout)] = np.array([layout.local_numel(r) for r in range(W)], dtype=np.int64)
+            held = sizes[id(layout)]
+            local += held
+            state += (2 if g.rule == "adamw" else 1) * held
+            if rule.locality == "element":
+                continue
+            if runs_on_rows(g.rule, info, layout):
+                if W > 1 and not layout.is_replicated():
+                    key = (id(g), dataclasses.replace(info, name=""))
+                    if key not in colsum_cache:
+                        colsum_cache[key] = _colsum_sizes(g.rule, group, info)
+                    colsum_sizes += colsum_cache[key]
+                continue
+            matrix += held
+            # Units and costs depend on the rule and the parameter's structure, not its name.
+            key = (id(g), dataclasses.replace(info, name=""))
+            if key not in protos:
+                protos[key] = SpectralOptimizer.plan_param(0, info.name, info, group, layout)
+            params.append(dataclasses.replace(protos[key], index=len(params), name=info.name, layout=layout))
+    plan = build_plan(params, W, int(bucket_mb * (1 << 20)), element_bytes)
+    return Simulation(plan, parallel, tuple(local.tolist()), tuple(matrix.tolist()), tuple(state.tolist()),
+                      tuple(colsum_sizes))
 
 
 def simulate(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
              element_bytes: int = 4, **overrides) -> Plan:
     """The plan every rank would build for ``model`` (best on ``meta``) under ``parallel``."""
-    groups, _, _ = resolve_groups(model, recipe, **overrides)
-    params = []
-    for g in groups:
-        rule = get_rule(g.rule)
-        for info in g.members:
-            if rule.locality == "element":
-                continue
-            layout = parallel.layout(info.shape, expert=len(info.shape) == 3 and info.role.startswith("expert"))
-            if runs_on_rows(g.rule, info, layout):
-                continue
-            params.append(SpectralOptimizer.plan_param(len(params), info.name, info, {**g.hyper, "rule": g.rule}, layout))
-    return build_plan(params, parallel.world_size, int(bucket_mb * (1 << 20)), element_bytes)
+    return simulate_step(model, parallel, recipe, bucket_mb, element_bytes, **overrides).plan

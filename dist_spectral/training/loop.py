@@ -14,7 +14,6 @@ optimizer and scheduler; the step count is all the data needs to continue.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -23,21 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import checkpoint
 from .config import RunConfig, dump
 from .data import TokenData, load_tokens
 from .engines import DistEnv, init_distributed, wrap_model
-from .metrics import MetricsLog, plot_losses
-
-log = logging.getLogger(__name__)
-
-
-def _checkpoint_module():
-    try:
-        from .. import checkpoint
-    except ImportError as e:
-        raise ImportError("checkpoints need dist_spectral.checkpoint, which this checkout does not have; "
-                          "set train.ckpt_every=0 and train.ckpt_final=false, and do not pass --resume") from e
-    return checkpoint
+from .metrics import MetricsLog, plot_losses, read_metrics
 
 
 def resolve_resume(resume: str, out: Path) -> Path:
@@ -104,14 +93,13 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         path = self.out / "checkpoints" / f"step_{step:06d}"
-        _checkpoint_module().save(str(path), self.model, self.opt, self.sched,
-                                  extra={"step": step, "name": self.cfg.name})
+        checkpoint.save(str(path), self.model, self.opt, self.sched, extra={"step": step, "name": self.cfg.name})
         if self.is_main:  # rank 0 returns after the checkpoint's metadata is written
             (self.out / "checkpoints" / "latest").write_text(path.name)
         return path
 
     def load(self, path: Path) -> int:
-        extra = _checkpoint_module().load(str(path), self.model, self.opt, self.sched)
+        extra = checkpoint.load(str(path), self.model, self.opt, self.sched)
         step = int(extra["step"])
         if not 0 <= step <= self.cfg.train.steps:
             raise ValueError(f"checkpoint {path} is at step {step}, outside this run's 0..{self.cfg.train.steps}")
@@ -158,7 +146,8 @@ class Trainer:
             metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resume else None)
             print(self.header() + (f"\nresumed at step {start}" if resume else ""), flush=True)
         write = metrics.write if metrics else (lambda record: None)
-        evals = []
+        # On resume, rank 0's summary covers the whole run: earlier evals come from the kept metrics.
+        evals = [(r["step"], r["val_loss"]) for r in read_metrics(metrics.path) if r["kind"] == "eval"] if metrics else []
         if cfg.train.eval_every and start == 0:
             evals.append((0, self.evaluate()))
             write({"kind": "eval", "step": 0, "val_loss": evals[-1][1]})
@@ -208,6 +197,8 @@ class Trainer:
                 "skipped_steps": self.opt.skipped_steps, "world_size": self.env.world_size}
 
     def describe(self, s: dict) -> str:
+        if s["final_loss"] is None:
+            return f"nothing to do: the run is already at step {s['step']} (raise train.steps to continue it)"
         val = (f"val loss {s['val_first']:.4f} -> {s['val_last']:.4f}" if s["val_first"] is not None else "no validation")
         return (f"done: {s['step'] - s['start_step']} steps in {s['seconds']:.1f} s, {s['tokens_per_s']:,.0f} tok/s; "
                 f"{val}; final train loss {s['final_loss']:.4f}\noptimizer step {1e3 * s['opt_s']:.1f} ms/step "

@@ -167,7 +167,7 @@ def runs(tmp_path_factory):
     checkpoint.save(f"{root}/none1", model, opt, sched, extra={"step": SAVE_AT, "saved_by": "none1"})
     checkpoint.save_consolidated(f"{root}/none1.pt", model, opt, sched, extra={"step": SAVE_AT, "saved_by": "none1"})
     for world_size, phase in ((2, 2), (3, 3), (4, 4), (2, "2b")):
-        for rank, res in enumerate(run_world(world_size, worker, root, phase)):
+        for rank, res in enumerate(run_world(world_size, worker, root, phase, timeout_s=60)):
             for key, value in res.items():
                 results.setdefault(key, [None] * world_size)[rank] = value
     for engine, source, fmt in RESUMES[1]:

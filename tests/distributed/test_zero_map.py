@@ -10,9 +10,11 @@ rank, for every case, checks that
   map equals a single-process reference gradient,
 * the map it computed for *all* ranks equals the map every other rank computed (no communication).
 
-The pure layout functions are tested without DeepSpeed. DeepSpeed JIT-compiles a shared-memory
-comm op on first use (~1 min on 2 cores); it is cached in ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/dist_spectral/torch_extensions``), after which the module takes ~25 s.
+The pure layout functions are tested without DeepSpeed (the DeepSpeed tests skip when it is not
+installed). DeepSpeed JIT-compiles a shared-memory comm op in ``init_distributed`` (~1 min on 2
+idle cores, needs g++); it is cached in ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/dist_spectral/torch_extensions``). Cached, the module costs ~40 s of CPU (mostly the
+start-up of 5 processes importing torch and DeepSpeed), ~45 s wall on 2 idle cores.
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[2]
-
-from dist_spectral.engines.zero_map import (  # noqa: E402
-    ZeroSegment, build_zero_map, flat_buffer_partitions, flat_tensors, per_param_partitions,
+from dist_spectral.engines.zero_map import (
+    ZeroFlat, ZeroMap, ZeroSegment, build_zero_map, flat_buffer_partitions, flat_tensors, per_param_partitions,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "dist_spectral" / "torch_extensions")
 WORKER_TIMEOUT_S = 420  # covers a cold JIT build of DeepSpeed's shm op
@@ -384,6 +386,20 @@ def test_per_param_cut_pads_trailing_ranks():
     assert [(q.local_offset, q.numel) for q in parts[2].padding] == [(1, 2), (3, 1)]
     assert [(s.name, s.global_start, s.global_stop) for s in parts[0].segments] == [("w", 0, 3), ("s", 0, 1)]
     assert parts[1].segments[-1].name == "w" and parts[1].padding[0].local_offset == 3
+
+
+def test_map_queries_and_layout_bridge():
+    # group buffer: w (3x4 = 12) then b (3), 16 elements over W = 2 -> 8 per rank, 1 element of group_end padding
+    parts = flat_buffer_partitions([("w", 0, 0, 12), ("b", 1, 12, 3)], 16, 2)
+    zmap = ZeroMap(2, "zero12", 0, ("w", "b"), ((3, 4), (3,)), (ZeroFlat(0, 0, 2, (0, 1), parts),))
+    zmap.check()
+    assert [(r, s.global_start, s.global_stop) for r, s in zmap.param_segments(0)] == [(0, 0, 8), (1, 8, 12)]
+    assert zmap.by_group()[0][1][0].row_span(4) == (2, 3, False, False)
+    layout = zmap.layout(0)
+    assert layout.holdings == (((0, 8),), ((8, 12),)) and layout.whole_rows()
+    assert zmap.layout(1).holdings == ((), ((0, 3),))
+    flat = torch.arange(8.0)
+    assert [(s.name, v.tolist()) for s, v in zmap.local_views(0, flat)] == [("w", list(range(8)))]
 
 
 def test_row_span():
