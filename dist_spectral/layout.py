@@ -60,6 +60,23 @@ class Layout:
         n = self.cols
         return all(a % n == 0 and b % n == 0 for h in self.holdings for a, b in h)
 
+    def each_element_once(self) -> bool:
+        """No element is held by two ranks (ZeRO partitions, FSDP2 without replication)."""
+        return sum(b - a for h in self.holdings for a, b in h) == self.numel
+
+    def cut_rows(self) -> tuple[int, ...]:
+        """Rows of the 2-D view whose elements live on more than one rank (partition boundaries
+        inside a row), in increasing order."""
+        n = self.cols
+        cut = set()
+        for h in self.holdings:
+            for a, b in h:
+                if a % n:
+                    cut.add(a // n)
+                if b % n:
+                    cut.add(b // n)
+        return tuple(sorted(cut))
+
     def local_offset(self, rank: int, start: int) -> int:
         """Offset in ``rank``'s local tensor of global element ``start`` (which it must hold)."""
         offset = 0

@@ -24,14 +24,14 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
-from .blocks import permuted_axis, unit_specs, view_2d_shape
+from .blocks import permuted_axis, unit_specs
 from .compute import MatrixJob
 from .engines import Topology, topology_for
 from .exchange import CollectiveError, Exchange, ExchangeStats
 from .layout import Layout
 from .plan import Plan, PlanParam, build_plan
 from .roles import ParamInfo
-from .rules import get_rule
+from .rules import RowStats, get_rule
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,17 @@ class _Entry:
 
 
 def runs_on_rows(rule_name: str, info: ParamInfo, layout: Layout) -> bool:
-    """Whether a row rule runs on the shard: rows must be whole there and, if the rule needs
-    statistics over rows (centring, column norms), the parameter a single matrix (3-D tensors then
-    go per matrix through the owner exchange)."""
-    if get_rule(rule_name).locality != "rows" or not layout.whole_rows():
+    """Whether a row rule runs on the shard, with only small all-reduces for statistics: its
+    parameter is one matrix (statistics span exactly that matrix), or its rows are whole and it
+    needs no statistics over rows. Rows cut by partition boundaries (ZeRO) are fine when no element
+    is held twice. Everything else (3-D tensors needing per-matrix statistics) goes per matrix
+    through the owner exchange."""
+    if get_rule(rule_name).locality != "rows":
         return False
-    needs_colsum = rule_name == "centered_row_norm" or permuted_axis(info) == "cols"
-    return not needs_colsum or len(info.shape) == 2
+    if len(info.shape) == 2:
+        return layout.whole_rows() or layout.each_element_once()
+    needs_stats = rule_name == "centered_row_norm" or permuted_axis(info) == "cols"
+    return layout.whole_rows() and not needs_stats
 
 
 class SpectralOptimizer(torch.optim.Optimizer):
@@ -326,23 +330,27 @@ class SpectralOptimizer(torch.optim.Optimizer):
         for i in element:
             it = items[i]
             updates[i] = get_rule("adamw").adam_direction(it.state, int(it.step.item()), it.group)
-        colsum_bytes = 0
+        reduced_bytes = 0
         for i in rows:
             it = items[i]
-            rows_2d, n = view_2d_shape(tuple(it.info.shape))
-            colsum = topo.colsum(it.layout)
+            x, row_stats, back = topo.row_view(it.layout, inputs[i].reshape(-1))
             calls = []
 
-            def counted(x, _colsum=colsum, _calls=calls, _name=it.name):
-                _calls.append(x.shape[-1])
-                return self._guard(f"column-statistics all_reduce of {_name}", lambda: _colsum(x))
+            def counted(fn, what, _calls=calls, _name=it.name):
+                def run(t):
+                    out = self._guard(f"{what} all_reduce of {_name}", lambda: fn(t))
+                    _calls.append(out.numel())
+                    return out
+                return run
 
+            if topo.world_size > 1 and not it.layout.is_replicated():
+                row_stats = RowStats(colsum=counted(row_stats.colsum, "column-statistics"),
+                                     rowsum=None if row_stats.rows_whole else counted(row_stats.rowsum, "row-statistics"),
+                                     total_rows=row_stats.total_rows, mask=row_stats.mask)
             rule = get_rule(it.group["rule"])
-            updates[i] = rule.direction(inputs[i].reshape(-1, n), axis=permuted_axis(it.info),
-                                        transposed=it.info.transposed, group=it.group, colsum=counted,
-                                        total_rows=rows_2d)
-            if not it.layout.is_replicated() and topo.world_size > 1:
-                colsum_bytes += 4 * sum(calls)
+            updates[i] = back(rule.direction(x, axis=permuted_axis(it.info), transposed=it.info.transposed,
+                                             group=it.group, stats=row_stats))
+            reduced_bytes += 4 * sum(calls)
         if matrix:
             plan, exchange = self._plan_for([items[i] for i in matrix], topo)
             flat = {pos: inputs[i].reshape(-1).contiguous() for pos, i in enumerate(matrix)}
@@ -362,8 +370,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
             stats.polar_flops = ex.polar_flops
             stats.exchange_seconds = ex.exchange_seconds
             stats.compute_seconds = ex.compute_seconds
-        stats.bytes_sent["colsum"] = colsum_bytes
-        stats.bytes_received["colsum"] = colsum_bytes
+        stats.bytes_sent["colsum"] = reduced_bytes
+        stats.bytes_received["colsum"] = reduced_bytes
 
         for i, it in enumerate(items):
             lr, wd = it.group["lr"], it.group["weight_decay"]

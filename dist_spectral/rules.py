@@ -4,10 +4,11 @@ A rule is pure math: it never communicates. It declares its *locality*, and the 
 exactly that much of the tensor:
 
 - ``element``: any shard (AdamW).
-- ``rows``: whole rows of the 2-D view. Statistics over rows (column sums for centring, column
-  norms for column-aware rules) come from ``colsum``, a callable that sums a per-row tensor
-  ``[rows, n]`` over *all* rows of the matrix, wherever they live, into ``[1, n]`` (a plain sum on
-  one process; one all-reduce when rows are sharded).
+- ``rows``: rows of the 2-D view, as a dense ``[rows, n]`` tensor of the rows this rank touches.
+  Statistics that span ranks come from a :class:`RowStats`: ``colsum`` (column sums over *all*
+  rows of the matrix: centring, column norms; one all-reduce of a length-n vector when rows are
+  sharded) and ``rowsum`` (row sums: local, except rows cut by a DeepSpeed partition boundary,
+  whose partial sums are combined across the ranks holding them).
 - ``matrix``: whole matrices, batched ``[B, m, n]`` of equal shape (Muon, hybrid, spectral rules).
 
 Every step is ``W ← W·(1 − lr·wd) − lr·U`` with ``U`` the rule's direction (weight decay decoupled
@@ -19,19 +20,47 @@ and applied first). Momentum conventions:
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from . import functional as F
 
-ColumnSum = Callable[[Tensor], Tensor]
+class RowStats:
+    """What a row rule knows about the parts of its matrix on other ranks.
+
+    Args:
+        colsum (callable | None): per-row tensor ``[rows, n]`` → column sums over every row of the
+            matrix ``[1, n]`` (default: the local sum).
+        rowsum (callable | None): ``[rows, n]`` → row sums ``[rows, 1]`` over every column of each
+            row (default: the local sum).
+        total_rows (int | None): rows of the whole matrix (default: the local count).
+        mask (Tensor | None): ``[rows, n]`` 0/1 of the elements this rank holds, when it holds
+            parts of rows (the others are zero-filled and must stay zero between operations).
+    """
+
+    def __init__(self, colsum=None, rowsum=None, total_rows: int | None = None, mask: Tensor | None = None):
+        self._colsum, self._rowsum, self.total_rows, self.mask = colsum, rowsum, total_rows, mask
+
+    @property
+    def rows_whole(self) -> bool:
+        """Every row at hand is complete (row sums are local)."""
+        return self.mask is None and self._rowsum is None
+
+    def colsum(self, x: Tensor) -> Tensor:
+        return self._colsum(x) if self._colsum else x.sum(-2, keepdim=True)
+
+    def rowsum(self, x: Tensor) -> Tensor:
+        return self._rowsum(x) if self._rowsum else x.sum(-1, keepdim=True)
+
+    def rows(self, x: Tensor) -> int:
+        return self.total_rows if self.total_rows is not None else x.shape[-2]
+
+    def clean(self, x: Tensor) -> Tensor:
+        """Zero what this rank does not hold (after an operation that shifted it)."""
+        return x if self.mask is None else x * self.mask
 
 
-def local_colsum(x: Tensor) -> Tensor:
-    """``colsum`` when the rows at hand are all the rows."""
-    return x.sum(-2, keepdim=True)
+LOCAL = RowStats()
 
 
 def orient(x: Tensor, axis: str) -> Tensor:
@@ -66,8 +95,7 @@ class Rule:
         """Everything that decides the direction's math, so equal keys can share a batch."""
         return (self.name,) + tuple((k, _hashable(group[k])) for k in self.direction_options)
 
-    def direction(self, x: Tensor, *, axis: str, transposed: bool, group: dict, colsum: ColumnSum = local_colsum,
-                  total_rows: int | None = None) -> Tensor:
+    def direction(self, x: Tensor, *, axis: str, transposed: bool, group: dict, stats: RowStats = LOCAL) -> Tensor:
         raise NotImplementedError
 
     def cost(self, m: int, n: int, group: dict) -> int:
@@ -132,7 +160,7 @@ class Muon(Rule):
         buf.mul_(group["beta"]).add_(grad)
         return grad.add(buf, alpha=group["beta"]) if group["nesterov"] else buf
 
-    def direction(self, x, *, axis, transposed, group, colsum=local_colsum, total_rows=None):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         m, n = x.shape[-2:]
         fan_out, fan_in = (n, m) if transposed else (m, n)
         return F.polar(x, **_polar_kwargs(group)) * F.muon_scale(fan_out, fan_in, group["scale"])
@@ -150,8 +178,8 @@ class RowNorm(Rule):
     locality = "rows"
     defaults = {"beta": 0.95, "norm_eps": 1e-8}
 
-    def direction(self, x, *, axis, transposed, group, colsum=local_colsum, total_rows=None):
-        return normalize(x, axis, colsum, group["norm_eps"])
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+        return normalize(x, axis, stats, group["norm_eps"])
 
     def cost(self, m, n, group):
         return 3 * m * n
@@ -164,28 +192,30 @@ class CenteredRowNorm(Rule):
     locality = "rows"
     defaults = {"beta": 0.95, "norm_eps": 1e-8}
 
-    def direction(self, x, *, axis, transposed, group, colsum=local_colsum, total_rows=None):
-        total = total_rows if total_rows is not None else x.shape[-2]
-        x = center(x, axis, colsum, total)
-        x = normalize(x, axis, colsum, group["norm_eps"])
-        return center(x, axis, colsum, total)
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+        x = center(x, axis, stats)
+        x = normalize(x, axis, stats, group["norm_eps"])
+        return center(x, axis, stats)
 
     def cost(self, m, n, group):
         return 7 * m * n
 
 
-def normalize(x: Tensor, axis: str, colsum: ColumnSum, eps: float) -> Tensor:
-    """``R`` along the permuted axis. Row norms are local; column norms sum squares over all rows."""
+def normalize(x: Tensor, axis: str, stats: RowStats, eps: float) -> Tensor:
+    """``R`` along the permuted axis: divide by ``‖row‖₂ + ε`` (or ``‖column‖₂ + ε``), the norm
+    summed over every part of the row or column wherever it lives."""
     if axis == "rows":
-        return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
-    return x / (colsum(x * x).sqrt() + eps)
+        if stats.rows_whole:
+            return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+        return x / (stats.rowsum(x * x).sqrt() + eps)
+    return x / (stats.colsum(x * x).sqrt() + eps)
 
 
-def center(x: Tensor, axis: str, colsum: ColumnSum, total_rows: int) -> Tensor:
+def center(x: Tensor, axis: str, stats: RowStats) -> Tensor:
     """``C`` along the permuted axis: subtract the mean over it (the shared shift)."""
     if axis == "rows":
-        return x - colsum(x) / total_rows
-    return x - x.mean(-1, keepdim=True)
+        return stats.clean(x - stats.colsum(x) / stats.rows(x))
+    return stats.clean(x - stats.rowsum(x) / x.shape[-1])
 
 
 class Hybrid(Rule):
@@ -197,7 +227,7 @@ class Hybrid(Rule):
     defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "order": "row_then_polar", **_POLAR_DEFAULTS}
     direction_options = ("alpha", "center", "order", "steps", "coefficients", "safety", "polar_dtype")
 
-    def direction(self, x, *, axis, transposed, group, colsum=local_colsum, total_rows=None):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.hybrid(orient(x, axis), alpha=group["alpha"], order=group["order"], center=group["center"],
                      **_polar_kwargs(group))
         return orient(u, axis)
@@ -216,7 +246,7 @@ class LeftSpectral(Rule):
     defaults = {"beta": 0.95, "alpha": 1.0, "center": True, "spectral_eps": 1e-7}
     direction_options = ("alpha", "center", "spectral_eps")
 
-    def direction(self, x, *, axis, transposed, group, colsum=local_colsum, total_rows=None):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.left_spectral(orient(x, axis), alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
         return orient(u, axis)
 
@@ -233,7 +263,7 @@ class RightSpectral(Rule):
     defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "spectral_eps": 1e-7}
     direction_options = ("alpha", "center", "spectral_eps")
 
-    def direction(self, x, *, axis, transposed, group, colsum=local_colsum, total_rows=None):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.right_spectral(orient(x, axis), alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
         return orient(u, axis)
 
@@ -265,4 +295,4 @@ def polar_flops_of(rule: Rule, shape: tuple[int, int], group: dict) -> int:
     return int(rule.polar_flops(shape[0], shape[1], group))
 
 
-__all__ = ["Rule", "RULES", "get_rule", "normalize", "center", "orient"]
+__all__ = ["Rule", "RULES", "RowStats", "get_rule", "normalize", "center", "orient"]

@@ -27,6 +27,11 @@ class ReplicatedTopology(Topology):
     def layout(self, param: Tensor) -> Layout:
         return replicated(tuple(param.shape), self.world_size)
 
+    def all_reduce_sum(self, tensor, what: str):
+        if self.world_size > 1:
+            wait(dist.all_reduce(tensor, group=self.group, async_op=True), self.timeout)
+        return tensor
+
     def any_true(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag

@@ -31,7 +31,7 @@ import yaml
 
 from ..recipes import configs_dir
 
-ENGINES = ("none", "ddp", "fsdp", "hsdp", "ep")
+ENGINES = ("none", "ddp", "fsdp", "hsdp", "ep", "deepspeed")
 SOURCES = ("builtin", "memmap", "text", "datasets")
 _SECTIONS = ("model", "optim", "parallel", "data", "train")
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -78,9 +78,38 @@ class OptimConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``parallel.deepspeed`` (engine ``deepspeed``); a string is shorthand for ``{config: <string>}``.
+
+    The DeepSpeed config is the JSON file ``config`` names, then the fields below that are not
+    null, then ``overrides`` (deep-merged); batch sizes come from ``data`` (see
+    ``training/engines.py``).
+
+    Attributes:
+        config (str | None): a name in ``configs/deepspeed`` (``zero2``) or a JSON path (default: none).
+        stage (int | None): ZeRO stage 1, 2 or 3 (default: the file's, else 2).
+        bf16 (bool | None): bf16 compute with fp32 master weights in the optimizer (default: the
+            file's, else off; slow on CPUs without AVX-512-BF16).
+        gradient_accumulation_steps (int | None): micro-batches per optimizer step; ``data.batch_size``
+            is split into this many (default: the file's, else 1).
+        gradient_clipping (float | None): DeepSpeed's global-norm clip; 0 is off (default:
+            ``optim.clip_grad``, else the file's, else 0).
+        overrides (dict): more DeepSpeed config keys, e.g. ``{zero_optimization: {sub_group_size: 1e6}}``.
+    """
+
+    config: typing.Optional[str] = None
+    stage: typing.Optional[int] = None
+    bf16: typing.Optional[bool] = None
+    gradient_accumulation_steps: typing.Optional[int] = None
+    gradient_clipping: typing.Optional[float] = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
 class ParallelConfig:
     """Attributes:
-        engine (str): ``none`` (one process), ``ddp``, ``fsdp`` (FSDP2), ``hsdp`` or ``ep`` (default: ``fsdp``).
+        engine (str): ``none`` (one process), ``ddp``, ``fsdp`` (FSDP2), ``hsdp``, ``ep`` or ``deepspeed``
+            (ZeRO; see :class:`DeepSpeedConfig`) (default: ``fsdp``).
         replicas (int): HSDP replica groups; the shard dimension is world / replicas (default: 1).
         backend (str): ``auto`` (gloo on CPU, nccl on CUDA), ``gloo`` or ``nccl`` (default: ``auto``).
         device (str): ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (default: ``auto``).
@@ -88,6 +117,7 @@ class ParallelConfig:
         reshard_after_forward (bool): FSDP2 frees gathered parameters after forward (default: true).
         mixed_precision (str | None): FSDP2 compute dtype, e.g. ``bfloat16`` (parameters, optimizer
             state and gradient reduction stay fp32); ``null`` computes in the parameter dtype.
+        deepspeed (DeepSpeedConfig): engine ``deepspeed`` only.
     """
 
     engine: str = "fsdp"
@@ -97,6 +127,7 @@ class ParallelConfig:
     threads: int = 0
     reshard_after_forward: bool = True
     mixed_precision: typing.Optional[str] = None
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -199,6 +230,8 @@ def _read_yaml(path: Path) -> dict:
 
 def _expand_section(key: str, value):
     """A section given as a string: a parallel layout name/path, or a model preset name."""
+    if key == "deepspeed" and isinstance(value, str):
+        return {"config": value}  # parallel.deepspeed=zero2: the DeepSpeed JSON of that name
     if not isinstance(value, str) or key not in _SECTIONS:
         return value
     if key == "parallel":
@@ -360,6 +393,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.eval_every >= 0 and cfg.train.ckpt_every >= 0, "train.eval_every and train.ckpt_every must be >= 0"),
         (cfg.optim.nonfinite in ("skip", "raise"), f"optim.nonfinite={cfg.optim.nonfinite!r}: use skip or raise"),
         (cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, f"optim.clip_grad={cfg.optim.clip_grad}: must be > 0 or null"),
+        (cfg.parallel.deepspeed.stage in (None, 1, 2, 3), f"parallel.deepspeed.stage={cfg.parallel.deepspeed.stage}: "
+                                                           "use 1, 2 or 3"),
+        ((cfg.parallel.deepspeed.gradient_accumulation_steps or 1) >= 1,
+         "parallel.deepspeed.gradient_accumulation_steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -370,5 +407,5 @@ def dump(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["RunConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "DataConfig", "TrainConfig",
+__all__ = ["RunConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "DeepSpeedConfig", "DataConfig", "TrainConfig",
            "ConfigError", "load_config", "set_key", "parse_override", "validate", "dump", "ENGINES"]

@@ -12,28 +12,39 @@ ep         FSDP2 with expert-dim sharding: 3-D expert weights ``[E, ., .]`` plac
            Real expert parallelism (tokens routed to the rank owning the expert, all-to-all) needs a
            model rewritten for it and is out of scope of this entry point; the optimizer itself
            handles such models (DTensor experts on an EP mesh, see tests/distributed).
+deepspeed  DeepSpeed ZeRO-1/2/3 (``parallel.deepspeed``): the plain module here; the optimizer and
+           scheduler are built on it, then :func:`deepspeed_initialize` wraps all three in one
+           engine and attaches the optimizer to DeepSpeed's flat partitions. The loop then calls
+           ``engine(...)``, ``engine.backward(loss)`` and ``engine.step()`` per micro-batch.
 =========  ==========================================================================================
 
 Every engine averages gradients over data-parallel ranks, so the loss each rank computes is its
 local mean and the update is that of the global mean. The optimizer is built after wrapping.
 
-Adding an engine (DeepSpeed ZeRO): write ``_deepspeed(model, cfg, env)`` and register it in
-``WRAPPERS``; ``wrap_model`` hands every wrapper the same arguments. DeepSpeed's
-``deepspeed.initialize`` wraps the optimizer too, so that wrapper will also need the loop to call
-``engine.backward`` / ``engine.step`` (see ``loop.train``: the three calls are kept in one place).
+Adding an engine: write ``_<name>(model, cfg, env)`` and register it in ``WRAPPERS``;
+``wrap_model`` hands every wrapper the same arguments.
+
+DeepSpeed launchers: ``deepspeed --num_gpus N launch/train.py ...`` (sets RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_SIZE and passes ``--local_rank``) and ``torchrun`` both work, also on CPU
+(gloo). DeepSpeed JIT-builds a shared-memory comm op on CPU the first time (~40 s), cached in
+``TORCH_EXTENSIONS_DIR`` (default here ``~/.cache/dist_spectral/torch_extensions``); on CPU
+``TORCHDYNAMO_DISABLE=1`` is the default too (DeepSpeed's own Muon would torch.compile).
 """
 from __future__ import annotations
 
+import copy
 import datetime
+import json
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ParallelConfig
+from .config import ConfigError, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ def init_distributed(cfg: ParallelConfig) -> DistEnv:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))  # torchrun / deepspeed
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -82,6 +93,12 @@ def init_distributed(cfg: ParallelConfig) -> DistEnv:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(cfg.threads or max(1, cores // local_world))
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if cfg.engine == "deepspeed" and not dist.is_initialized():
+        _deepspeed_environment(use_cuda)
+        import deepspeed
+
+        # DeepSpeed keeps its own view of the group (deepspeed.comm); this also starts torch's.
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=10))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
                                 device_id=device if use_cuda else None)
@@ -169,7 +186,12 @@ def _ep(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
                         shard_placement_fn=lambda p: Shard(0) if p.ndim == 3 else None, units=units)
 
 
-WRAPPERS = {"none": _none, "ddp": _ddp, "fsdp": _fsdp, "hsdp": _hsdp, "ep": _ep}
+def _deepspeed(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
+    _no_mixed_precision(cfg)
+    return model  # deepspeed.initialize needs the optimizer too: see deepspeed_initialize
+
+
+WRAPPERS = {"none": _none, "ddp": _ddp, "fsdp": _fsdp, "hsdp": _hsdp, "ep": _ep, "deepspeed": _deepspeed}
 
 
 def wrap_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
@@ -180,8 +202,97 @@ def wrap_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 modules are their own class)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module inside a DDP wrapper or DeepSpeed engine (FSDP2 modules are their own class)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model
 
 
-__all__ = ["DistEnv", "init_distributed", "wrap_model", "unwrap", "WRAPPERS"]
+# ----- DeepSpeed -----
+
+DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "dist_spectral" / "torch_extensions"
+
+
+def _deepspeed_environment(use_cuda: bool) -> None:
+    """Before DeepSpeed is imported: a persistent cache for its JIT-built ops; on CPU no torch.compile."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))
+    Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
+    if not use_cuda:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def deepspeed_json(name: str) -> dict:
+    """``configs/deepspeed/<name>.json``, or ``name`` itself when it is a ``.json`` path. Keys that
+    start with ``_`` (``_command``, ``_comment``: JSON has no comments) are dropped."""
+    from ..recipes import configs_dir
+
+    path = Path(name) if name.endswith(".json") else configs_dir() / "deepspeed" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (configs_dir() / "deepspeed").glob("*.json"))
+        raise ConfigError(f"parallel.deepspeed.config={name!r}: no {path}; available: {', '.join(known)} or a .json path")
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg: ParallelConfig, batch_size: int, world_size: int, clip_grad: float | None = None) -> dict:
+    """The config handed to ``deepspeed.initialize``.
+
+    Precedence: the JSON file (``parallel.deepspeed.config``) < the section's non-null fields <
+    ``parallel.deepspeed.overrides``. ``gradient_clipping`` is the section's, else ``optim.clip_grad``,
+    else the file's, else 0 (off, as on the other engines; DeepSpeed's own default is 1.0).
+    Batches: ``data.batch_size`` sequences per rank and optimizer step, cut into
+    ``gradient_accumulation_steps`` micro-batches, so accumulation changes memory, not the update.
+    """
+    ds = cfg.deepspeed
+    base = deepspeed_json(ds.config) if ds.config else {}
+    for key in ("optimizer", "scheduler"):
+        if key in base:
+            raise ConfigError(f"the DeepSpeed config {ds.config!r} has a {key!r} section, but the training entry point "
+                              f"passes dist_spectral's {key} (optim.recipe, paper_schedule): remove it")
+    out = copy.deepcopy(base)
+    zero = out.setdefault("zero_optimization", {})
+    zero["stage"] = ds.stage if ds.stage is not None else zero.get("stage", 2)
+    out.setdefault("bf16", {})["enabled"] = ds.bf16 if ds.bf16 is not None else bool(out["bf16"].get("enabled", False))
+    accum = ds.gradient_accumulation_steps or out.get("gradient_accumulation_steps", 1)
+    if ds.gradient_clipping is not None:
+        out["gradient_clipping"] = ds.gradient_clipping
+    elif clip_grad is not None:
+        out["gradient_clipping"] = clip_grad
+    else:
+        out.setdefault("gradient_clipping", 0.0)
+    if batch_size % accum:
+        raise ConfigError(f"data.batch_size={batch_size} sequences per rank do not split into "
+                          f"gradient_accumulation_steps={accum} equal micro-batches")
+    batches = {"train_micro_batch_size_per_gpu": batch_size // accum, "gradient_accumulation_steps": accum,
+               "train_batch_size": batch_size * world_size}
+    for key, value in batches.items():
+        if key in out and key != "gradient_accumulation_steps" and out[key] != value:
+            raise ConfigError(f"the DeepSpeed config sets {key}={out[key]} but data.batch_size={batch_size} per rank "
+                              f"over {world_size} ranks gives {value}: leave batch sizes out of the DeepSpeed config")
+    out.update(batches)
+    out.setdefault("steps_per_print", 10 ** 9)
+    out = _merge(out, ds.overrides)
+    if out["zero_optimization"]["stage"] not in (1, 2, 3):
+        raise ConfigError(f"ZeRO stage {out['zero_optimization']['stage']}: the training entry point runs stages "
+                          "1, 2 and 3 (stage 0 is data parallel: use parallel=ddp)")
+    return out
+
+
+def deepspeed_initialize(model: nn.Module, optimizer, scheduler, config: dict):
+    """``dist_spectral.deepspeed.initialize``: one engine for model, optimizer and scheduler (which
+    DeepSpeed steps once per optimizer step, at gradient-accumulation boundaries, and checkpoints)."""
+    from ..deepspeed import initialize
+
+    engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler)
+    return engine
+
+
+__all__ = ["DistEnv", "init_distributed", "wrap_model", "unwrap", "WRAPPERS", "deepspeed_config", "deepspeed_json",
+           "deepspeed_initialize"]

@@ -8,12 +8,21 @@ One step on every rank::
     [clip_grad_norm_]                                 optional; works on FSDP2 DTensors
     opt.step(); sched.step(); opt.zero_grad()         dist_spectral optimizer, paper_schedule
 
+Under DeepSpeed (``parallel.engine=deepspeed``) the batch is cut into the gradient-accumulation
+micro-batches and each goes through ``loss = engine(...)``, ``engine.backward(loss)``,
+``engine.step()``: DeepSpeed averages and clips the gradients, calls the optimizer at the last
+micro-batch (once per param group at ZeRO-1/2, per sub-group at ZeRO-3: the step's statistics
+are summed over those calls) and then steps the scheduler. Checkpoints are DeepSpeed's
+(``engine.save_checkpoint``: each rank writes its own partition of the optimizer state), so a
+run resumes at the same world size and ZeRO stage.
+
 Validation is the token-weighted mean cross-entropy over a fixed held-out set, at step 0, every
 ``eval_every`` steps and at the end. Checkpoints (``dist_spectral.checkpoint``) hold the model,
 optimizer and scheduler; the step count is all the data needs to continue.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +34,8 @@ import torch.nn.functional as F
 from .. import checkpoint
 from .config import RunConfig, dump
 from .data import TokenData, load_tokens
-from .engines import DistEnv, init_distributed, wrap_model
+from ..optimizer import StepStats
+from .engines import DistEnv, deepspeed_config, deepspeed_initialize, init_distributed, wrap_model
 from .metrics import MetricsLog, plot_losses, read_metrics
 
 
@@ -66,6 +76,13 @@ class Trainer:
         self.opt = build_optimizer(self.model, o.recipe, nonfinite=o.nonfinite, bucket_mb=o.bucket_mb,
                                    comm_dtype=o.comm_dtype, **o.overrides)
         self.sched = paper_schedule(self.opt, cfg.train.steps, warmup=o.warmup, constant_fraction=o.constant_fraction)
+        self.engine = None  # DeepSpeed's engine: it then runs backward and step, and is the model
+        if cfg.parallel.engine == "deepspeed":
+            self.ds_config = deepspeed_config(cfg.parallel, cfg.data.batch_size, env.world_size, o.clip_grad)
+            self.engine = deepspeed_initialize(self.model, self.opt, self.sched, self.ds_config)
+            self.model = self.engine
+            self._calls = StepStats()
+            self.opt.register_step_post_hook(lambda opt, args, kwargs: add_stats(self._calls, opt.last_stats))
         self.val = ([x.to(env.device) for x in self.data.val_batches(env.rank, cfg.train.eval_batches)]
                     if cfg.train.eval_every else [])
 
@@ -93,31 +110,84 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         path = self.out / "checkpoints" / f"step_{step:06d}"
+        if self.engine is not None:
+            return self.save_deepspeed(step, path)
         checkpoint.save(str(path), self.model, self.opt, self.sched, extra={"step": step, "name": self.cfg.name})
         if self.is_main:  # rank 0 returns after the checkpoint's metadata is written
             (self.out / "checkpoints" / "latest").write_text(path.name)
         return path
 
     def load(self, path: Path) -> int:
-        extra = checkpoint.load(str(path), self.model, self.opt, self.sched)
+        extra = (self.load_deepspeed(path) if self.engine is not None
+                 else checkpoint.load(str(path), self.model, self.opt, self.sched))
         step = int(extra["step"])
         if not 0 <= step <= self.cfg.train.steps:
             raise ValueError(f"checkpoint {path} is at step {step}, outside this run's 0..{self.cfg.train.steps}")
         return step
 
+    # ----- DeepSpeed -----
+    MANIFEST = "dist_spectral.json"  # beside DeepSpeed's files: what a resume must match
+
+    def save_deepspeed(self, step: int, path: Path) -> Path:
+        """Every rank writes its ZeRO partition (our optimizer's ``state_dict``); rank 0 the model
+        states (scheduler included) and ``checkpoints/latest``."""
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={
+            "step": step, "name": self.cfg.name, "num_steps": self.opt.num_steps,
+            "skipped_steps": self.opt.skipped_steps, "total_polar_flops": self.opt.total_polar_flops})
+        if self.is_main:
+            manifest = {"step": step, "world_size": self.env.world_size,
+                        "zero_stage": self.engine.zero_optimization_stage(), "recipe": self.cfg.optim.recipe}
+            (path / self.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        dist.barrier()
+        return path
+
+    def load_deepspeed(self, path: Path) -> dict:
+        manifest_path = path / self.MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint of the training entry point (no {self.MANIFEST})")
+        saved = json.loads(manifest_path.read_text())
+        here = {"world_size": self.env.world_size, "zero_stage": self.engine.zero_optimization_stage()}
+        if any(saved[k] != v for k, v in here.items()):
+            raise ValueError(f"{path} was saved at world size {saved['world_size']}, ZeRO-{saved['zero_stage']}; this run "
+                             f"is at world size {here['world_size']}, ZeRO-{here['zero_stage']}. DeepSpeed checkpoints "
+                             "hold each rank's flat partition of the optimizer state: resume with the same number of "
+                             "processes and stage")
+        loaded, extra = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {path}")
+        self.opt.num_steps = extra["num_steps"]
+        self.opt.skipped_steps = extra["skipped_steps"]
+        self.opt.total_polar_flops = extra["total_polar_flops"]
+        return extra
+
+    def deepspeed_step(self, x: torch.Tensor) -> tuple[float, StepStats]:
+        """One optimizer step through the engine; returns the mean micro-batch loss and the
+        optimizer's statistics summed over DeepSpeed's step() calls."""
+        self._calls = StepStats()
+        losses = []
+        for micro in x.chunk(self.engine.gradient_accumulation_steps()):
+            loss = self.engine(input_ids=micro, labels=micro).loss
+            self.engine.backward(loss)
+            self.engine.step()  # at the last micro-batch: clip, optimizer, scheduler, zero the gradients
+            losses.append(loss.item())
+        return sum(losses) / len(losses), self._calls
+
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
         x = self.data.train_batch(step, self.env.rank).to(self.env.device)
-        loss = self.model(input_ids=x, labels=x).loss
-        loss.backward()
-        if self.cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         lrs = {g["name"]: g["lr"] for g in self.opt.param_groups}
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        s = self.opt.last_stats
-        local = [loss.item(), s.step_seconds, s.exchange_seconds, s.compute_seconds, time.perf_counter() - t0]
+        if self.engine is not None:
+            loss_value, s = self.deepspeed_step(x)
+        else:
+            loss = self.model(input_ids=x, labels=x).loss
+            loss.backward()
+            if self.cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            loss_value, s = loss.item(), self.opt.last_stats
+        local = [loss_value, s.step_seconds, s.exchange_seconds, s.compute_seconds, time.perf_counter() - t0]
         loss_v, opt_s, exch_s, comp_s, step_s = self.mean_over_ranks(local)
         return {"kind": "train", "step": step + 1, "loss": loss_v, "lr": lrs, "tokens": self.data.tokens_per_step,
                 "tokens_per_s": self.data.tokens_per_step / step_s, "step_s": step_s, "opt_s": opt_s,
@@ -126,9 +196,14 @@ class Trainer:
     # ----- the run -----
     def header(self) -> str:
         c, e = self.cfg, self.env
+        engine = c.parallel.engine
+        if self.engine is not None:
+            engine += (f" ZeRO-{self.ds_config['zero_optimization']['stage']}"
+                       + (" bf16" if self.ds_config["bf16"]["enabled"] else "")
+                       + f", {self.ds_config['gradient_accumulation_steps']} micro-batch(es)/step")
         lines = [f"run {c.name!r} -> {self.out}",
                  f"model {c.model.preset} ({self.n_params / 1e6:.2f}M params), recipe {c.optim.recipe}, engine "
-                 f"{c.parallel.engine} x{e.world_size} ({e.backend}, {e.device}, {torch.get_num_threads()} threads/rank)",
+                 f"{engine} x{e.world_size} ({e.backend}, {e.device}, {torch.get_num_threads()} threads/rank)",
                  f"data {c.data.source}: {len(self.data.train):,} train / {len(self.data.val):,} val tokens; "
                  f"{c.data.batch_size} x {c.data.seq_len} per rank = {self.data.tokens_per_step:,} tokens/step, "
                  f"{c.train.steps} steps"]
@@ -205,6 +280,18 @@ class Trainer:
                 f"(exchange {1e3 * s['exchange_s']:.1f} ms, compute {1e3 * s['compute_s']:.1f} ms) of "
                 f"{1e3 * s['step_s']:.1f} ms; skipped steps {s['skipped_steps']}\noutputs: {self.out}/metrics.jsonl"
                 + (f", {self.out}/loss.png" if self.cfg.train.plot else ""))
+
+
+def add_stats(total: StepStats, s: StepStats) -> None:
+    """Add one step() call's statistics to ``total`` (DeepSpeed calls step() several times per step)."""
+    for mine, theirs in ((total.bytes_sent, s.bytes_sent), (total.bytes_received, s.bytes_received)):
+        for key, value in theirs.items():
+            mine[key] = mine.get(key, 0) + value
+    total.polar_flops += s.polar_flops
+    total.exchange_seconds += s.exchange_seconds
+    total.compute_seconds += s.compute_seconds
+    total.step_seconds += s.step_seconds
+    total.skipped |= s.skipped
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> dict:

@@ -49,9 +49,13 @@ def run_case(name: str, rank: int, world: int) -> dict:
     step_calls = []
     original_step = opt.step
 
+    cut_row_params = set()
+
     def recording_step(closure=None):
         step_calls.append(len(opt.param_groups))
         for it in opt._zero_items():  # this rank's pieces of each parameter's gradient
+            if it.group["rule"] in ("row_norm", "centered_row_norm") and not it.layout.whole_rows():
+                cut_row_params.add(it.name)
             full = current.setdefault(it.name, torch.zeros(shapes[it.name]).reshape(-1))
             for (a, b) in it.layout.holdings[rank]:
                 full[a:b] = it.grad
@@ -73,7 +77,8 @@ def run_case(name: str, rank: int, world: int) -> dict:
     with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=case["stage"] == 3):
         full = {n: p.detach().clone().float() for n, p in params}
     return {"params": full if rank == 0 else None, "grads": grads if rank == 0 else None,
-            "polar_flops": opt.total_polar_flops, "step_calls": step_calls}
+            "polar_flops": opt.total_polar_flops, "step_calls": step_calls, "cut_row_params": cut_row_params,
+            "planned": {name for key in opt._plans for name in key}}
 
 
 def worker(rank: int, world: int, out_dir: str) -> None:

@@ -71,3 +71,15 @@ def test_no_duplicated_polar_work(worlds, world):
         opt.step()
     for case in CASES:
         assert sum(r[case]["polar_flops"] for r in worlds[world]) == opt.total_polar_flops > 0, case
+
+
+def test_rows_cut_by_partitions_stay_local(worlds):
+    """Embedding and head rows cut by ZeRO-1/2 partition boundaries run on the shard (row sums of
+    the cut rows combined by an all-reduce), never through the owner exchange."""
+    cut = set()
+    for world in (2, 3):
+        for rank in worlds[world]:
+            for case in ("zero1", "zero2"):
+                cut |= rank[case]["cut_row_params"]
+                assert not rank[case]["cut_row_params"] & rank[case]["planned"]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= cut
