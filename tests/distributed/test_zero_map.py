@@ -19,10 +19,6 @@ start-up of 5 processes importing torch and DeepSpeed), ~45 s wall on 2 idle cor
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,9 +30,6 @@ from dist_spectral.engines.zero_map import (
     ZeroFlat, ZeroMap, ZeroSegment, build_zero_map, flat_buffer_partitions, flat_tensors, per_param_partitions,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-
-EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "dist_spectral" / "torch_extensions")
 WORKER_TIMEOUT_S = 420  # covers a cold JIT build of DeepSpeed's shm op
 
 # ------------------------------------------------------------------------------------------ cases
@@ -217,9 +210,8 @@ def _run_case(case, rank, world):
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+def worker(rank: int, world: int, out_dir: str) -> None:
+    """One rank (started by tests/distributed/ds_harness.py, which sets the rendezvous variables)."""
     torch.set_num_threads(1)
     import datetime
 
@@ -243,48 +235,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ launcher
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, out_dir: Path) -> dict:
-    # The interpreter's bin dir first on PATH: the JIT build then always uses the venv's ninja (a
-    # DeepSpeed dependency). Switching between two ninja versions (e.g. /usr/bin/ninja 1.11 and
-    # ninja 1.13) invalidates the build log and recompiles the cached extension.
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=EXT_DIR, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    Path(EXT_DIR).mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(out_dir / f"rank{rank}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(rank), str(world), str(port),
-                                       str(out_dir)], env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.time() + WORKER_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:  # only the processes started here
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    reports = {}
-    for rank, p in enumerate(procs):
-        path = out_dir / f"rank{rank}.json"
-        if p.returncode != 0 or not path.exists():
-            tail = (out_dir / f"rank{rank}.log").read_text()[-4000:]
-            pytest.fail(f"W={world} rank {rank} exited with {p.returncode}:\n{tail}")
-        reports[rank] = json.loads(path.read_text())
-    return reports
+    from tests.distributed.ds_harness import launch
+
+    launch(world, "tests.distributed.test_zero_map:worker", out_dir, timeout_s=WORKER_TIMEOUT_S)
+    return {rank: json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world)}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
@@ -406,7 +361,3 @@ def test_row_span():
     seg = ZeroSegment("w", 0, 0, 10, 27)  # rows of 7: elements 10..26 are rows 1..3
     assert seg.row_span(7) == (1, 4, True, True)
     assert ZeroSegment("w", 0, 0, 14, 28).row_span(7) == (2, 4, False, False)
-
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
