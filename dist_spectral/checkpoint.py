@@ -108,8 +108,6 @@ def _meta(msd, optimizer, osd, scheduler, extra, world_size: int) -> dict:
 
 def _restore_meta(meta: dict, optimizer, scheduler) -> dict:
     if scheduler is not None:
-        if meta["scheduler"] is None:
-            raise ValueError("the checkpoint has no scheduler state; load it with scheduler=None")
         scheduler.load_state_dict(meta["scheduler"])
     for key in ("num_steps", "skipped_steps"):
         if meta.get(key) is not None and hasattr(optimizer, key):
@@ -132,14 +130,17 @@ def mismatches(saved: dict, current: dict, what: str) -> list[str]:
     return lines
 
 
-def _check(meta: dict, model_shapes: dict, params: dict, path) -> None:
+def _check(meta: dict, model_shapes: dict, params: dict, path, scheduler) -> None:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a dist_spectral checkpoint (format {meta.get('format')!r})")
     lines = mismatches(meta["model_shapes"], model_shapes, "model tensor (shape)")
     lines += mismatches(meta["manifest"], params, "optimized parameter (shape, rule)")
+    if scheduler is not None and meta["scheduler"] is None:
+        lines.append("no scheduler state in the checkpoint: load with scheduler=None")
     if lines:
         raise ValueError(f"checkpoint {path} does not match this model/optimizer; nothing was loaded:\n  "
-                         + "\n  ".join(lines) + "\nBuild the model and optimizer (recipe) the checkpoint was saved with")
+                         + "\n  ".join(lines)
+                         + "\nBuild the model and optimizer (recipe) the checkpoint was saved with")
 
 
 # ----- DCP: sharded, reshards on load -----
@@ -185,13 +186,14 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     meta = read_meta(path)
     msd, osd = get_state_dict(model, optimizer)
     osd = _groups_without_names(osd)
-    _check(meta, _shapes(msd), manifest(optimizer, osd), path)
+    _check(meta, _shapes(msd), manifest(optimizer, osd), path, scheduler)
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     lines = mismatches({k: None for k in saved if k.startswith("optim.state.")},
                        {f"optim.state.{fqn}.{k}": None for fqn, st in osd["state"].items() for k in st},
                        "optimizer state")
     if lines:
-        raise ValueError(f"checkpoint {path} holds different optimizer state; nothing was loaded:\n  " + "\n  ".join(lines))
+        raise ValueError(f"checkpoint {path} holds different optimizer state; nothing was loaded:\n  "
+                         + "\n  ".join(lines))
     state = {"model": msd, "optim": osd}
     _dcp(dcp.load, state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -242,7 +244,7 @@ def load_consolidated(path: str | os.PathLike, model: nn.Module, optimizer: torc
         try:
             full = torch.load(path, map_location="cpu", weights_only=False)
             meta = full.get(META_KEY, {}) if isinstance(full, dict) else {}
-            _check(meta, *current, path)
+            _check(meta, *current, path, scheduler)
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
     if _distributed():

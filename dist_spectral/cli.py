@@ -93,6 +93,11 @@ def cmd_plan(args) -> int:
           f"exchange {pred.exchange[worst] * 1e3:.2f} ms (compute {pred.compute[worst] * 1e3:.2f} ms, all-to-alls "
           f"{pred.comm[worst] * 1e3:.2f} ms, overlapped; {pred.serial[worst] * 1e3:.2f} ms if not)")
     print(f"  AdamW on the same shards: {pred.adamw.max() * 1e3:.2f} ms")
+    busy = max(pred.compute[worst], pred.comm[worst])
+    if pred.exchange[worst] > 1.5 * busy and pred.exchange[worst] - busy > 1e-3:
+        print(f"  the exchange waits {(pred.exchange[worst] - busy) * 1e3:.0f} ms beyond this rank's own compute and "
+              "transfers: each all-to-all lasts as long as its busiest rank (few owners per bucket); try a larger "
+              "--bucket-mb (memory per rank grows by about bucket/W) or --comm-dtype bfloat16")
     print(f"memory per rank (max): optimizer state {pred.state.max() / 1e9:.2f} GB (AdamW {pred.adamw_state.max() / 1e9:.2f} GB), "
           f"peak extra during the step {pred.peak_extra.max() / 1e9:.2f} GB (see dist_spectral/predict.py)")
     return 0

@@ -200,8 +200,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
         topo, h = self.topology, hashlib.sha256()
         for e in self._entries(only_with_grad=False):
             rule = get_rule(e.group["rule"])
+            try:
+                layout = topo.layout(e.param)
+            except ValueError as err:  # the adapter cannot describe this layout: say which parameter
+                raise ValueError(f"{e.name}: {err}") from None
             h.update(repr((e.name, tuple(e.param.shape), str(e.param.dtype), rule.key(e.group),
-                           topo.layout(e.param).holdings)).encode())
+                           layout.holdings)).encode())
         return h.hexdigest()[:16]
 
     def _check_ranks_agree(self) -> None:
@@ -214,9 +218,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
             groups: dict[str, list[int]] = {}
             for r, fp in enumerate(prints):
                 groups.setdefault(fp, []).append(r)
-            raise ValueError(f"ranks disagree on the parameters to optimize (fingerprint -> ranks: {groups}); every rank "
-                             "must build the optimizer from the same model (parameter names, shapes, dtypes, layouts) "
-                             "and recipe. Nothing was created")
+            raise ValueError(f"ranks disagree on the parameters to optimize (fingerprint -> ranks: {groups}); every "
+                             "rank must build the optimizer from the same model (parameter names, shapes, dtypes, "
+                             "layouts) and recipe. Nothing was created")
 
     def _guard(self, what: str, fn):
         """Run a collective; a failure or timeout becomes a :class:`CollectiveError` naming the step."""
@@ -248,6 +252,13 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return items
 
     # ----- DeepSpeed ZeRO -----
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping the param-group dicts DeepSpeed's
+        per-group ``step()`` calls refer to in sync with the loaded ones."""
+        super().load_state_dict(state_dict)
+        if self._zero is not None:
+            self._zero_groups = list(self.param_groups)
+
     def attach_zero(self, zero_map, flats: list[Tensor], topology: Topology) -> None:
         """Switch to DeepSpeed's flat partitions (called by :func:`dist_spectral.deepspeed.initialize`).
 
@@ -416,17 +427,24 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return build_plan(params, topo.world_size, self.bucket_bytes)
 
     def _nonfinite(self, items: list[_Item], topo: Topology) -> bool:
-        bad = next((it.name for it in items if not bool(torch.isfinite(it.grad).all())), None)
+        bad_names = [it.name for it in items if not bool(torch.isfinite(it.grad).all())]
+        bad = self._first_in_model_order(bad_names) if bad_names else None
         if not self._guard("non-finite check all_reduce", lambda: topo.any_true(bad is not None)):
             return False
         if self.nonfinite == "raise":
-            names = [n for n in self._guard("non-finite names all_gather_object", lambda: topo.all_gather_object(bad)) if n]
-            raise NonFiniteGradientError(f"non-finite gradient in {names[0]} (first on any rank); nothing was updated. "
-                                         "Use nonfinite='skip' to skip such steps")
+            names = self._guard("non-finite names all_gather_object", lambda: topo.all_gather_object(bad))
+            first = self._first_in_model_order([n for n in names if n])
+            raise NonFiniteGradientError(f"non-finite gradient in {first} (the first parameter with one, on any rank; "
+                                         f"step {self.num_steps}); nothing was updated. Use nonfinite='skip' to skip "
+                                         "such steps")
         self.skipped_steps += 1
         log.warning("skipped an optimizer step: non-finite gradient in %s (skipped so far: %d)",
                     bad or "a parameter on another rank", self.skipped_steps)
         return True
+
+    def _first_in_model_order(self, names: list[str]) -> str:
+        order = {n: i for i, n in enumerate(self.infos)}  # infos follow model.named_parameters()
+        return min(names, key=lambda n: order.get(n, len(order)))
 
 
 __all__ = ["SpectralOptimizer", "StepStats", "NonFiniteGradientError"]

@@ -95,8 +95,7 @@ _COLUMNS = ("uid", "src", "dst", "start", "stop")
 class Pieces(Sequence):
     """The pieces of one bucket and direction, as columns; reads like a tuple of :class:`Piece`.
 
-    ``uid``, ``src``, ``dst``, ``start`` and ``stop`` are int64 numpy arrays (do not modify
-    them). Indexing and iteration build :class:`Piece` objects (once, then cached); per-rank
+    ``uid``, ``src``, ``dst``, ``start`` and ``stop`` are read-only int64 numpy arrays. Indexing and iteration build :class:`Piece` objects (once, then cached); per-rank
     questions are better asked of the columns, e.g. ``pieces.select(src=rank)``.
     """
 
@@ -104,7 +103,9 @@ class Pieces(Sequence):
 
     def __init__(self, uid, src, dst, start, stop):
         for name, col in zip(_COLUMNS, (uid, src, dst, start, stop)):
-            object.__setattr__(self, name, np.asarray(col, dtype=np.int64))
+            view = np.asarray(col, dtype=np.int64).view()
+            view.flags.writeable = False  # plans are shared values
+            object.__setattr__(self, name, view)
         object.__setattr__(self, "_tuple", None)
 
     def __setattr__(self, name, value):
@@ -138,6 +139,11 @@ class Pieces(Sequence):
         if dst is not None:
             keep = keep & (self.dst == dst)
         return Pieces(*(getattr(self, c)[keep] for c in _COLUMNS))
+
+    def sorted_by(self, column: str) -> Pieces:
+        """The pieces stably sorted by a column (``"src"`` or ``"dst"``: wire order for one rank)."""
+        order = np.argsort(getattr(self, column), kind="stable")
+        return Pieces(*(getattr(self, c)[order] for c in _COLUMNS))
 
     def sizes(self, by: str, world_size: int) -> list[int]:
         """Elements per rank of column ``by`` (``"src"`` or ``"dst"``)."""
@@ -410,10 +416,13 @@ def _pieces(geo: _Geometry, uid: np.ndarray, owner: np.ndarray) -> tuple[tuple, 
 
 
 def _int_array(values) -> np.ndarray:
-    try:
-        return np.array(values, dtype=np.int64)
-    except OverflowError:  # flops past 2⁶³: keep exact Python ints
-        return np.array(values, dtype=object)
+    """int64 when every value is an int that fits, else an object array (sorted in Python)."""
+    if all(type(v) is int for v in values):
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:  # flops past 2⁶³
+            pass
+    return np.array(values, dtype=object)
 
 
 def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256 << 20,

@@ -47,7 +47,7 @@ def triton_available() -> bool:
     """Whether Triton imports (the kernels run on CUDA, or on CPU under ``TRITON_INTERPRET=1``)."""
     try:
         import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (fails on some installs without a driver)
     except Exception:  # ImportError, or a broken install without a driver
         return False
     return True
@@ -75,7 +75,8 @@ def _kernel(interpret: bool):
         rn = j * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
         x = X + b.to(tl.int64) * sxb
-        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_M), 0.0, tl.float32)  # a builtin: tl.zeros is a jit function, which
+        # the interpreter cannot call when triton was imported before TRITON_INTERPRET was set
         for k0 in range(0, l, BLOCK_K):
             k = k0 + rk
             a = tl.load(x + rm[:, None] * sxm + k[None, :] * sxk, mask=(rm[:, None] < s) & (k[None, :] < l), other=0.0)

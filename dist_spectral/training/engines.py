@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +218,12 @@ def _deepspeed_environment(use_cuda: bool) -> None:
     """Before DeepSpeed is imported: a persistent cache for its JIT-built ops; on CPU no torch.compile."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))
     Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
+    # torch builds the op with the first `ninja` on PATH. ninja 1.11 (a system's) and 1.13 (pip's)
+    # hash build commands differently, so alternating between them rebuilds the cached op (~90 s on
+    # 2 cores) every time: prefer this interpreter's, as tests/distributed/ds_harness.py does.
+    bindir = Path(sys.executable).parent
+    if (bindir / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != str(bindir):
+        os.environ["PATH"] = os.pathsep.join([str(bindir), os.environ.get("PATH", "")])
     if not use_cuda:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -294,5 +301,25 @@ def deepspeed_initialize(model: nn.Module, optimizer, scheduler, config: dict):
     return engine
 
 
+def deepspeed_load(engine, optimizer, load_dir: str, tag: str) -> dict:
+    """``engine.load_checkpoint`` (module, optimizer partitions, scheduler); returns the client state.
+
+    Keeps the optimizer's param-group dicts: ``torch.optim.Optimizer.load_state_dict`` (which
+    DeepSpeed calls with the rank's saved state) builds new ones, but a ``SpectralOptimizer``
+    attached to ZeRO reads rules and hyperparameters from the dicts it was attached with (DeepSpeed
+    shows it one group at a time), so it would go on with the pre-load learning rates while the
+    scheduler sets the new dicts. The loaded values go into the original dicts instead.
+    """
+    groups = list(optimizer.param_groups)
+    loaded, client = engine.load_checkpoint(load_dir, tag=tag)
+    if loaded is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
+    for old, new in zip(groups, optimizer.param_groups):
+        if old is not new:
+            old.update(new)  # "params" included: the same flats (ZeRO-1/2) or [] (ZeRO-3)
+    optimizer.param_groups[:] = groups
+    return client
+
+
 __all__ = ["DistEnv", "init_distributed", "wrap_model", "unwrap", "WRAPPERS", "deepspeed_config", "deepspeed_json",
-           "deepspeed_initialize"]
+           "deepspeed_initialize", "deepspeed_load"]

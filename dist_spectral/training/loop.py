@@ -35,7 +35,7 @@ from .. import checkpoint
 from .config import RunConfig, dump
 from .data import TokenData, load_tokens
 from ..optimizer import StepStats
-from .engines import DistEnv, deepspeed_config, deepspeed_initialize, init_distributed, wrap_model
+from .engines import DistEnv, deepspeed_config, deepspeed_initialize, deepspeed_load, init_distributed, wrap_model
 from .metrics import MetricsLog, plot_losses, read_metrics
 
 
@@ -131,9 +131,10 @@ class Trainer:
     def save_deepspeed(self, step: int, path: Path) -> Path:
         """Every rank writes its ZeRO partition (our optimizer's ``state_dict``); rank 0 the model
         states (scheduler included) and ``checkpoints/latest``."""
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={
-            "step": step, "name": self.cfg.name, "num_steps": self.opt.num_steps,
-            "skipped_steps": self.opt.skipped_steps, "total_polar_flops": self.opt.total_polar_flops})
+        counters = {"num_steps": self.opt.num_steps, "skipped_steps": self.opt.skipped_steps,
+                    "total_polar_flops": self.opt.total_polar_flops}  # one key: DeepSpeed keeps "skipped_steps"
+        self.engine.save_checkpoint(str(path.parent), tag=path.name,
+                                    client_state={"step": step, "name": self.cfg.name, "optimizer_counters": counters})
         if self.is_main:
             manifest = {"step": step, "world_size": self.env.world_size,
                         "zero_stage": self.engine.zero_optimization_stage(), "recipe": self.cfg.optim.recipe}
@@ -152,12 +153,9 @@ class Trainer:
                              f"is at world size {here['world_size']}, ZeRO-{here['zero_stage']}. DeepSpeed checkpoints "
                              "hold each rank's flat partition of the optimizer state: resume with the same number of "
                              "processes and stage")
-        loaded, extra = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        if loaded is None:
-            raise FileNotFoundError(f"DeepSpeed could not load {path}")
-        self.opt.num_steps = extra["num_steps"]
-        self.opt.skipped_steps = extra["skipped_steps"]
-        self.opt.total_polar_flops = extra["total_polar_flops"]
+        extra = deepspeed_load(self.engine, self.opt, str(path.parent), path.name)
+        for key, value in extra["optimizer_counters"].items():
+            setattr(self.opt, key, value)
         return extra
 
     def deepspeed_step(self, x: torch.Tensor) -> tuple[float, StepStats]:

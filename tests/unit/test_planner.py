@@ -202,6 +202,7 @@ def test_pieces_read_like_a_tuple_of_piece():
     assert bucket == Bucket((0, 3), Pieces.of(pieces), Pieces.of(()))
     assert hash(bucket) == hash(Bucket((0, 3), pieces, ()))
     assert tuple(bucket.gather.select(src=1)) == (pieces[0], pieces[2])
+    assert tuple(bucket.gather.sorted_by("dst")) == tuple(sorted(pieces, key=lambda p: p.dst))
     assert bucket.split_sizes(1, 3, "gather") == ([4, 0, 1], [0, 0, 0])
     assert bucket.split_sizes(0, 3, "gather") == ([0, 0, 0], [0, 4, 2])
 
