@@ -303,21 +303,10 @@ def deepspeed_initialize(model: nn.Module, optimizer, scheduler, config: dict):
 
 def deepspeed_load(engine, optimizer, load_dir: str, tag: str) -> dict:
     """``engine.load_checkpoint`` (module, optimizer partitions, scheduler); returns the client state.
-
-    Keeps the optimizer's param-group dicts: ``torch.optim.Optimizer.load_state_dict`` (which
-    DeepSpeed calls with the rank's saved state) builds new ones, but a ``SpectralOptimizer``
-    attached to ZeRO reads rules and hyperparameters from the dicts it was attached with (DeepSpeed
-    shows it one group at a time), so it would go on with the pre-load learning rates while the
-    scheduler sets the new dicts. The loaded values go into the original dicts instead.
-    """
-    groups = list(optimizer.param_groups)
+    (``SpectralOptimizer.load_state_dict`` keeps its ZeRO group dicts in sync with the loaded ones.)"""
     loaded, client = engine.load_checkpoint(load_dir, tag=tag)
     if loaded is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
-    for old, new in zip(groups, optimizer.param_groups):
-        if old is not new:
-            old.update(new)  # "params" included: the same flats (ZeRO-1/2) or [] (ZeRO-3)
-    optimizer.param_groups[:] = groups
     return client
 
 
