@@ -182,10 +182,14 @@ def right_spectral(
     X = x.to(_acc(x))
     if center:
         X = center_rows(X)
+    # U_0 is scale-invariant (ε is relative), so form it on X / max|X|: the Gram of a matrix with
+    # entries near 1e9 would overflow fp32's Frobenius norm. ν is taken on X itself.
+    scale = X.abs().amax(dim=(-2, -1), keepdim=True)
+    Xs = X / torch.where(scale > 0, scale, torch.ones_like(scale))
     if X.shape[-2] < X.shape[-1]:
-        U = inv_sqrt(X @ X.mT, eps, method, steps) @ X
+        U = inv_sqrt(Xs @ Xs.mT, eps, method, steps) @ Xs
     else:
-        U = X @ inv_sqrt(X.mT @ X, eps, method, steps)
+        U = Xs @ inv_sqrt(Xs.mT @ Xs, eps, method, steps)
     U = nuclear_norm_scale(X, U, alpha) * U
     if center:
         U = center_rows(U)
