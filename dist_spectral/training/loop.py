@@ -182,7 +182,8 @@ class Trainer:
             if self.cfg.optim.clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
             self.opt.step()
-            self.sched.step()
+            if not self.opt.last_stats.skipped:  # a skipped step (non-finite gradient) leaves the schedule too
+                self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             loss_value, s = loss.item(), self.opt.last_stats
         local = [loss_value, s.step_seconds, s.exchange_seconds, s.compute_seconds, time.perf_counter() - t0]
