@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from common import machine_lines, run_world, summary  # noqa: E402
-from step import MODEL, build_model, grad_for  # noqa: E402
+from step import MODEL, build_model, fsdp_model_with_grads  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
 
@@ -130,19 +130,11 @@ def measure_rates(world_size: int) -> dict:
 def cpu_worker(rank: int, world_size: int, repeats: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,))
     models, opts = {}, {}
     for kind in OPTIMIZERS:
-        model = build_model()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        for name, p in model.named_parameters():
-            p.grad = distribute_tensor(grad_for(name, tuple(p.shape)), mesh, p.placements, src_data_rank=None)
-        models[kind] = model
+        model = models[kind] = fsdp_model_with_grads(mesh)
         opts[kind] = (torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95)) if kind == "adamw"
                       else build_optimizer(model, kind))
     times = {k: [] for k in opts}

@@ -51,6 +51,20 @@ def grad_for(name: str, shape) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def fsdp_model_with_grads(mesh):
+    """The benchmark model, FSDP2-wrapped per layer on ``mesh``, with its fixed gradients set."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    model = build_model()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for name, p in model.named_parameters():
+        p.grad = distribute_tensor(grad_for(name, tuple(p.shape)), mesh, p.placements, src_data_rank=None)
+    return model
+
+
 class AllGatherBaseline:
     """Whole-matrix rules by all-gather: every rank rebuilds every matrix and runs every unit."""
 
@@ -107,19 +121,11 @@ class AllGatherBaseline:
 def worker(rank: int, world_size: int, repeats: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,))
     models, opts = {}, {}
     for kind in ("dist_spectral", "allgather", "adamw"):
-        model = build_model()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        for name, p in model.named_parameters():
-            p.grad = distribute_tensor(grad_for(name, tuple(p.shape)), mesh, p.placements, src_data_rank=None)
-        models[kind] = model
+        model = models[kind] = fsdp_model_with_grads(mesh)
         if kind == "adamw":
             opts[kind] = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
         elif kind == "dist_spectral":
