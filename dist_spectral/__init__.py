@@ -21,6 +21,7 @@ from .build import build_optimizer, resolve_groups
 from .optimizer import NonFiniteGradientError, SpectralOptimizer, StepStats
 from .roles import ParamInfo, classify
 from .schedules import paper_schedule
+from . import neighbours  # noqa: F401  (registers the rules from other papers)
 
 __version__ = "0.1.0"
 

@@ -275,6 +275,14 @@ RULES: dict[str, Rule] = {r.name: r for r in (AdamW(), Muon(), RowNorm(), Center
                                                 RightSpectral())}
 
 
+def register(rule: Rule) -> Rule:
+    """Add a rule (an instance) under ``rule.name``; rules from other papers live in ``neighbours/``."""
+    if rule.name in RULES and type(RULES[rule.name]) is not type(rule):
+        raise ValueError(f"a different rule is already registered as {rule.name!r}")
+    RULES[rule.name] = rule
+    return rule
+
+
 def get_rule(name: str) -> Rule:
     try:
         return RULES[name]
@@ -295,4 +303,4 @@ def polar_flops_of(rule: Rule, shape: tuple[int, int], group: dict) -> int:
     return int(rule.polar_flops(shape[0], shape[1], group))
 
 
-__all__ = ["Rule", "RULES", "RowStats", "get_rule", "normalize", "center", "orient"]
+__all__ = ["Rule", "RULES", "RowStats", "get_rule", "register", "normalize", "center", "orient"]
