@@ -1,0 +1,340 @@
+"""The paper's comparison at laptop scale: adamw vs muon vs symmetric (and router variants).
+
+    python benchmarks/convergence.py                  # sweep, seeds, report (about an hour on 2 cores)
+    python benchmarks/convergence.py --report-only    # rebuild the report from finished runs
+
+Every run is one process (``parallel=none``, one thread) training a tiny model from
+``configs/models`` on the built-in corpus with a recipe from ``configs/recipes`` plus overrides;
+``train.seed`` fixes both the initial weights and the batch order, so two runs with the same seed
+differ only in the optimizer and the comparison is *paired*. Runs go to
+``runs/convergence/<steps>steps/<id>/``
+and are reused when their summary is there, so an interrupted sweep resumes where it stopped.
+
+Stages (each picks from the previous one's final validation loss, seed 0):
+
+1. sweep: per recipe, its main learning rate; for ``muon`` the AdamW lr of embedding + head; for
+   ``symmetric`` the hidden lr, then the embedding lr and the head lr *separately* (one
+   coordinate at a time around the paper's values, ratio about 100:1); on the MoE model the router
+   rule (left-spectral, centred row-norm, AdamW) with its lr.
+2. ablations on the best ``muon``: only the embedding switched to row-norm (``emb-only``), only
+   the head switched to centred row-norm (``head-only``), each at the best symmetric lr.
+3. seeds: every chosen configuration again at seeds 1, 2, ...; the report gives mean and spread
+   and the per-seed differences against ``muon``.
+
+Writes ``benchmarks/results/convergence.md`` and ``benchmarks/results/convergence.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import machine_lines  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "convergence"
+RESULTS = ROOT / "benchmarks" / "results"
+
+MODELS = {"moe": "tiny-olmoe", "dense": "tiny-qwen3"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run: model, recipe, ``build_optimizer`` overrides, seed."""
+
+    model: str                      # key of MODELS
+    recipe: str
+    overrides: tuple = ()           # ((group, ((field, value), ...)), ...)
+    seed: int = 0
+
+    @property
+    def config_id(self) -> str:
+        """Everything but the seed: runs with equal ``config_id`` are seeds of one configuration."""
+        parts = [self.model, self.recipe]
+        for group, fields in self.overrides:
+            parts.append(group + "." + ".".join(f"{k}={v}" for k, v in fields))
+        return "__".join(parts)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.config_id}__seed{self.seed}"
+
+    def with_seed(self, seed: int) -> "Spec":
+        return Spec(self.model, self.recipe, self.overrides, seed)
+
+    def override_dict(self) -> dict:
+        return {group: dict(fields) for group, fields in self.overrides}
+
+
+def spec(model: str, recipe: str, seed: int = 0, **groups: dict) -> Spec:
+    overrides = tuple(sorted((g, tuple(sorted(f.items()))) for g, f in groups.items()))
+    return Spec(model, recipe, overrides, seed)
+
+
+# ----- running -----
+@dataclass
+class Settings:
+    steps: int = 2000
+    eval_every: int = 250
+    eval_batches: int = 8
+    seq_len: int = 128
+    batch_size: int = 8
+    warmup: int = 100
+
+
+def run_one(s: Spec, cfg: Settings) -> dict:
+    """Train one spec in this process; returns its summary (with the validation curve)."""
+    from dist_spectral.training.config import load_config, set_key
+    from dist_spectral.training.loop import train
+    from dist_spectral.training.metrics import read_metrics
+
+    out = run_dir(s, cfg)
+    c = load_config("tiny-olmoe-fsdp")
+    c.name, c.out_dir = s.run_id, str(out)
+    for key, value in {"model.preset": MODELS[s.model], "optim.recipe": s.recipe, "optim.overrides": s.override_dict(),
+                       "optim.warmup": cfg.warmup, "parallel.engine": "none", "parallel.threads": 1,
+                       "data.seq_len": cfg.seq_len, "data.batch_size": cfg.batch_size, "train.steps": cfg.steps,
+                       "train.seed": s.seed, "train.eval_every": cfg.eval_every,
+                       "train.eval_batches": cfg.eval_batches, "train.progress": False, "train.plot": False}.items():
+        set_key(c, key, value)
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # an unfinished earlier attempt
+    train(c)
+    records = read_metrics(out / "metrics.jsonl")
+    result = {"spec": s.run_id, "val": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"],
+              **{k: v for k, v in records[-1].items() if k in ("final_loss", "val_last", "seconds", "opt_s", "step_s")}}
+    (out / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def run_dir(s: Spec, cfg: Settings) -> Path:
+    return RUNS / f"{cfg.steps}steps" / s.run_id
+
+
+def load_result(s: Spec, cfg: Settings) -> dict | None:
+    path = run_dir(s, cfg) / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_all(specs: list[Spec], cfg: Settings, workers: int) -> dict[Spec, dict]:
+    """Run what is not finished yet, ``workers`` processes at a time (a fresh process per run)."""
+    todo = [s for s in dict.fromkeys(specs) if load_result(s, cfg) is None]
+    if todo:
+        print(f"{len(todo)} runs to do ({len(specs) - len(todo)} reused), {workers} at a time", flush=True)
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+            jobs = {pool.submit(run_one, s, cfg): s for s in todo}
+            for job in futures.as_completed(jobs):
+                r = job.result()
+                print(f"  {r['spec']}: val {r['val_last']:.4f} ({r['seconds']:.0f} s)", flush=True)
+    return {s: load_result(s, cfg) for s in specs}
+
+
+def final(results: dict, s: Spec) -> float:
+    return results[s]["val_last"]
+
+
+def best(results: dict, candidates: list[Spec]) -> Spec:
+    return min(candidates, key=lambda s: final(results, s))
+
+
+# ----- the experiment -----
+ADAMW_LRS = (1e-3, 3e-3, 1e-2)
+HIDDEN_LRS = (2.5e-3, 5e-3, 1e-2)        # Muon on attention, MLP, experts (muon and symmetric)
+MUON_ADAM_LRS = (3e-3, 1e-2, 3e-2)       # muon's AdamW on embedding + head (+ router)
+EMBEDDING_LRS = (0.1, 0.3, 1.0)          # symmetric: row-norm embedding
+HEAD_LRS = (5e-3, 2e-2, 8e-2)            # symmetric: centred row-norm head
+ROUTERS = {"centered_row_norm": (7.5e-4, 7.5e-3), "adamw": (1e-3, 1e-2)}  # left-spectral 7.5e-4 is the recipe's
+CENTRE = {"hidden": 5e-3, "adam": 1e-2, "embedding": 0.3, "lm_head": 2e-2}  # the middle of each sweep
+
+
+def muon_spec(model: str, hidden_lr: float, adam_lr: float, seed: int = 0, **extra: dict) -> Spec:
+    groups = {"attention": {"lr": hidden_lr}, "mlp": {"lr": hidden_lr}, "embedding": {"lr": adam_lr},
+              "lm_head": {"lr": adam_lr}}
+    if model == "moe":
+        groups["router"] = {"lr": adam_lr}
+    for g, fields in extra.items():
+        groups[g] = {**groups.get(g, {}), **fields}
+    return spec(model, "muon", seed, **groups)
+
+
+def symmetric_spec(model: str, hidden_lr: float, embedding_lr: float, head_lr: float, seed: int = 0,
+                   **extra: dict) -> Spec:
+    groups = {"attention": {"lr": hidden_lr}, "mlp": {"lr": hidden_lr}, "embedding": {"lr": embedding_lr},
+              "lm_head": {"lr": head_lr}, **extra}
+    return spec(model, "symmetric", seed, **groups)
+
+
+def sweep(model: str) -> dict[str, list[Spec]]:
+    """Stage 1 candidates per family (seed 0); the recipes' values are the centre of each coordinate."""
+    c = CENTRE
+    fam = {"adamw": [spec(model, "adamw", matrix={"lr": lr}, vector={"lr": lr}) for lr in ADAMW_LRS]}
+    fam["muon"] = [muon_spec(model, lr, c["adam"]) for lr in HIDDEN_LRS]
+    fam["muon"] += [muon_spec(model, c["hidden"], lr) for lr in MUON_ADAM_LRS if lr != c["adam"]]
+    fam["symmetric"] = [symmetric_spec(model, lr, c["embedding"], c["lm_head"]) for lr in HIDDEN_LRS]
+    fam["symmetric"] += [symmetric_spec(model, c["hidden"], lr, c["lm_head"]) for lr in EMBEDDING_LRS
+                         if lr != c["embedding"]]
+    fam["symmetric"] += [symmetric_spec(model, c["hidden"], c["embedding"], lr) for lr in HEAD_LRS if lr != c["lm_head"]]
+    if model == "moe":
+        for rule, lrs in ROUTERS.items():
+            fam[f"router={rule}"] = [symmetric_spec(model, c["hidden"], c["embedding"], c["lm_head"],
+                                                    router={"rule": rule, "lr": lr}) for lr in lrs]
+    return fam
+
+
+def lr_of(s: Spec, group: str) -> float:
+    return s.override_dict()[group]["lr"]
+
+
+def choose(model: str, results: dict) -> dict[str, Spec]:
+    """From stage 1: each family's best configuration, one coordinate at a time (the best value of
+    each learning rate with the others at the centre, then combined)."""
+    fam = sweep(model)
+
+    def best_lr(candidates: list[Spec], group: str) -> float:
+        return lr_of(min(candidates, key=lambda s: final(results, s)), group)
+
+    c = CENTRE
+    muon = fam["muon"]
+    hidden_lr = best_lr(muon[:len(HIDDEN_LRS)], "attention")
+    adam_lr = best_lr([s for s in muon if lr_of(s, "attention") == c["hidden"]], "embedding")
+    sym = [s for s in fam["symmetric"]]
+    at = lambda s, **want: all(lr_of(s, g) == v for g, v in want.items())  # noqa: E731
+    s_hidden = best_lr([s for s in sym if at(s, embedding=c["embedding"], lm_head=c["lm_head"])], "attention")
+    s_emb = best_lr([s for s in sym if at(s, attention=c["hidden"], lm_head=c["lm_head"])], "embedding")
+    s_head = best_lr([s for s in sym if at(s, attention=c["hidden"], embedding=c["embedding"])], "lm_head")
+    chosen = {"adamw": min(fam["adamw"], key=lambda s: final(results, s)),
+              "muon": muon_spec(model, hidden_lr, adam_lr),
+              "symmetric": symmetric_spec(model, s_hidden, s_emb, s_head)}
+    if model == "moe":
+        for rule in ROUTERS:
+            r = min(fam[f"router={rule}"], key=lambda s: final(results, s))
+            chosen[f"router={rule}"] = symmetric_spec(model, s_hidden, s_emb, s_head, router=r.override_dict()["router"])
+    chosen["emb-only"] = muon_spec(model, hidden_lr, adam_lr, embedding={"rule": "row_norm", "lr": s_emb})
+    chosen["head-only"] = muon_spec(model, hidden_lr, adam_lr, lm_head={"rule": "centered_row_norm", "lr": s_head})
+    return chosen
+
+
+def stage1(model: str) -> list[Spec]:
+    return [s for family in sweep(model).values() for s in family]
+
+
+# ----- report -----
+def mean_sd(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def describe(s: Spec) -> str:
+    o = s.override_dict()
+    return f"`{s.recipe}`" + ("" if not o else " " + ", ".join(
+        f"{g}: " + ", ".join(f"{k}={v}" for k, v in f.items()) for g, f in sorted(o.items())))
+
+
+def report(models: list[str], results: dict, chosen: dict, seeds: list[int], cfg: Settings, command: str,
+           started: str, machine: list[str], seconds: float) -> str:
+    lines = ["# Convergence at laptop scale: adamw vs muon vs symmetric", "",
+             f"Command: `{command}`", "", f"Date: {started}; wall time {seconds / 60:.0f} min", "", "Machine:", "",
+             *machine, "",
+             f"Every run: one process, one thread, {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} byte tokens "
+             f"from the built-in corpus (Python standard library source), `paper_schedule` (vector warmup "
+             f"{cfg.warmup}, matrix lr constant for 60 % then linear decay), validation on "
+             f"{cfg.eval_batches}×{cfg.batch_size}×{cfg.seq_len} held-out tokens. The seed fixes the initial weights "
+             "and the batch order, so runs with one seed are paired: they differ only in the optimizer.", ""]
+    for model in models:
+        fam = sweep(model)
+        lines += [f"## {model}: `{MODELS[model]}`", "", "### Stage 1: learning-rate sweep (seed 0, final validation loss)",
+                  "", "| family | configuration | val loss |", "|---|---|---|"]
+        for name, family in fam.items():
+            for s in family:
+                if results.get(s):
+                    lines.append(f"| {name} | {describe(s)} | {final(results, s):.4f} |")
+        lines += ["", f"### Chosen configurations over seeds {seeds}", "",
+                  "| name | configuration | val loss mean ± sd | per seed | Δ vs muon per seed (mean) |",
+                  "|---|---|---|---|---|"]
+        ch = chosen[model]
+        base = [results.get(ch["muon"].with_seed(k)) for k in seeds]
+        for name, s in ch.items():
+            rs = [results.get(s.with_seed(k)) for k in seeds]
+            if any(r is None for r in rs):
+                continue
+            vals = [r["val_last"] for r in rs]
+            delta = ""
+            if name != "muon" and all(base):
+                d = [v - b["val_last"] for v, b in zip(vals, base)]
+                delta = ", ".join(f"{x:+.4f}" for x in d) + f" ({statistics.mean(d):+.4f})"
+            lines.append(f"| {name} | {describe(s)} | {mean_sd(vals)} | {', '.join(f'{v:.4f}' for v in vals)} | "
+                         f"{delta} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(models: list[str], results: dict, chosen: dict, seeds: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), dpi=110, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for name, s in chosen[model].items():
+            rs = [results.get(s.with_seed(k)) for k in seeds]
+            if any(r is None for r in rs):
+                continue
+            steps = [st for st, _ in rs[0]["val"]]
+            mean = [statistics.mean(r["val"][i][1] for r in rs) for i in range(len(steps))]
+            keep = [i for i, st in enumerate(steps) if st >= steps[-1] // 4]  # skip the first drop
+            ax.plot([steps[i] for i in keep], [mean[i] for i in keep], "o-", ms=3, lw=1.4, label=name)
+        ax.set_title(f"{model} ({MODELS[model]}), mean of {len(seeds)} seeds")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss (nats / byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="moe,dense", help="comma-separated: moe, dense")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
+    args = p.parse_args()
+    cfg = Settings(steps=args.steps)
+    models = args.models.split(",")
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
+    machine = machine_lines()
+    seeds = list(range(args.seeds))
+    results: dict = {}
+    chosen: dict = {}
+    run = (lambda specs: {s: load_result(s, cfg) for s in specs}) if args.report_only else (
+        lambda specs: run_all(specs, cfg, args.workers))
+    for m in models:  # one model at a time, so an interrupted run leaves one model complete
+        results.update(run(stage1(m)))
+        if not all(results.get(s) for s in stage1(m)):
+            continue
+        chosen[m] = choose(m, results)
+        results.update(run([s.with_seed(k) for s in chosen[m].values() for k in seeds]))
+    done = [m for m in models if m in chosen]
+    command = "python benchmarks/convergence.py " + shlex.join(sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "convergence.md").write_text(
+        report(done, results, chosen, seeds, cfg, command.strip(), started, machine, time.perf_counter() - t0)
+        + "\n![validation loss](convergence.png)\n")
+    plot(done, results, chosen, seeds, RESULTS / "convergence.png")
+    print((RESULTS / "convergence.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
