@@ -87,7 +87,7 @@ class Settings:
     eval_every: int = 250
     eval_batches: int = 8
     seq_len: int = 128
-    batch_size: int = 8
+    batch_size: int = 4
     warmup: int = 100
 
 
