@@ -18,11 +18,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .config import ConfigError, RunConfig, dump, load_config
 
 DEFAULT_RUN = "tiny-olmoe-fsdp"
+
+
+def without_local_rank(argv: list[str]) -> list[str]:
+    """``argv`` less the launcher's ``--local_rank=N`` / ``--local_rank N`` (kept in ``LOCAL_RANK``)."""
+    out, i = [], 0
+    while i < len(argv):
+        match = re.fullmatch(r"--local[_-]rank(?:=(\d+))?", argv[i])
+        if not match:
+            out.append(argv[i])
+            i += 1
+            continue
+        value = match.group(1)
+        if value is None and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 1
+        os.environ.setdefault("LOCAL_RANK", value)
+        i += 1
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load the config and train; returns a process exit code."""
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(without_local_rank(list(sys.argv[1:] if argv is None else argv)))
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -1,13 +1,14 @@
 """Run configs: composition of the YAML files, key.sub=value overrides and their errors."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dist_spectral.recipes import configs_dir
-from dist_spectral.training import DEFAULT_RUN, parse_args
+from dist_spectral.training import DEFAULT_RUN, parse_args, without_local_rank
 from dist_spectral.training.config import ConfigError, RunConfig, dump, load_config, parse_override
 
 RUNS = sorted(p.stem for p in (configs_dir() / "runs").glob("*.yaml"))
@@ -140,3 +141,10 @@ def test_resume_without_value_before_an_override_keeps_the_override():
     assert args.resume == "auto"
     assert args.overrides == ["name=a", "train.steps=600", "data.seq_len=8"]
     assert parse_args(["--resume", "runs/a/checkpoints/step_000010"]).resume == "runs/a/checkpoints/step_000010"
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=1", "--config", "x", "a.b=1"], ["--config", "x", "--local-rank", "1", "a.b=1"]])
+def test_the_deepspeed_launchers_local_rank_flag_is_dropped(argv, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert without_local_rank(argv) == ["--config", "x", "a.b=1"]
+    assert os.environ["LOCAL_RANK"] == "1"
