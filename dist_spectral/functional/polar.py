@@ -9,8 +9,10 @@ columns) the step costs three GEMMs:
     X = a X + B X            (one baddbmm)
 
 so ``4 s² l + 2 s³`` flops per step (l = max(m, n)); :func:`polar_flops` counts exactly these.
-``A`` and ``B`` are symmetric, but torch exposes no SYRK/SYMM, so they cost full GEMMs; working on
-the small Gram is what keeps the count down for rectangular matrices.
+``A`` and ``B`` are symmetric: on CUDA, :mod:`dist_spectral.kernels` computes them with a Triton
+kernel that forms one triangle, where a one-time measurement on the running GPU says that is faster
+than torch's full GEMM; elsewhere they are exactly the torch ops above. Working on the small Gram
+is what keeps the count down for rectangular matrices.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from ..kernels import gram, symmetric_polynomial
 
 Triple = tuple[float, float, float]
 
@@ -79,6 +83,7 @@ def polar(
     coefficients: str | Sequence[Sequence[float]] = "polar_express",
     safety: float = 1.01,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""Approximate polar factor ``U Vᵀ`` of ``X = U Σ Vᵀ``, batched over leading dims.
 
@@ -112,6 +117,9 @@ def polar(
         dtype (torch.dtype, optional): iteration dtype; by default bf16 on CUDA (fp32
             accumulation inside the GEMMs) and fp32 elsewhere, since CPUs have no fast bf16 GEMM
             (default: None).
+        backend (str): how ``A`` and ``B`` are formed: ``"auto"`` (the one-triangle Triton kernel
+            on CUDA where measured faster, torch otherwise), ``"torch"`` or ``"triton"``; see
+            :func:`dist_spectral.kernels.syrk` (default: ``"auto"``).
 
     Returns:
         Tensor: same shape and dtype as ``x``, contiguous.
@@ -130,8 +138,8 @@ def polar(
     X = (X.to(norm_dtype) / (scale * norm + 1e-7)).to(work)
 
     for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        A = gram(X, backend)                            # X Xᵀ
+        B = symmetric_polynomial(A, b, c, backend)      # b A + c A²
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
 
     X = X.mT if tall else X
