@@ -85,7 +85,7 @@ def spec(model: str, recipe: str, seed: int = 0, **groups: dict) -> Spec:
 class Settings:
     steps: int = 2000
     eval_every: int = 250
-    eval_batches: int = 8
+    eval_batches: int = 24
     seq_len: int = 128
     batch_size: int = 4
     warmup: int = 100

@@ -227,14 +227,16 @@ class TokenData:
         return self._gather(self.train, self.train_windows(step, rank), "training")
 
     def val_batches(self, rank: int, batches: int) -> list[torch.Tensor]:
-        """This rank's share of the first ``batches × batch_size × world`` validation windows."""
-        per_pass = batches * self.batch_size * self.world_size
-        if self.n_val < self.batch_size * self.world_size:
+        """This rank's share of ``batches × batch_size × world`` validation windows, spread evenly
+        over the whole validation split (the first windows would all come from one or two documents)."""
+        per_rank_batch = self.batch_size * self.world_size
+        if self.n_val < per_rank_batch:
             raise ValueError(f"the validation split has {len(self.val)} tokens = {self.n_val} sequences of "
                              f"{self.seq_len}, fewer than one batch per rank; raise data.val_fraction, give "
                              "data.val_path, or set train.eval_every=0")
-        usable = min(per_pass, self.n_val) // (self.batch_size * self.world_size) * self.batch_size * self.world_size
-        mine = np.arange(rank, usable, self.world_size)
+        usable = min(batches * per_rank_batch, self.n_val) // per_rank_batch * per_rank_batch
+        windows = np.arange(usable) * self.n_val // usable  # evenly spaced, distinct since usable <= n_val
+        mine = windows[rank::self.world_size]
         return [self._gather(self.val, mine[i:i + self.batch_size], "validation")
                 for i in range(0, len(mine), self.batch_size)]
 

@@ -115,3 +115,11 @@ def test_missing_paths_are_clear_errors(tmp_path):
         load_tokens(DataConfig(source="memmap", path=str(tmp_path / "nope.bin")))
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         load_tokens(DataConfig(source="text", path=str(tmp_path), tokenizer=str(tmp_path / "no-tokenizer")))
+
+
+def test_validation_windows_cover_the_whole_split():
+    """Validation reads windows from the start to the end of the split, not just its first documents."""
+    data = make(val=np.arange(10_000, 10_000 + 16 * 100, dtype=np.uint32))  # 100 windows of 16
+    firsts = sorted(int(b[j, 0]) for r in range(3) for b in data.val_batches(r, batches=2) for j in range(len(b)))
+    windows = [(t - 10_000) // 16 for t in firsts]
+    assert len(set(windows)) == 24 and windows[0] == 0 and windows[-1] >= 90
