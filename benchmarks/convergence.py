@@ -10,16 +10,18 @@ differ only in the optimizer and the comparison is *paired*. Runs go to
 ``runs/convergence/<steps>steps/<id>/``
 and are reused when their summary is there, so an interrupted sweep resumes where it stopped.
 
-Stages (each picks from the previous one's final validation loss, seed 0):
+Stages (each picks from the previous one's final validation loss):
 
-1. sweep: per recipe, its main learning rate; for ``muon`` the AdamW lr of embedding + head; for
-   ``symmetric`` the hidden lr, then the embedding lr and the head lr *separately* (one
-   coordinate at a time around the paper's values, ratio about 100:1); on the MoE model the router
-   rule (left-spectral, centred row-norm, AdamW) with its lr.
-2. ablations on the best ``muon``: only the embedding switched to row-norm (``emb-only``), only
-   the head switched to centred row-norm (``head-only``), each at the best symmetric lr.
-3. seeds: every chosen configuration again at seeds 1, 2, ...; the report gives mean and spread
-   and the per-seed differences against ``muon``.
+1. sweeps (seed 0), one learning rate at a time with the others at a shared centre: ``adamw``'s
+   lr; ``muon``'s hidden lr and the AdamW lr of its embedding + head (+ router); ``symmetric``'s
+   hidden lr, embedding lr and head lr *separately* (the paper's ratio is about 100:1); on the MoE
+   model the router rules (centred row-norm, AdamW; left-spectral is the recipe's) with their lr.
+   A best value on the edge of a grid extends the grid one step past it (twice at most).
+2. the chosen configurations, each coordinate at its best: adamw, muon, symmetric, symmetric with
+   each router rule, and two ablations on the best ``muon``: only the embedding switched to
+   row-norm (``emb-only``), only the head switched to centred row-norm (``head-only``), at the
+   best symmetric lrs; all of them at seeds 0, 1, 2, ...; the report gives mean and spread and the
+   per-seed (paired) differences against ``muon``.
 
 Writes ``benchmarks/results/convergence.md`` and ``benchmarks/results/convergence.png``.
 """
@@ -34,6 +36,7 @@ import shlex
 import statistics
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,10 +146,6 @@ def final(results: dict, s: Spec) -> float:
     return results[s]["val_last"]
 
 
-def best(results: dict, candidates: list[Spec]) -> Spec:
-    return min(candidates, key=lambda s: final(results, s))
-
-
 # ----- the experiment -----
 ADAMW_LRS = (1e-3, 3e-3, 1e-2)
 HIDDEN_LRS = (2.5e-3, 5e-3, 1e-2)        # Muon on attention, MLP, experts (muon and symmetric)
@@ -174,58 +173,97 @@ def symmetric_spec(model: str, hidden_lr: float, embedding_lr: float, head_lr: f
     return spec(model, "symmetric", seed, **groups)
 
 
-def sweep(model: str) -> dict[str, list[Spec]]:
-    """Stage 1 candidates per family (seed 0); the recipes' values are the centre of each coordinate."""
+@dataclass(frozen=True)
+class Coordinate:
+    """One learning rate swept with everything else at the centre: ``make(lr)`` is the run."""
+
+    family: str                     # adamw, muon, symmetric, router=<rule>
+    name: str                       # which lr: lr, hidden, adam, embedding, lm_head
+    grid: tuple
+    make: typing.Callable[[float], Spec]
+
+    def values(self, results: dict) -> list[float]:
+        """The grid plus the extensions past its edges (see :func:`pending`) that have run."""
+        vals = list(self.grid)
+        for _ in range(MAX_EXTENSIONS):
+            nxt = _beyond_edge(vals, results, self)
+            if nxt is None or not results.get(self.make(nxt)):
+                break
+            vals.append(nxt)
+        return sorted(vals)
+
+    def best(self, results: dict) -> float:
+        return min((v for v in self.values(results) if results.get(self.make(v))),
+                   key=lambda v: final(results, self.make(v)))
+
+
+MAX_EXTENSIONS = 2  # a best value on the edge of the grid extends it, at most this many times
+
+
+def _beyond_edge(vals: list[float], results: dict, coord: Coordinate) -> float | None:
+    """The next value past the grid's edge when the best so far sits on that edge, else None."""
+    vals = sorted(vals)
+    if not all(results.get(coord.make(v)) for v in vals):
+        return None
+    b = min(vals, key=lambda v: final(results, coord.make(v)))
+    if b == vals[0]:
+        return float(f"{vals[0] * vals[0] / vals[1]:.3g}")
+    if b == vals[-1]:
+        return float(f"{vals[-1] * vals[-1] / vals[-2]:.3g}")
+    return None
+
+
+def coordinates(model: str) -> list[Coordinate]:
+    """Stage 1: every coordinate sweep (seed 0); the centre is shared by the sweeps of a recipe."""
     c = CENTRE
-    fam = {"adamw": [spec(model, "adamw", matrix={"lr": lr}, vector={"lr": lr}) for lr in ADAMW_LRS]}
-    fam["muon"] = [muon_spec(model, lr, c["adam"]) for lr in HIDDEN_LRS]
-    fam["muon"] += [muon_spec(model, c["hidden"], lr) for lr in MUON_ADAM_LRS if lr != c["adam"]]
-    fam["symmetric"] = [symmetric_spec(model, lr, c["embedding"], c["lm_head"]) for lr in HIDDEN_LRS]
-    fam["symmetric"] += [symmetric_spec(model, c["hidden"], lr, c["lm_head"]) for lr in EMBEDDING_LRS
-                         if lr != c["embedding"]]
-    fam["symmetric"] += [symmetric_spec(model, c["hidden"], c["embedding"], lr) for lr in HEAD_LRS if lr != c["lm_head"]]
+    cs = [Coordinate("adamw", "lr", ADAMW_LRS, lambda lr: spec(model, "adamw", matrix={"lr": lr}, vector={"lr": lr})),
+          Coordinate("muon", "hidden", HIDDEN_LRS, lambda lr: muon_spec(model, lr, c["adam"])),
+          Coordinate("muon", "adam", MUON_ADAM_LRS, lambda lr: muon_spec(model, c["hidden"], lr)),
+          Coordinate("symmetric", "hidden", HIDDEN_LRS,
+                     lambda lr: symmetric_spec(model, lr, c["embedding"], c["lm_head"])),
+          Coordinate("symmetric", "embedding", EMBEDDING_LRS,
+                     lambda lr: symmetric_spec(model, c["hidden"], lr, c["lm_head"])),
+          Coordinate("symmetric", "lm_head", HEAD_LRS,
+                     lambda lr: symmetric_spec(model, c["hidden"], c["embedding"], lr))]
     if model == "moe":
         for rule, lrs in ROUTERS.items():
-            fam[f"router={rule}"] = [symmetric_spec(model, c["hidden"], c["embedding"], c["lm_head"],
-                                                    router={"rule": rule, "lr": lr}) for lr in lrs]
-    return fam
+            cs.append(Coordinate(f"router={rule}", "lr", lrs, lambda lr, rule=rule: symmetric_spec(
+                model, c["hidden"], c["embedding"], c["lm_head"], router={"rule": rule, "lr": lr})))
+    return cs
 
 
-def lr_of(s: Spec, group: str) -> float:
-    return s.override_dict()[group]["lr"]
+def pending(model: str, results: dict) -> list[Spec]:
+    """Stage 1 runs still to do: the grids, then one step past an edge where the best sits on it."""
+    todo = []
+    for coord in coordinates(model):
+        missing = [coord.make(v) for v in coord.grid if not results.get(coord.make(v))]
+        if missing:
+            todo += missing
+            continue
+        vals = coord.values(results)
+        nxt = _beyond_edge(vals, results, coord)
+        if nxt is not None and len(vals) - len(coord.grid) < MAX_EXTENSIONS:
+            todo.append(coord.make(nxt))
+    return list(dict.fromkeys(todo))
 
 
 def choose(model: str, results: dict) -> dict[str, Spec]:
     """From stage 1: each family's best configuration, one coordinate at a time (the best value of
     each learning rate with the others at the centre, then combined)."""
-    fam = sweep(model)
-
-    def best_lr(candidates: list[Spec], group: str) -> float:
-        return lr_of(min(candidates, key=lambda s: final(results, s)), group)
-
-    c = CENTRE
-    muon = fam["muon"]
-    hidden_lr = best_lr(muon[:len(HIDDEN_LRS)], "attention")
-    adam_lr = best_lr([s for s in muon if lr_of(s, "attention") == c["hidden"]], "embedding")
-    sym = [s for s in fam["symmetric"]]
-    at = lambda s, **want: all(lr_of(s, g) == v for g, v in want.items())  # noqa: E731
-    s_hidden = best_lr([s for s in sym if at(s, embedding=c["embedding"], lm_head=c["lm_head"])], "attention")
-    s_emb = best_lr([s for s in sym if at(s, attention=c["hidden"], lm_head=c["lm_head"])], "embedding")
-    s_head = best_lr([s for s in sym if at(s, attention=c["hidden"], embedding=c["embedding"])], "lm_head")
-    chosen = {"adamw": min(fam["adamw"], key=lambda s: final(results, s)),
+    best = {(k.family, k.name): k.best(results) for k in coordinates(model)}
+    hidden_lr, adam_lr = best["muon", "hidden"], best["muon", "adam"]
+    s_hidden, s_emb, s_head = best["symmetric", "hidden"], best["symmetric", "embedding"], best["symmetric", "lm_head"]
+    lr = best["adamw", "lr"]
+    chosen = {"adamw": spec(model, "adamw", matrix={"lr": lr}, vector={"lr": lr}),
               "muon": muon_spec(model, hidden_lr, adam_lr),
               "symmetric": symmetric_spec(model, s_hidden, s_emb, s_head)}
     if model == "moe":
         for rule in ROUTERS:
-            r = min(fam[f"router={rule}"], key=lambda s: final(results, s))
-            chosen[f"router={rule}"] = symmetric_spec(model, s_hidden, s_emb, s_head, router=r.override_dict()["router"])
+            chosen[f"router={rule}"] = symmetric_spec(model, s_hidden, s_emb, s_head,
+                                                      router={"rule": rule, "lr": best[f"router={rule}", "lr"]})
     chosen["emb-only"] = muon_spec(model, hidden_lr, adam_lr, embedding={"rule": "row_norm", "lr": s_emb})
     chosen["head-only"] = muon_spec(model, hidden_lr, adam_lr, lm_head={"rule": "centered_row_norm", "lr": s_head})
     return chosen
-
-
-def stage1(model: str) -> list[Spec]:
-    return [s for family in sweep(model).values() for s in family]
 
 
 # ----- report -----
@@ -250,13 +288,18 @@ def report(models: list[str], results: dict, chosen: dict, seeds: list[int], cfg
              f"{cfg.eval_batches}×{cfg.batch_size}×{cfg.seq_len} held-out tokens. The seed fixes the initial weights "
              "and the batch order, so runs with one seed are paired: they differ only in the optimizer.", ""]
     for model in models:
-        fam = sweep(model)
-        lines += [f"## {model}: `{MODELS[model]}`", "", "### Stage 1: learning-rate sweep (seed 0, final validation loss)",
-                  "", "| family | configuration | val loss |", "|---|---|---|"]
-        for name, family in fam.items():
-            for s in family:
-                if results.get(s):
-                    lines.append(f"| {name} | {describe(s)} | {final(results, s):.4f} |")
+        lines += [f"## {model}: `{MODELS[model]}`", "",
+                  "### Stage 1: learning-rate sweeps (seed 0, final validation loss; one lr at a time, the others "
+                  "at the centre; * = best)", "", "| family | lr swept | configuration | val loss |", "|---|---|---|---|"]
+        for coord in coordinates(model):
+            vals = [v for v in coord.values(results) if results.get(coord.make(v))]
+            if not vals:
+                continue
+            b = coord.best(results)
+            for v in vals:
+                s_ = coord.make(v)
+                lines.append(f"| {coord.family} | {coord.name} = {v:g}{' *' if v == b else ''} | {describe(s_)} | "
+                             f"{final(results, s_):.4f} |")
         lines += ["", f"### Chosen configurations over seeds {seeds}", "",
                   "| name | configuration | val loss mean ± sd | per seed | Δ vs muon per seed (mean) |",
                   "|---|---|---|---|---|"]
@@ -321,8 +364,11 @@ def main() -> None:
     run = (lambda specs: {s: load_result(s, cfg) for s in specs}) if args.report_only else (
         lambda specs: run_all(specs, cfg, args.workers))
     for m in models:  # one model at a time, so an interrupted run leaves one model complete
-        results.update(run(stage1(m)))
-        if not all(results.get(s) for s in stage1(m)):
+        while todo := pending(m, results):
+            results.update(run(todo))
+            if args.report_only or not all(results.get(s) for s in todo):
+                break
+        if pending(m, results):
             continue
         chosen[m] = choose(m, results)
         results.update(run([s.with_seed(k) for s in chosen[m].values() for k in seeds]))
