@@ -23,6 +23,8 @@ Stages (each picks from the previous one's final validation loss):
    best symmetric lrs; all of them at seeds 0, 1, 2, ...; the report gives mean and spread and the
    per-seed (paired) differences against ``muon``.
 
+The dense model reuses the MoE model's chosen learning rates (``--sweep-dense`` sweeps its own).
+
 Writes ``benchmarks/results/convergence.md`` and ``benchmarks/results/convergence.png``.
 """
 from __future__ import annotations
@@ -247,10 +249,11 @@ def pending(model: str, results: dict) -> list[Spec]:
     return list(dict.fromkeys(todo))
 
 
-def choose(model: str, results: dict) -> dict[str, Spec]:
+def choose(model: str, results: dict, lrs_from: str | None = None) -> dict[str, Spec]:
     """From stage 1: each family's best configuration, one coordinate at a time (the best value of
-    each learning rate with the others at the centre, then combined)."""
-    best = {(k.family, k.name): k.best(results) for k in coordinates(model)}
+    each learning rate with the others at the centre, then combined). ``lrs_from``: take the
+    learning rates from another model's sweep instead (the dense model reuses the MoE's)."""
+    best = {(k.family, k.name): k.best(results) for k in coordinates(lrs_from or model)}
     hidden_lr, adam_lr = best["muon", "hidden"], best["muon", "adam"]
     s_hidden, s_emb, s_head = best["symmetric", "hidden"], best["symmetric", "embedding"], best["symmetric", "lm_head"]
     lr = best["adamw", "lr"]
@@ -289,18 +292,23 @@ def report(models: list[str], results: dict, chosen: dict, seeds: list[int], cfg
              f"{cfg.eval_batches}×{cfg.batch_size}×{cfg.seq_len} held-out tokens. The seed fixes the initial weights "
              "and the batch order, so runs with one seed are paired: they differ only in the optimizer.", ""]
     for model in models:
-        lines += [f"## {model}: `{MODELS[model]}`", "",
-                  "### Stage 1: learning-rate sweeps (seed 0, final validation loss; one lr at a time, the others "
-                  "at the centre; * = best)", "", "| family | lr swept | configuration | val loss |", "|---|---|---|---|"]
+        rows = []
         for coord in coordinates(model):
+            if not all(results.get(coord.make(v)) for v in coord.grid):
+                continue  # not swept on this model
             vals = [v for v in coord.values(results) if results.get(coord.make(v))]
-            if not vals:
-                continue
             b = coord.best(results)
             for v in vals:
                 s_ = coord.make(v)
-                lines.append(f"| {coord.family} | {coord.name} = {v:g}{' *' if v == b else ''} | {describe(s_)} | "
-                             f"{final(results, s_):.4f} |")
+                rows.append(f"| {coord.family} | {coord.name} = {v:g}{' *' if v == b else ''} | {describe(s_)} | "
+                            f"{final(results, s_):.4f} |")
+        lines += [f"## {model}: `{MODELS[model]}`", ""]
+        if rows:
+            lines += ["### Stage 1: learning-rate sweeps (seed 0, final validation loss; one lr at a time, the others "
+                      "at the centre; * = best)", "", "| family | lr swept | configuration | val loss |",
+                      "|---|---|---|---|", *rows]
+        else:
+            lines.append("No sweep of its own: the learning rates chosen by the MoE model's sweep.")
         lines += ["", f"### Chosen configurations over seeds {seeds}", "",
                   "| name | configuration | val loss mean ± sd | per seed | Δ vs muon per seed (mean) |",
                   "|---|---|---|---|---|"]
@@ -353,6 +361,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--sweep-dense", action="store_true",
+                   help="sweep the dense model's learning rates too (default: reuse the MoE model's)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     args = p.parse_args()
     cfg = Settings(steps=args.steps)
@@ -365,6 +375,10 @@ def main() -> None:
     run = (lambda specs: {s: load_result(s, cfg) for s in specs}) if args.report_only else (
         lambda specs: run_all(specs, cfg, args.workers))
     for m in models:  # one model at a time, so an interrupted run leaves one model complete
+        if m == "dense" and not args.sweep_dense and "moe" in chosen:
+            chosen[m] = choose(m, results, lrs_from="moe")
+            results.update(run([s.with_seed(k) for s in chosen[m].values() for k in seeds]))
+            continue
         while todo := pending(m, results):
             results.update(run(todo))
             if args.report_only or not all(results.get(s) for s in todo):
