@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -281,6 +282,14 @@ class Trainer:
                 + (f", {self.out}/loss.png" if self.cfg.train.plot else ""))
 
 
+def remove_deepspeed_shm_buffer() -> None:
+    """Remove this rank's buffer of DeepSpeed's CPU shared-memory all-reduce (about 70 MB in
+    /dev/shm, which DeepSpeed never deletes); other ranks' mappings of it stay valid."""
+    addr, port, rank = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
+
+
 def add_stats(total: StepStats, s: StepStats) -> None:
     """Add one step() call's statistics to ``total`` (DeepSpeed calls step() several times per step)."""
     for mine, theirs in ((total.bytes_sent, s.bytes_sent), (total.bytes_received, s.bytes_received)):
@@ -301,6 +310,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if cfg.parallel.engine == "deepspeed":
+            remove_deepspeed_shm_buffer()
 
 
 __all__ = ["Trainer", "train", "resolve_resume"]

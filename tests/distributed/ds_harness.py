@@ -28,8 +28,9 @@ def launch(world: int, target: str, out_dir: Path, timeout_s: float = 600) -> No
     """Run ``module:function(rank, world, out_dir)`` on ``world`` processes; raise with the logs of
     any rank that failed or ran past ``timeout_s``."""
     module, function = target.split(":")
+    port = _free_port()
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=EXT_DIR, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     Path(EXT_DIR).mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,9 @@ def launch(world: int, target: str, out_dir: Path, timeout_s: float = 600) -> No
                 p.wait()
         for log in logs:
             log.close()
+        # DeepSpeed's CPU shared-memory all-reduce leaves one buffer per rank (~70 MB) in /dev/shm.
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+            path.unlink(missing_ok=True)
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
         tails = "\n".join(f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-4000:] for r in failed)
