@@ -87,10 +87,9 @@ class AllGatherBaseline:
                 state = opt.state[p]
                 local_state = {k: topo.local(v) for k, v in state.items() if k != "step"}
                 state["step"] += 1
-                x = rule.direction_input(local_state, topo.local(p.grad), g)
+                x = rule.direction_input(local_state, topo.local(p.grad), g, step=int(state["step"]))
                 if rule.locality == "element":
-                    u = get_rule("adamw").adam_direction(local_state, int(state["step"]), g)
-                    topo.local(p).add_(u, alpha=-g["lr"])
+                    topo.local(p).add_(x, alpha=-g["lr"])
                     continue
                 full = DTensor.from_local(x, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
                 self.bytes_received += (full.numel() - x.numel()) * 4

@@ -1,7 +1,10 @@
 """Run a whole-matrix rule on the units an owner holds: split into blocks, batch by shape, apply.
 
 Blocks with the same rule key, orientation and shape are stacked into one ``[B, m, n]`` batch, so
-a rank that owns 12 experts of one shape runs one batched polar, not 12. No communication here.
+a rank that owns 12 experts of one shape runs one batched polar, not 12. Rules with carried state
+(:attr:`~dist_spectral.rules.Rule.carried`) get their inputs and state as channels of the same
+blocks, ``[B, C, m, n]``, and also batch by step (their math may depend on it: bias corrections,
+a basis refreshed every T steps). No communication here.
 """
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ class MatrixJob:
     """One unit, whole: its ``[rows, n]`` matrix and how to treat it.
 
     Attributes:
-        matrix (Tensor): the unit's rows of the direction input, shape ``[rows, n]``.
+        matrix (Tensor): the unit's rows of the direction input, shape ``[rows, n]``; for a rule
+            with carried state ``[C, rows, n]``: its inputs, then its carried state in the rule's
+            ``carried`` order.
         spec (UnitSpec): its blocks.
         rule (Rule): the rule to apply.
         group (dict): the param group (hyperparameters).
         axis (str): the permuted axis (``"rows"`` or ``"cols"``).
         transposed (bool): the weight is stored in × out.
+        step (int): the parameter's step counter, this step included (default: 0).
     """
 
     matrix: Tensor
@@ -34,26 +40,39 @@ class MatrixJob:
     group: dict
     axis: str
     transposed: bool
+    step: int = 0
 
 
 def _block(matrix: Tensor, b) -> Tensor:
-    return matrix[b.row_start:b.row_stop, b.col_start:b.col_stop:b.col_step]
+    return matrix[..., b.row_start:b.row_stop, b.col_start:b.col_stop:b.col_step]
 
 
 def run_jobs(jobs: list[MatrixJob]) -> tuple[list[Tensor], int]:
-    """Directions for every job (same shapes as their matrices) and the polar flops spent."""
+    """Directions for every job (same shapes as their matrices; ``[1 + len(carried), rows, n]``
+    for rules with carried state: the direction, then the new state) and the polar flops spent."""
     batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
     for j, job in enumerate(jobs):
+        stateful = job.rule.stateful
         for k, b in enumerate(job.spec.blocks):
             key = (job.rule.key(job.group), job.axis, job.transposed, b.shape, job.matrix.dtype)
-            batches[key].append((j, k))
-    results = [torch.empty_like(job.matrix) for job in jobs]
+            batches[key + ((job.step,) if stateful else ())].append((j, k))
+    results = [torch.empty((1 + len(job.rule.carried),) + job.matrix.shape[-2:], dtype=job.matrix.dtype,
+                           device=job.matrix.device) if job.rule.stateful else torch.empty_like(job.matrix)
+               for job in jobs]
     flops = 0
     for key, members in batches.items():
         first = jobs[members[0][0]]
+        rule = first.rule
         stack = torch.stack([_block(jobs[j].matrix, jobs[j].spec.blocks[k]) for j, k in members])
-        out = first.rule.direction(stack, axis=first.axis, transposed=first.transposed, group=first.group)
-        flops += len(members) * int(first.rule.polar_flops(*key[3], first.group))
-        for (j, k), u in zip(members, out):
+        if rule.stateful:
+            inputs = [stack[:, c] for c in range(rule.inputs)]
+            state = {name: stack[:, rule.inputs + c] for c, name in enumerate(rule.carried)}
+            out, new_state = rule.direction_with_state(inputs, state, step=first.step, axis=first.axis,
+                                                       transposed=first.transposed, group=first.group)
+            channels = torch.stack([out] + [new_state[name] for name in rule.carried], dim=1)
+        else:
+            channels = rule.direction(stack, axis=first.axis, transposed=first.transposed, group=first.group)
+        flops += len(members) * int(rule.polar_flops(*key[3], first.group))
+        for (j, k), u in zip(members, channels):
             _block(results[j], jobs[j].spec.blocks[k]).copy_(u)
     return results, flops

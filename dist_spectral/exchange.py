@@ -8,11 +8,17 @@ Per bucket (``W`` = 3, a matrix sharded by rows, owner rank 1)::
          all_to_all_single #1                 all_to_all_single #2
 
 Bucket k+1's gather is in flight while bucket k computes, and bucket k's scatter is in flight
-while bucket k+1 computes (``async_op=True``). Pieces are packed by destination rank in plan
+while bucket k+1 computes (``async_op=True``; on CUDA the exchange runs on a side stream, see
+:class:`_Streams`). Pieces are packed by destination rank in plan
 order, so both sides agree on offsets without sending any metadata.
+
+A parameter's local data may have several channels, ``[C, local]``: a rule with carried state
+sends its inputs and its state (C = the plan's gather channels) and gets back its direction and
+new state (the scatter channels). A piece then travels as its C channel slices back to back.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -95,9 +101,10 @@ class Exchange:
 
     # ----- helpers -----
     def _local_slice(self, inputs: dict[int, Tensor], unit: Unit, start: int, stop: int) -> Tensor:
+        """Elements ``[start, stop)`` of the unit's parameter, every channel: ``[C, stop - start]``."""
         layout = self.plan.params[unit.param].layout
         off = layout.local_offset(self.rank, start)
-        return inputs[unit.param][off:off + stop - start]
+        return inputs[unit.param][:, off:off + stop - start]
 
     def _owned_parts(self, unit: Unit):
         """This rank's own element ranges of a unit."""
@@ -108,10 +115,10 @@ class Exchange:
                 yield lo, hi
 
     def _collective(self, phase: str, bucket_index: int, send: list[Tensor], recv_numel: int, send_sizes, recv_sizes,
-                    dtype: torch.dtype, stats: ExchangeStats):
+                    dtype: torch.dtype, device: torch.device, stats: ExchangeStats):
         wire = self.comm_dtype or dtype
-        payload = torch.cat(send).to(wire) if send else torch.empty(0, dtype=wire)
-        out = torch.empty(recv_numel, dtype=wire)
+        payload = torch.cat(send).to(wire) if send else torch.empty(0, dtype=wire, device=device)
+        out = torch.empty(recv_numel, dtype=wire, device=device)
         stats.bytes_sent[phase] += payload.numel() * payload.element_size()
         stats.bytes_received[phase] += out.numel() * out.element_size()
         stats.collectives += 1
@@ -137,7 +144,7 @@ class Exchange:
     # ----- this rank's schedule, computed once -----
     @functools.cached_property
     def _views(self) -> list[_BucketView]:
-        plan, rank, W = self.plan, self.rank, self.plan.world_size
+        plan, rank = self.plan, self.rank
         views = []
         for bucket in plan.buckets:
             incoming = {p.uid for p in bucket.gather if p.dst == rank}
@@ -145,10 +152,10 @@ class Exchange:
             views.append(_BucketView(
                 gather_send=sorted((p for p in bucket.gather if p.src == rank), key=lambda p: p.dst),
                 gather_recv=sorted((p for p in bucket.gather if p.dst == rank), key=lambda p: p.src),
-                gather_sizes=bucket.split_sizes(rank, W, "gather"),
+                gather_sizes=plan.split_sizes(bucket, rank, "gather"),
                 scatter_send=sorted((p for p in bucket.scatter if p.src == rank), key=lambda p: p.dst),
                 scatter_recv=sorted((p for p in bucket.scatter if p.dst == rank), key=lambda p: p.src),
-                scatter_sizes=bucket.split_sizes(rank, W, "scatter"),
+                scatter_sizes=plan.split_sizes(bucket, rank, "scatter"),
                 ready=[u for u in owned if u.uid not in incoming],
                 waiting=[u for u in owned if u.uid in incoming],
                 gather=self._needs_collective(bucket, "gather"),
@@ -165,74 +172,143 @@ class Exchange:
         bucket's gather is in flight; the others once it lands.
 
         Args:
-            inputs: plan parameter position → flat local direction input (contiguous, 1-D).
-            make_job: builds the compute job of a unit from its whole ``[rows, n]`` matrix.
+            inputs: plan parameter position → flat local direction input, 1-D, or ``[C, local]``
+                with C the parameter's gather channels (its inputs, then its carried state).
+            make_job: builds the compute job of a unit from its whole ``[C, rows, n]`` channels.
+
+        Returns:
+            position → the direction (1-D where the input was), or ``[C', local]`` with C' the
+            scatter channels (the direction, then the new carried state).
         """
         stats = stats or ExchangeStats()
-        outputs = {pos: torch.empty_like(x) for pos, x in inputs.items()}
-        dtype = next(iter(inputs.values())).dtype if inputs else torch.float32
         plan, views = self.plan, self._views
+        flat_inputs = {pos for pos, x in inputs.items() if x.dim() == 1}
+        inputs = {pos: x.view(1, -1) if x.dim() == 1 else x for pos, x in inputs.items()}
+        for pos, x in inputs.items():
+            if x.shape[0] != plan.params[pos].channels[0]:
+                raise ValueError(f"{plan.params[pos].name}: {x.shape[0]} input channels, the plan expects "
+                                 f"{plan.params[pos].channels[0]}")
+        outputs = {pos: x.new_empty(plan.params[pos].channels[1], x.shape[1]) for pos, x in inputs.items()}
+        first = next(iter(inputs.values()), None)
+        dtype = first.dtype if first is not None else torch.float32
+        device = first.device if first is not None else torch.device("cpu")
+        streams = _Streams(device)
         clock = time.perf_counter
+
+        def channels(u: Unit, phase: int) -> int:
+            return plan.params[u.param].channels[phase]
 
         def start_gather(bi):
             v = views[bi]
             if not v.gather:
                 return None
-            send = [self._local_slice(inputs, plan.units[p.uid], p.start, p.stop) for p in v.gather_send]
-            send_sizes, recv_sizes = v.gather_sizes
-            return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, stats)
+            with streams.exchange():  # not queued behind the compute of earlier buckets
+                send = [self._local_slice(inputs, plan.units[p.uid], p.start, p.stop).reshape(-1)
+                        for p in v.gather_send]
+                send_sizes, recv_sizes = v.gather_sizes
+                return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, device, stats)
 
         def compute(units, mats, flat):
             t = clock()
-            results, flops = run_jobs([make_job(u, mats[u.uid].view(u.spec.rows, -1)) for u in units])
+            results, flops = run_jobs([make_job(u, mats[u.uid].view(channels(u, 0), u.spec.rows, -1)) for u in units])
             stats.polar_flops += flops
             stats.compute_seconds += clock() - t
             for u, r in zip(units, results):
-                flat[u.uid] = r.reshape(-1)
+                flat[u.uid] = r.reshape(channels(u, 1), -1)
                 for a, b in self._owned_parts(u):
-                    self._local_slice(outputs, u, a, b).copy_(flat[u.uid][a - u.start:b - u.start])
+                    self._local_slice(outputs, u, a, b).copy_(flat[u.uid][:, a - u.start:b - u.start])
 
+        streams.exchange_sees_compute()  # the inputs were written on the compute stream
         pending = start_gather(0) if plan.buckets else None
         scatters = []
         for bi, v in enumerate(views):
             t0 = clock()
-            mats = {u.uid: torch.empty(u.stop - u.start, dtype=dtype) for u in v.ready + v.waiting}
+            mats = {u.uid: torch.empty(channels(u, 0), u.stop - u.start, dtype=dtype, device=device)
+                    for u in v.ready + v.waiting}
             for u in v.ready + v.waiting:
                 for a, b in self._owned_parts(u):
-                    mats[u.uid][a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
+                    mats[u.uid][:, a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
             stats.exchange_seconds += clock() - t0
             flat: dict[int, Tensor] = {}
             compute(v.ready, mats, flat)  # overlaps the gather in flight
             t0 = clock()
             if pending is not None:
                 work, received = pending
-                self._wait(work, "gather", bi)
+                self._wait(work, "gather", bi)  # on CUDA: the compute stream waits for it
+                streams.used_by_compute(received)
                 offset = 0
                 for p in v.gather_recv:
                     u = plan.units[p.uid]
-                    mats[u.uid][p.start - u.start:p.stop - u.start].copy_(received[offset:offset + p.numel])
-                    offset += p.numel
+                    c = channels(u, 0)
+                    mats[u.uid][:, p.start - u.start:p.stop - u.start].copy_(
+                        received[offset:offset + c * p.numel].view(c, p.numel))
+                    offset += c * p.numel
             pending = start_gather(bi + 1) if bi + 1 < len(views) else None
             stats.exchange_seconds += clock() - t0
             compute(v.waiting, mats, flat)
             t0 = clock()
             if v.scatter:
-                send = [flat[p.uid][p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start]
-                        for p in v.scatter_send]
-                send_sizes, recv_sizes = v.scatter_sizes
-                scatters.append((bi, *self._collective("scatter", bi, send, sum(recv_sizes), send_sizes, recv_sizes,
-                                                       dtype, stats)))
+                streams.exchange_sees_compute()  # the results to send
+                with streams.exchange():
+                    send = [flat[p.uid][:, p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start]
+                            .reshape(-1) for p in v.scatter_send]
+                    for t in flat.values():
+                        streams.used_by_exchange(t)
+                    send_sizes, recv_sizes = v.scatter_sizes
+                    scatters.append((bi, *self._collective("scatter", bi, send, sum(recv_sizes), send_sizes,
+                                                           recv_sizes, dtype, device, stats)))
             stats.exchange_seconds += clock() - t0
         t0 = clock()
         for bi, work, received in scatters:
             self._wait(work, "scatter", bi)
+            streams.used_by_compute(received)
             offset = 0
             for p in views[bi].scatter_recv:
                 u = plan.units[p.uid]
-                self._local_slice(outputs, u, p.start, p.stop).copy_(received[offset:offset + p.numel])
-                offset += p.numel
+                c = channels(u, 1)
+                piece = received[offset:offset + c * p.numel].view(c, p.numel)
+                self._local_slice(outputs, u, p.start, p.stop).copy_(piece)
+                offset += c * p.numel
         stats.exchange_seconds += clock() - t0
-        return outputs, stats
+        return {pos: (o[0] if pos in flat_inputs and o.shape[0] == 1 else o) for pos, o in outputs.items()}, stats
+
+
+class _Streams:
+    """Where the exchange's packing and collectives are queued.
+
+    On CUDA they go on a side stream: bucket k+1's gather must not wait in the compute stream's
+    queue behind bucket k's polar kernels, or nothing overlaps. The compute stream waits for a
+    collective's result (``work.wait()`` does that), the side stream waits for the compute
+    stream before sending what it produced, and tensors made on one stream and read on the other
+    are recorded on it so the caching allocator does not reuse them early. On CPU (gloo) every
+    call is synchronous and this class does nothing.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(device)
+            self.side = _side_stream(device)
+
+    def exchange(self):
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
+
+    def exchange_sees_compute(self) -> None:
+        if self.cuda:
+            self.side.wait_stream(self.compute)
+
+    def used_by_compute(self, t: Tensor) -> None:
+        if self.cuda:
+            t.record_stream(self.compute)
+
+    def used_by_exchange(self, t: Tensor) -> None:
+        if self.cuda:
+            t.record_stream(self.side)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device):
+    return torch.cuda.Stream(device=device)
 
 
 @dataclass

@@ -12,6 +12,8 @@ get column statistics through one all-reduce, whole-matrix rules go through the 
 (plan.py, exchange.py). Optimizer state is created for every parameter at construction and is
 shaped and sharded exactly like the parameter (a DTensor under FSDP2), so ``state_dict`` and
 ``torch.distributed.checkpoint`` follow the parameter layout and every rank saves the same keys.
+State that is a function of the whole matrix (Conda's basis, ARO's rotation) is stored the same
+way and travels with the direction input to the owner and back (``Rule.carried`` in rules.py).
 """
 from __future__ import annotations
 
@@ -88,15 +90,20 @@ class _Entry:
 def runs_on_rows(rule_name: str, info: ParamInfo, layout: Layout) -> bool:
     """Whether a row rule runs on the shard, with only small all-reduces for statistics: its
     parameter is one matrix (statistics span exactly that matrix), or its rows are whole and it
-    needs no statistics over rows. Rows cut by partition boundaries (ZeRO) are fine when no element
-    is held twice. Everything else (3-D tensors needing per-matrix statistics) goes per matrix
-    through the owner exchange."""
-    if get_rule(rule_name).locality != "rows":
+    needs no statistics over rows (:meth:`~dist_spectral.rules.Rule.needs_matrix_statistics`).
+    Rows cut by partition boundaries (ZeRO) are fine for a 2-D parameter when no element is held
+    twice. Everything else (per-expert statistics of a 3-D tensor, a 2-D tensor holding several
+    blocks) goes per matrix through the owner exchange."""
+    rule = get_rule(rule_name)
+    if rule.locality != "rows":
         return False
+    if rule.needs_matrix_statistics(permuted_axis(info)):
+        specs = unit_specs(info, per_head=False)
+        if len(info.shape) != 2 or len(specs) != 1 or len(specs[0].blocks) != 1:
+            return False
     if len(info.shape) == 2:
         return layout.whole_rows() or layout.each_element_once()
-    needs_stats = rule_name == "centered_row_norm" or permuted_axis(info) == "cols"
-    return layout.whole_rows() and not needs_stats
+    return layout.whole_rows()
 
 
 class SpectralOptimizer(torch.optim.Optimizer):
@@ -149,6 +156,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.total_polar_flops = 0  # over all step() calls on this rank (DeepSpeed calls step() per group)
         self.num_steps = 0  # step() calls, skipped ones included (saved by dist_spectral.checkpoint)
         self.last_stats = StepStats()
+        self._check_hyperparameters()
         self._check_shapes()
         self._check_ranks_agree()
         self._init_state()
@@ -182,6 +190,15 @@ class SpectralOptimizer(torch.optim.Optimizer):
                     continue
                 out.append(_Entry(g, p, name, self.infos[name]))
         return out
+
+    def _check_hyperparameters(self) -> None:
+        for g in self.param_groups:
+            try:
+                get_rule(g["rule"]).check(g)
+            except ValueError as err:
+                raise ValueError(f"param group {g.get('name', '?')!r} (rule {g['rule']!r}, parameters "
+                                 f"{', '.join(g['param_names'][:3])}{', ...' if len(g['param_names']) > 3 else ''}): "
+                                 f"{err}") from None
 
     def _check_shapes(self) -> None:
         for e in self._entries(only_with_grad=False):
@@ -235,7 +252,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         for e in self._entries(only_with_grad=False):
             state = self.state[e.param]
             if not state:
-                state.update(get_rule(e.group["rule"]).init_state(e.param))
+                state.update(get_rule(e.group["rule"]).init_state(e.param, e.group))
                 state["step"] = torch.tensor(0.0)
 
     # ----- the step -----
@@ -271,7 +288,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         for meta, flat in zip(zero_map.flats, flats):
             group = self._zero_group(meta.group_index)
             state = self.state[flat]
-            state.update(get_rule(group["rule"]).init_state(flat))
+            state.update(get_rule(group["rule"]).init_state(flat, group))
             state["step"] = torch.tensor(0.0)
             for pi in meta.param_indices:
                 if zero_map.names[pi] not in self.infos:
@@ -322,14 +339,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
             stats.skipped = True
             self.last_stats = stats
             return loss
-        for counter in {id(it.step): it.step for it in items}.values():
+        counters = {id(it.step): it.step for it in items}
+        for counter in counters.values():
             counter += 1
+        steps = {key: int(counter.item()) for key, counter in counters.items()}
 
         element, rows, matrix = [], [], []
         inputs: dict[int, Tensor] = {}
         for i, it in enumerate(items):
             rule = get_rule(it.group["rule"])
-            inputs[i] = rule.direction_input(it.state, it.grad, it.group)
+            inputs[i] = rule.direction_input(it.state, it.grad, it.group, step=steps[id(it.step)])
             if rule.locality == "element":
                 element.append(i)
             elif runs_on_rows(it.group["rule"], it.info, it.layout):
@@ -339,8 +358,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
         updates: dict[int, Tensor] = {}
         for i in element:
-            it = items[i]
-            updates[i] = get_rule("adamw").adam_direction(it.state, int(it.step.item()), it.group)
+            updates[i] = inputs[i]  # element-wise rules return the direction itself
         reduced_bytes = 0
         for i in rows:
             it = items[i]
@@ -357,25 +375,27 @@ class SpectralOptimizer(torch.optim.Optimizer):
             if topo.world_size > 1 and not it.layout.is_replicated():
                 row_stats = RowStats(colsum=counted(row_stats.colsum, "column-statistics"),
                                      rowsum=None if row_stats.rows_whole else counted(row_stats.rowsum, "row-statistics"),
-                                     total_rows=row_stats.total_rows, mask=row_stats.mask)
+                                     total_rows=row_stats.total_rows, mask=row_stats.mask,
+                                     total=counted(row_stats.total, "matrix-statistics"))
             rule = get_rule(it.group["rule"])
             updates[i] = back(rule.direction(x, axis=permuted_axis(it.info), transposed=it.info.transposed,
                                              group=it.group, stats=row_stats))
             reduced_bytes += 4 * sum(calls)
         if matrix:
             plan, exchange = self._plan_for([items[i] for i in matrix], topo)
-            flat = {pos: inputs[i].reshape(-1).contiguous() for pos, i in enumerate(matrix)}
+            flat = {pos: self._channels(items[i], inputs[i]) for pos, i in enumerate(matrix)}
 
             def make_job(unit, mat, _items=items, _matrix=matrix):
                 it = _items[_matrix[unit.param]]
-                return MatrixJob(mat, unit.spec, get_rule(it.group["rule"]), it.group, permuted_axis(it.info),
-                                 it.info.transposed)
+                rule = get_rule(it.group["rule"])
+                return MatrixJob(mat if rule.stateful else mat[0], unit.spec, rule, it.group, permuted_axis(it.info),
+                                 it.info.transposed, int(it.step.item()))
 
             ex = ExchangeStats()
             exchange.step = self.num_steps
             out, ex = exchange.run(flat, make_job, ex)
             for pos, i in enumerate(matrix):
-                updates[i] = out[pos]
+                updates[i] = self._take_state(items[i], out[pos])
             stats.bytes_sent.update(ex.bytes_sent)
             stats.bytes_received.update(ex.bytes_received)
             stats.polar_flops = ex.polar_flops
@@ -393,6 +413,30 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.last_stats = stats
         self.total_polar_flops += stats.polar_flops
         return loss
+
+    @staticmethod
+    def _channels(it: _Item, x) -> Tensor:
+        """What the exchange moves for one parameter: its direction input (flat), or for a rule with
+        carried state ``[inputs + carried, local]``: its inputs, then its carried state."""
+        rule = get_rule(it.group["rule"])
+        if not rule.stateful:
+            return x.reshape(-1).contiguous()
+        parts = list(x) if isinstance(x, (tuple, list)) else [x]
+        if len(parts) != rule.inputs:
+            raise RuntimeError(f"rule {rule.name!r} returned {len(parts)} direction inputs for {it.name}, "
+                               f"it declares {rule.inputs}")
+        return torch.stack([t.reshape(-1) for t in parts] + [it.state[k].reshape(-1) for k in rule.carried])
+
+    @staticmethod
+    def _take_state(it: _Item, out: Tensor) -> Tensor:
+        """Store the new carried state the owner sent back (in place, into the local shards of the
+        state) and return the direction."""
+        rule = get_rule(it.group["rule"])
+        if not rule.stateful:
+            return out
+        for c, key in enumerate(rule.carried):
+            it.state[key].copy_(out[1 + c].view_as(it.state[key]))
+        return out[0]
 
     def _plan_for(self, items: list[_Item], topo: Topology) -> tuple[Plan, Exchange]:
         key = tuple(it.name for it in items)
@@ -414,7 +458,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         specs = unit_specs(info, per_head=group.get("per_head", False))
         costs = tuple(sum(rule.cost(*b.shape, group) for b in s.blocks) for s in specs)
         polar = tuple(sum(rule.polar_flops(*b.shape, group) for b in s.blocks) for s in specs)
-        return PlanParam(pos, name, layout, specs, costs, polar, rule.key(group))
+        channels = (rule.inputs + len(rule.carried), 1 + len(rule.carried)) if rule.stateful else (1, 1)
+        return PlanParam(pos, name, layout, specs, costs, polar, rule.key(group), channels)
 
     def plan(self) -> Plan:
         """The plan for a step in which every parameter has a gradient (for printing and tests)."""

@@ -12,7 +12,10 @@ Every rank builds the same plan from the same layouts, without communicating::
                per bucket and direction
 
 Bytes per rank and step for a Shard(0) matrix: each shard goes to the owner once and comes back
-once, ``(W−1)/W`` of the matrix each way in total. Nothing here imports ``torch.distributed``.
+once, ``(W−1)/W`` of the matrix each way in total. A rule with carried state (Conda, ARO) moves
+several parameter-shaped tensors per piece, its :attr:`PlanParam.channels`, and every byte count
+and split size is multiplied by them; the pieces themselves stay element ranges of the parameter.
+Nothing here imports ``torch.distributed``.
 
 How it is built (a plan at W = 1024 has millions of pieces, so nothing below loops over them in
 Python). For each parameter, the *geometry* — which ranks hold which part of each unit, cut into
@@ -50,6 +53,10 @@ class PlanParam:
         unit_costs (tuple[int, ...]): estimated flops per unit (for balancing).
         unit_polar_flops (tuple[int, ...]): polar flops per unit (for the counters).
         key (tuple): the rule's batching key (for the printed plan).
+        channels (tuple[int, int]): tensors moved per element of a unit, (to the owner, back): 1 and
+            1 for a stateless rule (its direction input out, its direction back); a rule with
+            carried state also moves its inputs and state out and its new state back (see
+            :class:`~dist_spectral.rules.Rule`), so every byte count scales by these.
     """
 
     index: int
@@ -59,6 +66,7 @@ class PlanParam:
     unit_costs: tuple[int, ...]
     unit_polar_flops: tuple[int, ...]
     key: tuple = ()
+    channels: tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True)
@@ -198,10 +206,16 @@ class Bucket:
         for name in ("gather", "scatter"):
             object.__setattr__(self, name, Pieces.of(getattr(self, name)))
 
-    def split_sizes(self, rank: int, world_size: int, phase: str) -> tuple[list[int], list[int]]:
-        """(input_split_sizes, output_split_sizes) of ``rank``'s all_to_all_single in ``phase``."""
+    def split_sizes(self, rank: int, world_size: int, phase: str,
+                    channels: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+        """(input_split_sizes, output_split_sizes) of ``rank``'s all_to_all_single in ``phase``, in
+        elements; ``channels`` (per unit id) multiplies each piece by the tensors it carries."""
         pieces = self.gather if phase == "gather" else self.scatter
-        return (pieces.select(src=rank).sizes("dst", world_size), pieces.select(dst=rank).sizes("src", world_size))
+        out = []
+        for mine, by in ((pieces.select(src=rank), "dst"), (pieces.select(dst=rank), "src")):
+            size = mine.numel if channels is None else mine.numel * channels[mine.uid]
+            out.append(_sum_by(getattr(mine, by), size, world_size).tolist())
+        return out[0], out[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,6 +230,17 @@ class Plan:
 
     # ----- what the counters must equal -----
     @functools.cached_property
+    def channels(self) -> dict[str, np.ndarray]:
+        """Per phase, tensors each unit's pieces carry (indexed by unit id; see :attr:`PlanParam.channels`)."""
+        per_param = np.array([p.channels for p in self.params], dtype=np.int64).reshape(-1, 2)
+        unit_param = np.array([u.param for u in self.units], dtype=np.int64)
+        return {"gather": per_param[unit_param, 0], "scatter": per_param[unit_param, 1]}
+
+    def split_sizes(self, bucket: Bucket, rank: int, phase: str) -> tuple[list[int], list[int]]:
+        """Elements of ``rank``'s all_to_all_single in ``phase`` of ``bucket``, every channel included."""
+        return bucket.split_sizes(rank, self.world_size, phase, self.channels[phase])
+
+    @functools.cached_property
     def _totals(self) -> dict[str, list[int]]:
         """Per-rank sums, computed once: flops, cost, and elements sent/received per phase."""
         W = self.world_size
@@ -225,11 +250,13 @@ class Plan:
             t["cost"][u.owner] += u.cost
         for phase in ("gather", "scatter"):
             sent, received = np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
+            channels = self.channels[phase]
             for b in self.buckets:
                 pieces = getattr(b, phase)
                 if len(pieces):
-                    sent += _sum_by(pieces.src, pieces.numel, W)
-                    received += _sum_by(pieces.dst, pieces.numel, W)
+                    wire = pieces.numel * channels[pieces.uid]
+                    sent += _sum_by(pieces.src, wire, W)
+                    received += _sum_by(pieces.dst, wire, W)
             t[f"{phase}_sent"], t[f"{phase}_received"] = sent.tolist(), received.tolist()
         return t
 
@@ -487,8 +514,8 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
     bucket_first = [0]
     size = 0
     uid = 0
-    for _, base, ustart, ustop in per_param:
-        for nbytes in ((ustop - ustart) * element_bytes).tolist():
+    for p, (_, base, ustart, ustop) in zip(params, per_param):
+        for nbytes in ((ustop - ustart) * element_bytes * max(p.channels)).tolist():
             if uid > bucket_first[-1] and size + nbytes > bucket_bytes:
                 bucket_first.append(uid)
                 size = 0
@@ -542,6 +569,8 @@ def fingerprint(params: list[PlanParam]) -> str:
         if lid not in holdings:
             holdings[lid] = repr(p.layout.holdings)
         h.update(f"({p.name!r}, {p.layout.shape!r}, {holdings[lid]}, {p.key!r}, {len(p.units)!r})".encode())
+        if p.channels != (1, 1):
+            h.update(repr(p.channels).encode())
     return h.hexdigest()[:16]
 
 

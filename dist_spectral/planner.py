@@ -104,8 +104,9 @@ class Simulation:
         local_numel (tuple[int, ...]): per rank, elements of every optimized parameter it holds
             (what element-wise work and AdamW touch).
         matrix_numel (tuple[int, ...]): per rank, elements of the parameters in the plan.
-        state_numel (tuple[int, ...]): per rank, optimizer-state elements (two buffers for
-            AdamW groups, one momentum buffer for every other rule).
+        state_numel (tuple[int, ...]): per rank, optimizer-state elements (each rule's
+            parameter-shaped buffers: two for AdamW, one momentum for most rules, more with
+            carried state).
         colsum_sizes (tuple[int, ...]): length of every column-statistics all-reduce of a step
             (row rules on sharded rows); each moves ``4 · length`` bytes each way per rank.
     """
@@ -145,14 +146,25 @@ def _colsum_sizes(rule_name: str, group: dict, info) -> list[int]:
         sizes.append(out.numel())
         return out
 
+    def total(x):
+        out = x.sum((-2, -1), keepdim=True)
+        sizes.append(out.numel())
+        return out
+
     x = torch.empty((rows, n), device="meta")
     rule = get_rule(rule_name)
     kwargs = dict(axis=permuted_axis(info), transposed=info.transposed, group=group)
     if hasattr(rules, "RowStats"):
-        rule.direction(x, stats=rules.RowStats(colsum=colsum, total_rows=rows), **kwargs)
+        rule.direction(x, stats=rules.RowStats(colsum=colsum, total_rows=rows, total=total), **kwargs)
     else:  # rules before RowStats took the callable directly
         rule.direction(x, colsum=colsum, total_rows=rows, **kwargs)
     return sizes
+
+
+def _state_buffers(rule, group: dict) -> int:
+    """Parameter-shaped state tensors of a rule (two for AdamW, one momentum for most rules, more
+    for rules with carried state), read from the rule's own ``init_state``."""
+    return len(rule.init_state(torch.empty(0, device="meta"), group))
 
 
 def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
@@ -170,13 +182,14 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
     for g in groups:
         rule = get_rule(g.rule)
         group = {**g.hyper, "rule": g.rule}
+        buffers = _state_buffers(rule, group)
         for info in g.members:
             layout = parallel.layout(info.shape, expert=len(info.shape) == 3 and info.role.startswith("expert"))
             if id(layout) not in sizes:
                 sizes[id(layout)] = np.array([layout.local_numel(r) for r in range(W)], dtype=np.int64)
             held = sizes[id(layout)]
             local += held
-            state += (2 if g.rule == "adamw" else 1) * held
+            state += buffers * held
             if rule.locality == "element":
                 continue
             if runs_on_rows(g.rule, info, layout):

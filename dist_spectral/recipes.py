@@ -151,6 +151,10 @@ def resolve_hyper(group: dict, where: str) -> tuple[str, dict]:
         raise ValueError(f"{where}: group {group.get('name')!r} has schedule {hyper['schedule']!r}; use one of {SCHEDULES}")
     if "betas" in hyper:
         hyper["betas"] = tuple(hyper["betas"])
+    try:
+        rule.check(hyper)
+    except ValueError as err:
+        raise ValueError(f"{where}: group {group.get('name')!r} (rule {rule_name!r}): {err}") from None
     return rule_name, hyper
 
 

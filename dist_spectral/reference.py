@@ -11,11 +11,23 @@ block by block in a Python loop, straight from ``functional``::
     left_spectral      U = C(tr(Gram L)^α · L Mc),  Mc = C(M), L = (Mc Mcᵀ + εI)^{-½}
     right_spectral     U = ν^α · M (MᵀM + εI)^{-½}
     adamw              U = m̂ / (√v̂ + ε)
+    spectra            U = s · H_c(V), H_c(V) = (I + VVᵀ/c²)^{-½} V, V the base update: AdamW's
+                       m̂/(√v̂ + ε), sign(G + μB) or polar(G + μB)                (B ← μB + G)
+    auon               U = s · N / (√mean cosh²(γN) + 1e-8), N = ĝ/(‖ĝ‖_F + 1e-7), ĝ = (1−β)G + βM
+    auon_hybrid        the same on polar(ĝ) (one Newton–Schulz step)               (M ← βM + (1−β)G)
+    conda              U = s · Q (m̂'/(√v̂ + ε)),  m' = Qᵀ M, v ← β₂v + (1−β₂)(Qᵀ G)²,
+                       Q = SVD basis of M on the block's smaller side, recomputed at steps 1, T+1, …
+                       (M ← β₁M + (1−β₁)G)
+    aro                U = s · R f(Rᵀ M),  R = Q-factor(M f(R_prevᵀ M)ᵀ) with diag(R-factor) ≥ 0, R_0 = I
 
 with the permuted axis on the rows (column-aware rules transpose, apply, transpose back), and
-``W ← W(1 − lr·wd) − lr·U``.
+``W ← W(1 − lr·wd) − lr·U``. Conda's basis and ARO's rotation (k × k, k the block's smaller side)
+are kept, as the fast path keeps them, in the first k² elements of each block of a
+parameter-shaped buffer, so the two states compare element by element.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -31,6 +43,33 @@ def _polar_args(group: dict) -> dict:
     coeffs = group["coefficients"]
     coeffs = tuple(tuple(c) for c in coeffs) if isinstance(coeffs, (list, tuple)) else coeffs
     return dict(steps=group["steps"], coefficients=coeffs, safety=group["safety"], dtype=_DTYPES[group["polar_dtype"]])
+
+
+def soft_clip(x: Tensor, c: float, steps: int) -> Tensor:
+    """SPECTRA's ``H_c(X) = (I + XXᵀ/c²)^{-½} X`` for one matrix, written out: the Gram of the wide
+    orientation, scaled by ``1 + min(Gershgorin, Frobenius bound)/c²``, coupled Newton–Schulz."""
+    if math.isinf(c):
+        return x
+    wide = x if x.shape[0] <= x.shape[1] else x.T
+    gram = wide @ wide.T
+    bound = min(gram.abs().sum(dim=1).max(), torch.linalg.matrix_norm(gram))
+    s = 1 + bound / c**2
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    y, z = (eye + gram / c**2) / s, eye
+    for _ in range(steps):
+        t = (3 * eye - z @ y) / 2
+        y, z = y @ t, t @ z
+    out = (z / s.sqrt()) @ wide
+    return out if wide is x else out.T
+
+
+def cosh_brake(g: Tensor, gamma: float, normalize: bool) -> Tensor:
+    """AuON's ``N / (√mean cosh²(γN) + 1e-8)``, ``N = g/(‖g‖_F + 1e-7)`` (``g`` itself on top when
+    not ``normalize``), in float64 straight from the formula."""
+    g64 = g.double()
+    n = g64 / (torch.linalg.matrix_norm(g64) + 1e-7)
+    r = torch.cosh(gamma * n).pow(2).mean().sqrt()
+    return ((n if normalize else g64) / (r + 1e-8)).to(g.dtype)
 
 
 def block_direction(rule: str, block: Tensor, info: ParamInfo, group: dict) -> Tensor:
@@ -50,6 +89,15 @@ def block_direction(rule: str, block: Tensor, info: ParamInfo, group: dict) -> T
         u = F.left_spectral(x, alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
     elif rule == "right_spectral":
         u = F.right_spectral(x, alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
+    elif rule == "spectra":
+        fan_out, fan_in = fan_out_in(info, tuple(block.shape))
+        base = F.polar(x, **_polar_args(group)) if group["base"] == "muon" else x
+        u = soft_clip(base, group["clip_c"], group["clip_steps"]) * F.muon_scale(fan_out, fan_in, group["scale"])
+    elif rule in ("auon", "auon_hybrid"):
+        fan_out, fan_in = fan_out_in(info, tuple(block.shape))
+        g = F.polar(x, **_polar_args(group)) if rule == "auon_hybrid" else x
+        scale = 1.0 if group["scale"] == "none" else F.muon_scale(fan_out, fan_in, group["scale"])
+        u = cosh_brake(g, group["gamma"], group["normalize"]) * scale
     else:
         raise ValueError(f"no reference for rule {rule!r}")
     return u.T if cols else u
@@ -68,6 +116,90 @@ def matrix_direction(rule: str, m: Tensor, info: ParamInfo, group: dict) -> Tens
     return out.reshape(m.shape)
 
 
+def _unpack(block: Tensor, k: int) -> Tensor:
+    return block.reshape(-1)[:k * k].reshape(k, k)
+
+
+def _pack(block: Tensor, q: Tensor) -> None:
+    flat = torch.zeros(block.numel(), dtype=block.dtype)
+    flat[:q.numel()] = q.reshape(-1)
+    block.copy_(flat.view(block.shape))
+
+
+def _conda_block(m: Tensor, g: Tensor, v: Tensor, basis: Tensor, step: int, group: dict) -> Tensor:
+    """One block of Conda: returns the direction, writes ``v`` and ``basis`` (views of the state)."""
+    flip = m.shape[0] >= m.shape[1]  # the official "std" projection: right basis for tall and square
+    M, G, V = (m.T, g.T, v.T) if flip else (m, g, v)
+    k = M.shape[0]
+    if (step - 1) % group["update_proj_gap"] == 0:
+        Q = torch.linalg.svd(M, full_matrices=False)[0].clone()
+        for j in range(k):  # sign: each column's entry of largest magnitude positive
+            if Q[Q[:, j].abs().argmax(), j] < 0:
+                Q[:, j] = -Q[:, j]
+        _pack(basis, Q)
+    else:
+        Q = _unpack(basis, k)
+    b1, b2 = group["betas"]
+    V.copy_(b2 * V + (1 - b2) * (Q.T @ G) ** 2)
+    m_hat = (Q.T @ M) / (1 - b1 ** step)
+    v_hat = V / (1 - b2 ** step)
+    u = group["scale"] * Q @ (m_hat / (v_hat.sqrt() + group["eps"]))
+    return u.T if flip else u
+
+
+def _aro_base(y: Tensor, group: dict) -> Tensor:
+    eps, base = group["norm_eps"], group["base_rule"]
+    k, n = y.shape
+    rows = lambda z: z / (z.norm(dim=1, keepdim=True) + eps) * n ** 0.5  # noqa: E731
+    cols = lambda z: z / (z.norm(dim=0, keepdim=True) + eps) * k ** 0.5  # noqa: E731
+    if base == "sign":
+        return torch.sign(y)
+    if base == "row":
+        return rows(y)
+    if base == "col":
+        return cols(y)
+    for _ in range(group["sinkhorn_steps"]):
+        y = cols(rows(y))
+    return y
+
+
+def _aro_block(m: Tensor, rotation: Tensor, step: int, group: dict) -> Tensor:
+    """One block of ARO: returns the direction, writes ``rotation`` (a view of the state)."""
+    flip = m.shape[0] > m.shape[1]
+    X = m.T if flip else m
+    k = X.shape[0]
+    previous = torch.eye(k, dtype=X.dtype) if step == 1 else _unpack(rotation, k)
+    Q, R = torch.linalg.qr(X @ _aro_base(previous.T @ X, group).T)
+    Q = Q.clone()
+    for j in range(k):
+        if R[j, j] < 0:
+            Q[:, j] = -Q[:, j]
+    _pack(rotation, Q)
+    u = group["scale"] * Q @ _aro_base(Q.T @ X, group)
+    return u.T if flip else u
+
+
+def stateful_direction(rule: str, inputs: list[Tensor], state: dict, info: ParamInfo, group: dict,
+                       step: int) -> Tensor:
+    """A rule with whole-matrix state on a full tensor, one block at a time; updates ``state`` in place."""
+    rows, n = view_2d_shape(tuple(inputs[0].shape))
+    x2 = [t.reshape(rows, n) for t in inputs]
+    out = torch.empty_like(x2[0])
+    for unit in unit_specs(info, per_head=group.get("per_head", False)):
+        for b in unit.blocks:
+            r0, r1 = unit.row_start + b.row_start, unit.row_start + b.row_stop
+            cols = slice(b.col_start, b.col_stop, b.col_step)
+            if rule == "conda":
+                v, basis = (state[k].view(rows, n)[r0:r1, cols] for k in ("exp_avg_sq", "basis"))
+                out[r0:r1, cols] = _conda_block(x2[0][r0:r1, cols], x2[1][r0:r1, cols], v, basis, step, group)
+            elif rule == "aro":
+                out[r0:r1, cols] = _aro_block(x2[0][r0:r1, cols], state["rotation"].view(rows, n)[r0:r1, cols],
+                                              step, group)
+            else:
+                raise ValueError(f"no reference for rule {rule!r}")
+    return out.reshape(inputs[0].shape)
+
+
 class ReferenceOptimizer:
     """Single-process reference with the same param-group dicts as :class:`SpectralOptimizer`.
 
@@ -82,8 +214,14 @@ class ReferenceOptimizer:
         self.state: dict[str, dict] = {}
         for g in self.groups:
             for name, p in g["params"]:
-                if g["rule"] == "adamw":
+                if g["rule"] == "adamw" or (g["rule"] == "spectra" and g["base"] == "adamw"):
                     self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": 0}
+                elif g["rule"] == "conda":
+                    self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                                        "basis": torch.zeros_like(p), "step": 0}
+                elif g["rule"] == "aro":
+                    self.state[name] = {"momentum_buffer": torch.zeros_like(p), "rotation": torch.zeros_like(p),
+                                        "step": 0}
                 else:
                     self.state[name] = {"momentum_buffer": torch.zeros_like(p), "step": 0}
 
@@ -97,12 +235,27 @@ class ReferenceOptimizer:
                 grad, state, rule = grads[name], self.state[name], g["rule"]
                 state["step"] += 1
                 if rule == "adamw":
-                    b1, b2 = g["betas"]
+                    u = _adam(state, grad, g)
+                elif rule == "conda":
+                    b1 = g["betas"][0]
                     state["exp_avg"] = b1 * state["exp_avg"] + (1 - b1) * grad
-                    state["exp_avg_sq"] = b2 * state["exp_avg_sq"] + (1 - b2) * grad * grad
-                    m_hat = state["exp_avg"] / (1 - b1 ** state["step"])
-                    v_hat = state["exp_avg_sq"] / (1 - b2 ** state["step"])
-                    u = m_hat / (v_hat.sqrt() + g["eps"])
+                    u = stateful_direction(rule, [state["exp_avg"], grad], state, self.infos[name], g, state["step"])
+                elif rule == "aro":
+                    state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + (1 - g["beta"]) * grad
+                    u = stateful_direction(rule, [state["momentum_buffer"]], state, self.infos[name], g, state["step"])
+                elif rule == "spectra":
+                    if g["base"] == "adamw":
+                        x = _adam(state, grad, g)
+                    else:
+                        state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + grad
+                        x = grad + g["beta"] * state["momentum_buffer"] if g["nesterov"] else state["momentum_buffer"]
+                        x = torch.sign(x) if g["base"] == "sign" else x
+                    u = matrix_direction(rule, x, self.infos[name], g)
+                elif rule in ("auon", "auon_hybrid"):
+                    state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + (1 - g["beta"]) * grad
+                    m = state["momentum_buffer"]
+                    x = (1 - g["beta"]) * grad + g["beta"] * m if g["nesterov"] else m
+                    u = matrix_direction(rule, x, self.infos[name], g)
                 elif rule == "muon":
                     state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + grad
                     x = grad + g["beta"] * state["momentum_buffer"] if g["nesterov"] else state["momentum_buffer"]
@@ -112,3 +265,13 @@ class ReferenceOptimizer:
                     u = matrix_direction(rule, state["momentum_buffer"], self.infos[name], g)
                 p.mul_(1 - g["lr"] * g["weight_decay"])
                 p.sub_(g["lr"] * u)
+
+
+def _adam(state: dict, grad: Tensor, g: dict) -> Tensor:
+    """AdamW's moments (updated in ``state``) and its bias-corrected direction ``m̂ / (√v̂ + ε)``."""
+    b1, b2 = g["betas"]
+    state["exp_avg"] = b1 * state["exp_avg"] + (1 - b1) * grad
+    state["exp_avg_sq"] = b2 * state["exp_avg_sq"] + (1 - b2) * grad * grad
+    m_hat = state["exp_avg"] / (1 - b1 ** state["step"])
+    v_hat = state["exp_avg_sq"] / (1 - b2 ** state["step"])
+    return m_hat / (v_hat.sqrt() + g["eps"])

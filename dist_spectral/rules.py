@@ -8,8 +8,22 @@ exactly that much of the tensor:
   Statistics that span ranks come from a :class:`RowStats`: ``colsum`` (column sums over *all*
   rows of the matrix: centring, column norms; one all-reduce of a length-n vector when rows are
   sharded) and ``rowsum`` (row sums: local, except rows cut by a DeepSpeed partition boundary,
-  whose partial sums are combined across the ranks holding them).
+  whose partial sums are combined across the ranks holding them), ``total`` (one sum over every
+  element of the matrix: an all-reduce of one number).
 - ``matrix``: whole matrices, batched ``[B, m, n]`` of equal shape (Muon, hybrid, spectral rules).
+
+Carried state. Some matrix rules keep state that is a function of the whole matrix and is updated
+where the matrix is whole (Conda's singular basis and its second moment in that basis, ARO's
+rotation). Such a rule lists the state keys in ``carried``: each is a tensor shaped and sharded
+exactly like the parameter (created by ``init_state``), so ``state_dict``, DCP checkpoints and
+resharding treat it like a momentum buffer. Every step the exchange moves the rule's inputs *and*
+its carried state to the matrix's owner (``inputs + len(carried)`` tensors per element), the owner
+calls :meth:`Rule.direction_with_state`, and the direction *and* the new state come back to the
+ranks holding each piece (``1 + len(carried)``). A ``k × k`` matrix with ``k = min(m, n)`` (a
+basis, a rotation) fits in an m×n block: the rule packs it in the block's first ``k²`` elements.
+The alternative, state held by the owner and keyed by matrix, moves fewer bytes per step but ties
+the state to the plan: checkpoints would need a gather and any change of W or owners a
+redistribution, the failure Keller Jordan's DDP Muon has (its momentum lives only on owners).
 
 Every step is ``W ← W·(1 − lr·wd) − lr·U`` with ``U`` the rule's direction (weight decay decoupled
 and applied first). Momentum conventions:
@@ -36,10 +50,14 @@ class RowStats:
         total_rows (int | None): rows of the whole matrix (default: the local count).
         mask (Tensor | None): ``[rows, n]`` 0/1 of the elements this rank holds, when it holds
             parts of rows (the others are zero-filled and must stay zero between operations).
+        total (callable | None): ``[rows, n]`` → the sum over every element of the matrix,
+            ``[1, 1]`` (default: the local sum; per matrix ``[..., 1, 1]`` for a batch).
     """
 
-    def __init__(self, colsum=None, rowsum=None, total_rows: int | None = None, mask: Tensor | None = None):
+    def __init__(self, colsum=None, rowsum=None, total_rows: int | None = None, mask: Tensor | None = None,
+                 total=None):
         self._colsum, self._rowsum, self.total_rows, self.mask = colsum, rowsum, total_rows, mask
+        self._total = total
 
     @property
     def rows_whole(self) -> bool:
@@ -51,6 +69,10 @@ class RowStats:
 
     def rowsum(self, x: Tensor) -> Tensor:
         return self._rowsum(x) if self._rowsum else x.sum(-1, keepdim=True)
+
+    def total(self, x: Tensor) -> Tensor:
+        """Sum over every element of the matrix, wherever it lives (zero-filled elements add 0)."""
+        return self._total(x) if self._total else self.clean(x).sum((-2, -1), keepdim=True)
 
     def rows(self, x: Tensor) -> int:
         return self.total_rows if self.total_rows is not None else x.shape[-2]
@@ -78,13 +100,31 @@ class Rule:
     defaults = {}
     direction_options: tuple = ()
 
+    #: Tensors :meth:`direction_input` returns (more than one only with :meth:`direction_with_state`).
+    inputs: int = 1
+    #: State keys moved to the owner with the inputs and returned updated (see the module docstring).
+    carried: tuple[str, ...] = ()
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the owner runs :meth:`direction_with_state` (carried state or several inputs)."""
+        return bool(self.carried) or self.inputs != 1
+
+    def check(self, group: dict) -> None:
+        """Raise ``ValueError`` naming a hyperparameter of ``group`` that this rule cannot use."""
+
     # ----- state and momentum (element-wise on the local shard) -----
-    def init_state(self, p: Tensor) -> dict:
-        """Eagerly created state, shaped like the parameter (DTensor when the parameter is one)."""
+    def init_state(self, p: Tensor, group: dict) -> dict:
+        """Eagerly created state, shaped like the parameter (DTensor when the parameter is one);
+        ``group`` holds the hyperparameters, for rules whose state depends on them."""
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    def direction_input(self, local_state: dict, grad: Tensor, group: dict) -> Tensor:
-        """Update the momentum in place and return what the direction is computed from."""
+    def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int) -> Tensor:
+        """Update the momentum in place and return what the direction is computed from.
+
+        ``step`` counts this parameter's steps, this one included (1 on the first): what bias
+        corrections need, so that an element-wise direction (Adam's) can be formed here, before
+        any exchange."""
         m = local_state["momentum_buffer"]
         beta = group["beta"]
         m.lerp_(grad, 1 - beta)
@@ -98,6 +138,20 @@ class Rule:
     def direction(self, x: Tensor, *, axis: str, transposed: bool, group: dict, stats: RowStats = LOCAL) -> Tensor:
         raise NotImplementedError
 
+    def direction_with_state(self, inputs: list[Tensor], state: dict[str, Tensor], *, step: int, axis: str,
+                             transposed: bool, group: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The direction of a batch of whole blocks and their new carried state.
+
+        Args:
+            inputs: ``self.inputs`` tensors ``[B, m, n]`` (what :meth:`direction_input` returned).
+            state: every key of ``carried`` → ``[B, m, n]``, the blocks' current state (read-only).
+            step: the parameter's step counter, this step included (1 on the first step).
+
+        Returns:
+            (direction ``[B, m, n]``, key of ``carried`` → new state ``[B, m, n]``).
+        """
+        raise NotImplementedError
+
     def cost(self, m: int, n: int, group: dict) -> int:
         """Estimated flops of the direction on one m×n block (used to balance owners)."""
         return 0
@@ -105,6 +159,12 @@ class Rule:
     def polar_flops(self, m: int, n: int, group: dict) -> int:
         """Flops spent in polar iterations on one block (the counter the engine reports)."""
         return 0
+
+    def needs_matrix_statistics(self, axis: str) -> bool:
+        """Row rules: whether the direction sums over the rows of its matrix (``colsum``, ``total``).
+        Such statistics span one matrix, so a tensor holding several (experts, fused halves) goes
+        per matrix through the owner exchange instead of running on its rows."""
+        return True
 
 
 def _hashable(v):
@@ -122,6 +182,16 @@ _DTYPES = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch
 _POLAR_DEFAULTS = {"steps": 5, "coefficients": "polar_express", "safety": 1.01, "polar_dtype": "auto"}
 
 
+def adam_direction(local_state: dict, grad: Tensor, betas: tuple[float, float], eps: float, step: int) -> Tensor:
+    """Adam's moments, updated in place (``exp_avg``, ``exp_avg_sq``), and its bias-corrected
+    direction ``m̂ / (√v̂ + ε)`` at ``step`` (1 on the first): element-wise, on any shard."""
+    beta1, beta2 = betas
+    local_state["exp_avg"].lerp_(grad, 1 - beta1)
+    local_state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (local_state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(eps)
+    return (local_state["exp_avg"] / (1 - beta1 ** step)).div_(denom)
+
+
 class AdamW(Rule):
     """AdamW: ``m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², U = m̂ / (√v̂ + ε)`` with bias correction."""
 
@@ -129,21 +199,12 @@ class AdamW(Rule):
     locality = "element"
     defaults = {"betas": (0.9, 0.95), "eps": 1e-8}
 
-    def init_state(self, p: Tensor) -> dict:
+    def init_state(self, p: Tensor, group: dict) -> dict:
         return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
-    def direction_input(self, local_state: dict, grad: Tensor, group: dict) -> Tensor:
-        beta1, beta2 = group["betas"]
-        local_state["exp_avg"].lerp_(grad, 1 - beta1)
-        local_state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        return local_state["exp_avg"]
-
-    def adam_direction(self, local_state: dict, step: int, group: dict) -> Tensor:
-        beta1, beta2 = group["betas"]
-        bias1 = 1 - beta1 ** step
-        bias2 = 1 - beta2 ** step
-        denom = (local_state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        return (local_state["exp_avg"] / bias1).div_(denom)
+    def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int) -> Tensor:
+        """The direction itself: it is element-wise."""
+        return adam_direction(local_state, grad, group["betas"], group["eps"], step)
 
 
 class Muon(Rule):
@@ -155,7 +216,7 @@ class Muon(Rule):
     defaults = {"beta": 0.95, "nesterov": True, "scale": "spectral", "per_head": True, **_POLAR_DEFAULTS}
     direction_options = ("steps", "coefficients", "safety", "polar_dtype", "scale")
 
-    def direction_input(self, local_state: dict, grad: Tensor, group: dict) -> Tensor:
+    def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int) -> Tensor:
         buf = local_state["momentum_buffer"]
         buf.mul_(group["beta"]).add_(grad)
         return grad.add(buf, alpha=group["beta"]) if group["nesterov"] else buf
@@ -180,6 +241,9 @@ class RowNorm(Rule):
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         return normalize(x, axis, stats, group["norm_eps"])
+
+    def needs_matrix_statistics(self, axis):
+        return axis == "cols"  # column norms sum over rows; row norms are per row
 
     def cost(self, m, n, group):
         return 3 * m * n
@@ -279,6 +343,9 @@ def register(rule: Rule) -> Rule:
     """Add a rule (an instance) under ``rule.name``; rules from other papers live in ``neighbours/``."""
     if rule.name in RULES and type(RULES[rule.name]) is not type(rule):
         raise ValueError(f"a different rule is already registered as {rule.name!r}")
+    if rule.stateful and rule.locality != "matrix":
+        raise ValueError(f"rule {rule.name!r} carries state or takes {rule.inputs} inputs, which only the owner "
+                         f"exchange moves: its locality must be 'matrix', not {rule.locality!r}")
     RULES[rule.name] = rule
     return rule
 
@@ -303,4 +370,4 @@ def polar_flops_of(rule: Rule, shape: tuple[int, int], group: dict) -> int:
     return int(rule.polar_flops(shape[0], shape[1], group))
 
 
-__all__ = ["Rule", "RULES", "RowStats", "get_rule", "register", "normalize", "center", "orient"]
+__all__ = ["Rule", "RULES", "RowStats", "get_rule", "register", "normalize", "center", "orient", "adam_direction"]

@@ -50,11 +50,15 @@ class Topology:
         Whole rows: a view, column sums all-reduced (:meth:`colsum`). Rows cut by partition
         boundaries (DeepSpeed ZeRO): the touched rows zero-filled with a mask; column sums are one
         all-reduce of a length-n vector, row sums of the cut rows one all-reduce of a vector with one
-        entry per cut row of the matrix.
+        entry per cut row of the matrix. Either way a sum over the whole matrix (``total``) is one
+        all-reduce of one number.
         """
         rows, n = layout.shape[0], layout.cols
         if layout.whole_rows():
-            return flat.reshape(-1, n), RowStats(colsum=self.colsum(layout), total_rows=rows), lambda u: u.reshape(-1)
+            colsum = self.colsum(layout)
+            return flat.reshape(-1, n), RowStats(colsum=colsum, total_rows=rows,
+                                                 total=lambda x: colsum(x.sum(-1, keepdim=True))), \
+                lambda u: u.reshape(-1)
         if not layout.each_element_once():
             raise ValueError(f"a {layout.kind or 'sharded'} layout of shape {layout.shape} both cuts rows and repeats "
                              "elements across ranks; row rules cannot run on it")
@@ -77,7 +81,10 @@ class Topology:
                 partial[index.cut_local, 0] = shared[index.cut_slots]
             return partial
 
-        return dense, RowStats(colsum=colsum, rowsum=rowsum, total_rows=rows, mask=mask), \
+        def total(x: Tensor) -> Tensor:
+            return self.all_reduce_sum((x * mask).sum((-2, -1), keepdim=True).contiguous(), "matrix sums")
+
+        return dense, RowStats(colsum=colsum, rowsum=rowsum, total_rows=rows, mask=mask, total=total), \
             lambda u: u[index.row_pos, index.col]
 
     def any_true(self, flag: bool) -> bool:

@@ -48,7 +48,7 @@ class DTensorTopology(ReplicatedTopology):
 
         def colsum(x: Tensor) -> Tensor:
             mask = masked_rows(layout, rank, x.shape[-2])
-            partial = (x if mask is None else x * mask.to(x.dtype)).sum(-2, keepdim=True).contiguous()
+            partial = (x if mask is None else x * mask.to(x)).sum(-2, keepdim=True).contiguous()
             wait(dist.all_reduce(partial, group=group, async_op=True), timeout)
             return partial
 

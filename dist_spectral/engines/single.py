@@ -35,7 +35,7 @@ class ReplicatedTopology(Topology):
     def any_true(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=collective_device(self.group))
         wait(dist.all_reduce(t, group=self.group, async_op=True), self.timeout)
         return bool(t.item() > 0)
 
@@ -49,3 +49,10 @@ class ReplicatedTopology(Topology):
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)
+
+
+def collective_device(group) -> torch.device:
+    """Where a small tensor for a collective on ``group`` must live: NCCL takes only CUDA tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

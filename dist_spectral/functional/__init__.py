@@ -13,8 +13,11 @@ centred RowNormM           ``centered_row_norm`` = ``C(R(C(M)))``
 right-spectral             ``right_spectral`` = ``ν^α M (MᵀM + εI)^{-½}``
 left-spectral (router)     ``left_spectral`` = ``C(tr(G L)^α L C(M))``
 hybrid                     ``hybrid`` = ``ν(R(M))^α polar(R(M))``
+SPECTRA soft clip          ``soft_clip`` = ``(I + X Xᵀ/c²)^{-½} X``
+AuON brake                 ``cosh_brake`` = ``N / √mean cosh²(γN)``, ``N = X/‖X‖_F``
 =========================  ==========================================================
 """
+from .clip import cosh_brake, gram_bound, soft_clip, soft_clip_flops
 from .polar import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, muon_scale, polar, polar_flops
 from .rows import center_rows, centered_row_norm, col_norm, row_norm
 from .spectral import (
@@ -32,7 +35,9 @@ __all__ = [
     "center_rows",
     "centered_row_norm",
     "col_norm",
+    "cosh_brake",
     "default_inv_sqrt_steps",
+    "gram_bound",
     "hybrid",
     "inv_sqrt",
     "left_spectral",
@@ -42,4 +47,6 @@ __all__ = [
     "polar_flops",
     "right_spectral",
     "row_norm",
+    "soft_clip",
+    "soft_clip_flops",
 ]

@@ -8,3 +8,5 @@
     conda.py     Conda: Adam's second moment in the momentum's singular basis
     aro.py       ARO: a learned rotation and a base rule in the rotated frame
 """
+from . import conda, aro  # noqa: E402,F401  (each registers its rule)
+from . import spectra, auon  # noqa: E402,F401

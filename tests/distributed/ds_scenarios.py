@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO runs of a real tiny MoE (OLMoE, 97-token vocabulary, 3 experts) with the
-`symmetric` recipe, for the parity tests.
+`symmetric` recipe (one case: AuON, its rows cut by the partitions), for the parity tests.
 
 The gradients DeepSpeed hands the optimizer (averaged over ranks and micro-batches) are recorded
 through the ZeRO map and reassembled, so the reference steps on exactly the same gradients and any
@@ -19,6 +19,11 @@ CASES = {
     "zero3": {"stage": 3},
     "zero3_subgroups": {"stage": 3, "zero": {"sub_group_size": 3000}},
     "zero2_accum": {"stage": 2, "accum": 2},
+    # AuON on every 2-D matrix, embedding and head included: ZeRO cuts their rows, and the brake's
+    # whole-matrix sums must skip the zero-filled elements. SPECTRA on the router.
+    "zero2_auon": {"stage": 2, "recipe": "auon", "overrides": {"embedding": {"rule": "auon", "lr": 0.05},
+                                                                "lm_head": {"rule": "auon", "lr": 0.05},
+                                                                "router": {"rule": "spectra", "lr": 1e-3}}},
 }
 
 
@@ -42,7 +47,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
 
     case = CASES[name]
     model = tiny_olmoe(seed=0)
-    opt = dist_spectral.build_optimizer(model, "symmetric")
+    opt = dist_spectral.build_optimizer(model, case.get("recipe", "symmetric"), **case.get("overrides", {}))
     engine, _, _, _ = initialize(model=model, optimizer=opt, config=ds_config(case))
     shapes = dict(zip(opt._zero.names, opt._zero.shapes))
     current: dict[str, torch.Tensor] = {}
@@ -54,7 +59,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
     def recording_step(closure=None):
         step_calls.append(len(opt.param_groups))
         for it in opt._zero_items():  # this rank's pieces of each parameter's gradient
-            if it.group["rule"] in ("row_norm", "centered_row_norm") and not it.layout.whole_rows():
+            if it.group["rule"] in ("row_norm", "centered_row_norm", "auon") and not it.layout.whole_rows():
                 cut_row_params.add(it.name)
             full = current.setdefault(it.name, torch.zeros(shapes[it.name]).reshape(-1))
             for (a, b) in it.layout.holdings[rank]:
