@@ -24,6 +24,8 @@ Stages (each picks from the previous one's final validation loss):
    per-seed (paired) differences against ``muon``.
 
 The dense model reuses the MoE model's chosen learning rates (``--sweep-dense`` sweeps its own).
+On the MoE model the rules from neighbouring papers (recipes ``spectra``, ``auon``, ``conda``,
+``aro``) get the same treatment: a sweep of their hidden-matrix lr, then seeds.
 
 Writes ``benchmarks/results/convergence.md`` and ``benchmarks/results/convergence.png``.
 """
@@ -155,6 +157,11 @@ MUON_ADAM_LRS = (3e-3, 1e-2, 3e-2)       # muon's AdamW on embedding + head (+ r
 EMBEDDING_LRS = (0.1, 0.3, 1.0)          # symmetric: row-norm embedding
 HEAD_LRS = (5e-3, 2e-2, 8e-2)            # symmetric: centred row-norm head
 ROUTERS = {"centered_row_norm": (7.5e-4, 7.5e-3), "adamw": (1e-3, 1e-2)}  # left-spectral 7.5e-4 is the recipe's
+# Rules from neighbouring papers (MoE model): the hidden-matrix lr around each recipe's own value,
+# everything else as the recipe has it. Conda refreshes its basis every 200 steps here (its
+# default, 2000, would mean once in the whole run).
+NEIGHBOURS = {"spectra": ((1e-3, 2e-3, 4e-3), {}), "auon": ((0.02, 0.04, 0.08), {}),
+              "conda": ((2.5e-3, 5e-3, 1e-2), {"update_proj_gap": 200}), "aro": ((2.5e-3, 5e-3, 1e-2), {})}
 CENTRE = {"hidden": 5e-3, "adam": 1e-2, "embedding": 0.3, "lm_head": 2e-2}  # the middle of each sweep
 
 
@@ -228,6 +235,9 @@ def coordinates(model: str) -> list[Coordinate]:
           Coordinate("symmetric", "lm_head", HEAD_LRS,
                      lambda lr: symmetric_spec(model, c["hidden"], c["embedding"], lr))]
     if model == "moe":
+        for recipe, (lrs, extra) in NEIGHBOURS.items():
+            cs.append(Coordinate(recipe, "hidden", lrs, lambda lr, recipe=recipe, extra=extra: spec(
+                model, recipe, attention={"lr": lr, **extra}, mlp={"lr": lr, **extra})))
         for rule, lrs in ROUTERS.items():
             cs.append(Coordinate(f"router={rule}", "lr", lrs, lambda lr, rule=rule: symmetric_spec(
                 model, c["hidden"], c["embedding"], c["lm_head"], router={"rule": rule, "lr": lr})))
@@ -264,6 +274,9 @@ def choose(model: str, results: dict, lrs_from: str | None = None) -> dict[str, 
         for rule in ROUTERS:
             chosen[f"router={rule}"] = symmetric_spec(model, s_hidden, s_emb, s_head,
                                                       router={"rule": rule, "lr": best[f"router={rule}", "lr"]})
+        for recipe, (_, extra) in NEIGHBOURS.items():
+            lr = best[recipe, "hidden"]
+            chosen[recipe] = spec(model, recipe, attention={"lr": lr, **extra}, mlp={"lr": lr, **extra})
         # the ablations, on the MoE model only (the question the first look left open)
         chosen["emb-only"] = muon_spec(model, hidden_lr, adam_lr, embedding={"rule": "row_norm", "lr": s_emb})
         chosen["head-only"] = muon_spec(model, hidden_lr, adam_lr, lm_head={"rule": "centered_row_norm", "lr": s_head})
