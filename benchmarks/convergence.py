@@ -25,7 +25,8 @@ Stages (each picks from the previous one's final validation loss):
 
 The dense model reuses the MoE model's chosen learning rates (``--sweep-dense`` sweeps its own).
 On the MoE model the rules from neighbouring papers (recipes ``spectra``, ``auon``, ``conda``,
-``aro``) get the same treatment: a sweep of their hidden-matrix lr, then seeds.
+``aro``) get a two-point sweep of their hidden-matrix lr (the recipe's value and half or twice it, no
+extension), then seeds.
 
 Writes ``benchmarks/results/convergence.md`` and ``benchmarks/results/convergence.png``.
 """
@@ -157,11 +158,12 @@ MUON_ADAM_LRS = (3e-3, 1e-2, 3e-2)       # muon's AdamW on embedding + head (+ r
 EMBEDDING_LRS = (0.1, 0.3, 1.0)          # symmetric: row-norm embedding
 HEAD_LRS = (5e-3, 2e-2, 8e-2)            # symmetric: centred row-norm head
 ROUTERS = {"centered_row_norm": (7.5e-4, 7.5e-3), "adamw": (1e-3, 1e-2)}  # left-spectral 7.5e-4 is the recipe's
-# Rules from neighbouring papers (MoE model): the hidden-matrix lr around each recipe's own value,
+# Rules from neighbouring papers (MoE model): the hidden-matrix lr at each recipe's own value and one
+# neighbour (two points: they came last and got the smallest budget),
 # everything else as the recipe has it. Conda refreshes its basis every 200 steps here (its
 # default, 2000, would mean once in the whole run).
-NEIGHBOURS = {"spectra": ((1e-3, 2e-3, 4e-3), {}), "auon": ((0.02, 0.04, 0.08), {}),
-              "conda": ((2.5e-3, 5e-3, 1e-2), {"update_proj_gap": 200}), "aro": ((2.5e-3, 5e-3, 1e-2), {})}
+NEIGHBOURS = {"spectra": ((1e-3, 2e-3), {}), "auon": ((0.04, 0.08), {}),
+              "conda": ((5e-3, 1e-2), {"update_proj_gap": 200}), "aro": ((2.5e-3, 5e-3), {})}
 CENTRE = {"hidden": 5e-3, "adam": 1e-2, "embedding": 0.3, "lm_head": 2e-2}  # the middle of each sweep
 
 
@@ -190,11 +192,12 @@ class Coordinate:
     name: str                       # which lr: lr, hidden, adam, embedding, lm_head
     grid: tuple
     make: typing.Callable[[float], Spec]
+    extend: bool = True             # run one value past the grid's edge when the best sits on it
 
     def values(self, results: dict) -> list[float]:
         """The grid plus the extensions past its edges (see :func:`pending`) that have run."""
         vals = list(self.grid)
-        for _ in range(MAX_EXTENSIONS):
+        for _ in range(MAX_EXTENSIONS if self.extend else 0):
             nxt = _beyond_edge(vals, results, self)
             if nxt is None or not results.get(self.make(nxt)):
                 break
@@ -237,7 +240,7 @@ def coordinates(model: str) -> list[Coordinate]:
     if model == "moe":
         for recipe, (lrs, extra) in NEIGHBOURS.items():
             cs.append(Coordinate(recipe, "hidden", lrs, lambda lr, recipe=recipe, extra=extra: spec(
-                model, recipe, attention={"lr": lr, **extra}, mlp={"lr": lr, **extra})))
+                model, recipe, attention={"lr": lr, **extra}, mlp={"lr": lr, **extra}), extend=False))
         for rule, lrs in ROUTERS.items():
             cs.append(Coordinate(f"router={rule}", "lr", lrs, lambda lr, rule=rule: symmetric_spec(
                 model, c["hidden"], c["embedding"], c["lm_head"], router={"rule": rule, "lr": lr})))
@@ -254,7 +257,7 @@ def pending(model: str, results: dict) -> list[Spec]:
             continue
         vals = coord.values(results)
         nxt = _beyond_edge(vals, results, coord)
-        if nxt is not None and len(vals) - len(coord.grid) < MAX_EXTENSIONS:
+        if coord.extend and nxt is not None and len(vals) - len(coord.grid) < MAX_EXTENSIONS:
             todo.append(coord.make(nxt))
     return list(dict.fromkeys(todo))
 
