@@ -19,7 +19,7 @@ def resolve_groups(model: nn.Module, recipe="symmetric", infos: list[ParamInfo] 
 
 def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "skip", bucket_mb: float = 256,
                     comm_dtype: torch.dtype | str | None = None, infos: list[ParamInfo] | None = None,
-                    **overrides) -> SpectralOptimizer:
+                    replicate_below: int | None = None, **overrides) -> SpectralOptimizer:
     """The optimizer for ``model`` under a recipe.
 
     Call it after wrapping the model (``fully_shard``, DDP): it reads the parameters' layouts.
@@ -32,6 +32,9 @@ def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "s
         bucket_mb (float): memory bound of one exchange bucket in MiB (default: 256).
         comm_dtype: dtype of exchanged matrices, e.g. ``"bfloat16"`` (default: fp32).
         infos: roles from :func:`classify`, if already computed.
+        replicate_below (int | None): small units of rules without polar iterations (routers) with
+            fewer elements are computed on every rank holding part of them instead of one owner;
+            0 = never (default: ``None``, :data:`~dist_spectral.optimizer.REPLICATE_BELOW`).
         **overrides: ``<group>={field: value}`` changes a group (e.g. ``router={"rule":
             "centered_row_norm"}``), ``groups=[...]`` adds groups in front, ``lr_scale=x``
             multiplies every lr, ``key=value`` sets a hyperparameter on every group whose rule
@@ -47,6 +50,7 @@ def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "s
     if isinstance(comm_dtype, str):
         comm_dtype = getattr(torch, comm_dtype)
     opt = SpectralOptimizer(param_groups, {i.name: i for i in infos}, nonfinite=nonfinite,
-                            bucket_bytes=int(bucket_mb * (1 << 20)), comm_dtype=comm_dtype)
+                            bucket_bytes=int(bucket_mb * (1 << 20)), comm_dtype=comm_dtype,
+                            replicate_below=replicate_below)
     opt.report = report
     return opt

@@ -60,7 +60,8 @@ def cmd_plan(args) -> int:
     model = _meta_model(args.model)
     parallel = Parallel(args.world, replicas=args.hsdp, expert_parallel=args.ep)
     sim = simulate_step(model, parallel, args.recipe, bucket_mb=args.bucket_mb,
-                        element_bytes=2 if args.comm_dtype == "bfloat16" else 4, **parse_overrides(args.set))
+                        element_bytes=2 if args.comm_dtype == "bfloat16" else 4,
+                        replicate_below=args.replicate_below, **parse_overrides(args.set))
     plan = sim.plan
     rates = Rates(flops=args.flops_rate, flops_efficiency=args.flops_efficiency, bandwidth=args.bandwidth,
                   nvlink_bandwidth=args.nvlink_bandwidth, gpus_per_node=args.gpus_per_node,
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     p.add_argument("--bucket-mb", type=float, default=256)
     p.add_argument("--comm-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--replicate-below", type=int, default=None, metavar="ELEMENTS",
+                   help="units of rules without polar iterations (routers) smaller than this are computed on every "
+                        "rank holding part of them; 0 = never (default: the optimizer's)")
     p.add_argument("--units", action="store_true", help="list every unit with its owner")
     p.add_argument("--buckets", action="store_true", help="list every bucket")
     p.add_argument("--all-ranks", action="store_true", help="print every rank's row")

@@ -7,6 +7,11 @@ Per bucket (``W`` = 3, a matrix sharded by rows, owner rank 1)::
     rank 2 ──rows 2k:──►┘                        └──rows 2k:──► rank 2
          all_to_all_single #1                 all_to_all_single #2
 
+A replicated unit (a small router, see plan.py) has no owner: its pieces ride the same gather to
+every rank holding part of it, each of them computes it and keeps its own rows, and it has no
+scatter; those ranks compute it after issuing the bucket's scatter, so it overlaps that instead
+of delaying it.
+
 Bucket k+1's gather is in flight while bucket k computes, and bucket k's scatter is in flight
 while bucket k+1 computes (``async_op=True``; on CUDA the exchange runs on a side stream, see
 :class:`_Streams`). Pieces are packed by destination rank in plan
@@ -68,10 +73,11 @@ def wait(work, timeout: timedelta | None) -> None:
 class ExchangeStats:
     """What one step moved and computed on this rank."""
 
-    bytes_sent: dict = field(default_factory=lambda: {"gather": 0, "scatter": 0})
-    bytes_received: dict = field(default_factory=lambda: {"gather": 0, "scatter": 0})
+    bytes_sent: dict = field(default_factory=lambda: {"gather": 0, "replicate": 0, "scatter": 0})
+    bytes_received: dict = field(default_factory=lambda: {"gather": 0, "replicate": 0, "scatter": 0})
     collectives: int = 0
     polar_flops: int = 0
+    replicated_flops: int = 0
     exchange_seconds: float = 0.0
     compute_seconds: float = 0.0
 
@@ -115,12 +121,18 @@ class Exchange:
                 yield lo, hi
 
     def _collective(self, phase: str, bucket_index: int, send: list[Tensor], recv_numel: int, send_sizes, recv_sizes,
-                    dtype: torch.dtype, device: torch.device, stats: ExchangeStats):
+                    dtype: torch.dtype, device: torch.device, stats: ExchangeStats, replicated=(0, 0)):
+        """Start one all_to_all_single; ``replicated`` (elements sent, received) of the payload
+        belong to replicated units and are counted as the ``replicate`` phase."""
         wire = self.comm_dtype or dtype
         payload = torch.cat(send).to(wire) if send else torch.empty(0, dtype=wire, device=device)
         out = torch.empty(recv_numel, dtype=wire, device=device)
-        stats.bytes_sent[phase] += payload.numel() * payload.element_size()
-        stats.bytes_received[phase] += out.numel() * out.element_size()
+        size = payload.element_size()
+        stats.bytes_sent[phase] += (payload.numel() - replicated[0]) * size
+        stats.bytes_received[phase] += (out.numel() - replicated[1]) * size
+        if replicated != (0, 0):
+            stats.bytes_sent["replicate"] += replicated[0] * size
+            stats.bytes_received["replicate"] += replicated[1] * size
         stats.collectives += 1
         try:
             work = dist.all_to_all_single(out, payload, recv_sizes, send_sizes, group=self.group, async_op=True)
@@ -148,7 +160,9 @@ class Exchange:
         views = []
         for bucket in plan.buckets:
             incoming = {p.uid for p in bucket.gather if p.dst == rank}
-            owned = [plan.units[u] for u in bucket.units if plan.units[u].owner == rank]
+            units = [plan.units[u] for u in bucket.units]
+            owned = [u for u in units if u.owner == rank]
+            replicas = [u for u in units if u.replicated and rank in u.replicas]
             views.append(_BucketView(
                 gather_send=sorted((p for p in bucket.gather if p.src == rank), key=lambda p: p.dst),
                 gather_recv=sorted((p for p in bucket.gather if p.dst == rank), key=lambda p: p.src),
@@ -158,6 +172,9 @@ class Exchange:
                 scatter_sizes=plan.split_sizes(bucket, rank, "scatter"),
                 ready=[u for u in owned if u.uid not in incoming],
                 waiting=[u for u in owned if u.uid in incoming],
+                replicas_ready=[u for u in replicas if u.uid not in incoming],
+                replicas_waiting=[u for u in replicas if u.uid in incoming],
+                replicated_recv=sum(p.numel for p in bucket.gather if p.dst == rank and plan.units[p.uid].replicated),
                 gather=self._needs_collective(bucket, "gather"),
                 scatter=self._needs_collective(bucket, "scatter"),
             ))
@@ -205,13 +222,20 @@ class Exchange:
             with streams.exchange():  # not queued behind the compute of earlier buckets
                 send = [self._local_slice(inputs, plan.units[p.uid], p.start, p.stop).reshape(-1)
                         for p in v.gather_send]
+                replicated = sum(t.numel() for t, p in zip(send, v.gather_send) if plan.units[p.uid].replicated)
                 send_sizes, recv_sizes = v.gather_sizes
-                return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, device, stats)
+                return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, device, stats,
+                                        (replicated, v.replicated_recv))
 
-        def compute(units, mats, flat):
+        def compute(units, mats, flat, replicated=False):
+            if not units:
+                return
             t = clock()
             results, flops = run_jobs([make_job(u, mats[u.uid].view(channels(u, 0), u.spec.rows, -1)) for u in units])
-            stats.polar_flops += flops
+            if replicated:  # no polar iterations by construction (plan.replicable); counted apart
+                stats.replicated_flops += sum(u.cost for u in units)
+            else:
+                stats.polar_flops += flops
             stats.compute_seconds += clock() - t
             for u, r in zip(units, results):
                 flat[u.uid] = r.reshape(channels(u, 1), -1)
@@ -223,14 +247,15 @@ class Exchange:
         scatters = []
         for bi, v in enumerate(views):
             t0 = clock()
-            mats = {u.uid: torch.empty(channels(u, 0), u.stop - u.start, dtype=dtype, device=device)
-                    for u in v.ready + v.waiting}
-            for u in v.ready + v.waiting:
+            local = v.ready + v.waiting + v.replicas_ready + v.replicas_waiting
+            mats = {u.uid: torch.empty(channels(u, 0), u.stop - u.start, dtype=dtype, device=device) for u in local}
+            for u in local:
                 for a, b in self._owned_parts(u):
                     mats[u.uid][:, a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
             stats.exchange_seconds += clock() - t0
             flat: dict[int, Tensor] = {}
             compute(v.ready, mats, flat)  # overlaps the gather in flight
+            compute(v.replicas_ready, mats, {}, replicated=True)
             t0 = clock()
             if pending is not None:
                 work, received = pending
@@ -258,6 +283,7 @@ class Exchange:
                     scatters.append((bi, *self._collective("scatter", bi, send, sum(recv_sizes), send_sizes,
                                                            recv_sizes, dtype, device, stats)))
             stats.exchange_seconds += clock() - t0
+            compute(v.replicas_waiting, mats, {}, replicated=True)  # overlaps the scatter in flight
         t0 = clock()
         for bi, work, received in scatters:
             self._wait(work, "scatter", bi)
@@ -323,5 +349,8 @@ class _BucketView:
     scatter_sizes: tuple
     ready: list
     waiting: list
+    replicas_ready: list     # replicated units computed here, already whole here
+    replicas_waiting: list   # ... and those completed by the gather
+    replicated_recv: int     # elements of the gather this rank receives for replicated units
     gather: bool
     scatter: bool

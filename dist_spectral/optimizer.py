@@ -31,11 +31,16 @@ from .compute import MatrixJob
 from .engines import Topology, topology_for
 from .exchange import CollectiveError, Exchange, ExchangeStats
 from .layout import Layout
-from .plan import Plan, PlanParam, build_plan
+from .plan import Plan, PlanParam, build_plan, check_replicate_below
 from .roles import ParamInfo
 from .rules import RowStats, get_rule
 
 log = logging.getLogger(__name__)
+
+
+#: Default ``replicate_below``, in elements (see :class:`SpectralOptimizer`): where replicating
+#: stopped being faster in ``benchmarks/results/router_path.md``.
+REPLICATE_BELOW = 8192
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -47,9 +52,12 @@ class StepStats:
     """Counters of the last step on this rank (bytes are on the wire, flops are polar iterations).
 
     Attributes:
-        bytes_sent (dict): per collective (``gather``, ``scatter``, ``colsum``) bytes this rank sent.
+        bytes_sent (dict): per collective (``gather``, ``scatter``, ``colsum``) bytes this rank sent;
+            ``replicate``: the part of the gather collective that carries replicated units.
         bytes_received (dict): the same, received.
-        polar_flops (int): flops of polar iterations run on this rank.
+        polar_flops (int): flops of polar iterations run on this rank (each unit on one rank).
+        replicated_flops (int): estimated flops of the replicated units computed on this rank
+            (each also computed on the other ranks holding part of it).
         exchange_seconds (float): time in packing, collectives and unpacking.
         compute_seconds (float): time in whole-matrix rule computation.
         step_seconds (float): the whole ``step()``.
@@ -59,6 +67,7 @@ class StepStats:
     bytes_sent: dict = field(default_factory=dict)
     bytes_received: dict = field(default_factory=dict)
     polar_flops: int = 0
+    replicated_flops: int = 0
     exchange_seconds: float = 0.0
     compute_seconds: float = 0.0
     step_seconds: float = 0.0
@@ -127,6 +136,20 @@ class SpectralOptimizer(torch.optim.Optimizer):
         timeout (float | timedelta | None): seconds one collective of a step may wait before
             :class:`~dist_spectral.exchange.CollectiveError` names the step and collective
             (default: the process group's timeout).
+        replicate_below (int): a whole-matrix unit with fewer elements than this, of a rule without
+            polar iterations or carried state (a router ``e×d`` under left-spectral), is computed
+            on every rank holding part of it: its pieces ride the gather all_to_all to all of them
+            (no scatter), or under DDP nothing moves at all; 0 = never, every unit goes to one
+            owner. Polar units never qualify (default: :data:`REPLICATE_BELOW` = 8192, i.e.
+            routers smaller than 16×512). Chosen from ``benchmarks/results/router_path.md``
+            (FSDP2, gloo, one CPU thread per rank, 4 left-spectral routers alone): at 8×256 the
+            replicated step took 0.95× (W = 2) and 0.83× (W = 4) the owner path's, at 16×512
+            1.07× and 0.89× (a draw), from 32×1024 on it was slower (1.12×, 1.09×), up to 1.9×
+            and 4.1× at 256×7168: every holder repeats the compute the owners split, while
+            replicating saves at most one all_to_all (the scatter, where routers are alone in a
+            bucket). In the full model the choice was within noise. Collective latency and
+            small-matrix compute weigh differently on GPUs: measure there with
+            ``benchmarks/router_path.py`` before raising it.
 
     At construction every rank compares a fingerprint of its parameters (names, shapes, rules,
     layouts) with the others' and raises ``ValueError`` on all ranks if they differ.
@@ -134,9 +157,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], infos: dict[str, ParamInfo], *, nonfinite: str = "skip",
                  bucket_bytes: int = 256 << 20, comm_dtype: torch.dtype | None = None,
-                 topology: Topology | None = None, timeout: float | timedelta | None = None):
+                 topology: Topology | None = None, timeout: float | timedelta | None = None,
+                 replicate_below: int | None = None):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
+        replicate_below = check_replicate_below(REPLICATE_BELOW if replicate_below is None else replicate_below)
         for g in param_groups:
             get_rule(g["rule"])
         super().__init__(param_groups, {"lr": 1e-3, "weight_decay": 0.0})
@@ -147,6 +172,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.bucket_bytes = bucket_bytes
         self.comm_dtype = comm_dtype
+        self.replicate_below = replicate_below
         self._topology = topology
         self._plans: dict[tuple, tuple[Plan, Exchange]] = {}
         self._zero = None  # a ZeroMap once attached to DeepSpeed (see dist_spectral.deepspeed)
@@ -399,6 +425,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             stats.bytes_sent.update(ex.bytes_sent)
             stats.bytes_received.update(ex.bytes_received)
             stats.polar_flops = ex.polar_flops
+            stats.replicated_flops = ex.replicated_flops
             stats.exchange_seconds = ex.exchange_seconds
             stats.compute_seconds = ex.compute_seconds
         stats.bytes_sent["colsum"] = reduced_bytes
@@ -442,14 +469,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
         key = tuple(it.name for it in items)
         if key not in self._plans:
             params = [self.plan_param(pos, it.name, it.info, it.group, it.layout) for pos, it in enumerate(items)]
-            element_bytes = torch.finfo(self.comm_dtype).bits // 8 if self.comm_dtype else 4
-            plan = build_plan(params, topo.world_size, self.bucket_bytes, element_bytes)
+            plan = build_plan(params, topo.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
             prints = self._guard("plan fingerprint all_gather_object", lambda: topo.all_gather_object(plan.fingerprint))
             if len(set(prints)) > 1:
                 raise RuntimeError(f"ranks disagree on the parameters to optimize (plan fingerprints {prints}): every "
                                    "rank must build the optimizer from the same model, with the same shapes and recipe")
             self._plans[key] = (plan, Exchange(plan, topo.rank, topo.group, self.comm_dtype, self.timeout))
         return self._plans[key]
+
+    def _element_bytes(self) -> int:
+        return torch.finfo(self.comm_dtype).bits // 8 if self.comm_dtype else 4
 
     @staticmethod
     def plan_param(pos: int, name: str, info: ParamInfo, group: dict, layout) -> PlanParam:
@@ -469,7 +498,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
                   and not runs_on_rows(e.group["rule"], e.info, topo.layout(e.param))]
         params = [self.plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
                   for pos, i in enumerate(matrix)]
-        return build_plan(params, topo.world_size, self.bucket_bytes)
+        return build_plan(params, topo.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
 
     def _nonfinite(self, items: list[_Item], topo: Topology) -> bool:
         bad_names = [it.name for it in items if not bool(torch.isfinite(it.grad).all())]
@@ -492,4 +521,4 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return min(names, key=lambda n: order.get(n, len(order)))
 
 
-__all__ = ["SpectralOptimizer", "StepStats", "NonFiniteGradientError"]
+__all__ = ["SpectralOptimizer", "StepStats", "NonFiniteGradientError", "REPLICATE_BELOW"]

@@ -11,6 +11,17 @@ Every rank builds the same plan from the same layouts, without communicating::
     buckets    consecutive units whose total size fits the memory budget; one all_to_all_single
                per bucket and direction
 
+Replicated units. A small unit of a rule that runs no polar iterations and carries no state (a
+router ``e×d`` under left-spectral, a per-matrix row rule) may instead be *replicated*: every rank
+holding part of it receives every piece it lacks, in the same gather all_to_all_single (no extra
+collective), computes the whole direction and keeps its own rows, so the unit has no scatter
+pieces and no owner (``Unit.owner == REPLICATED``; ``Unit.replicas`` lists the ranks computing
+it). Under DDP it is whole everywhere: nothing moves. Chosen per unit from its size alone
+(``replicate_below`` elements), so every rank and every W decide alike. Its pieces are counted as
+their own phase, ``replicate``, and its duplicated work as ``replicated_flops``. Polar units never
+qualify: duplicating them is what the exchange exists to avoid, and a threshold sized for
+routers would catch per-head blocks of the same size.
+
 Bytes per rank and step for a Shard(0) matrix: each shard goes to the owner once and comes back
 once, ``(W−1)/W`` of the matrix each way in total. A rule with carried state (Conda, ARO) moves
 several parameter-shaped tensors per piece, its :attr:`PlanParam.channels`, and every byte count
@@ -69,6 +80,9 @@ class PlanParam:
     channels: tuple[int, int] = (1, 1)
 
 
+REPLICATED = -1  #: the owner of a replicated unit: every rank holding part of it computes it
+
+
 @dataclass(frozen=True)
 class Unit:
     uid: int
@@ -76,10 +90,19 @@ class Unit:
     spec: UnitSpec
     start: int  # element range of the flattened parameter
     stop: int
-    owner: int
+    owner: int  # REPLICATED for a replicated unit
     cost: int
     polar_flops: int
     bucket: int
+    replicas: tuple[int, ...] = ()  # replicated unit: the ranks holding part of it, which compute it
+
+    @property
+    def replicated(self) -> bool:
+        return self.owner == REPLICATED
+
+    def computed_on(self) -> tuple[int, ...]:
+        """The ranks that run this unit's rule."""
+        return self.replicas if self.replicated else (self.owner,)
 
 
 @dataclass(frozen=True)
@@ -198,7 +221,7 @@ class Bucket:
     """
 
     units: tuple[int, ...]
-    gather: Pieces   # sources -> owners
+    gather: Pieces   # sources -> owners, and to every holder of a replicated unit
     scatter: Pieces  # owners -> holders
 
     def __post_init__(self):
@@ -227,6 +250,14 @@ class Plan:
     bucket_bytes: int
     element_bytes: int = 4
     fingerprint: str = field(default="", compare=False)
+    replicate_below: int = 0
+
+    @functools.cached_property
+    def replicated(self) -> np.ndarray:
+        """Per unit id, whether the unit is replicated (read-only bool array)."""
+        out = np.fromiter((u.replicated for u in self.units), dtype=bool, count=len(self.units))
+        out.flags.writeable = False
+        return out
 
     # ----- what the counters must equal -----
     @functools.cached_property
@@ -244,15 +275,21 @@ class Plan:
     def _totals(self) -> dict[str, list[int]]:
         """Per-rank sums, computed once: flops, cost, and elements sent/received per phase."""
         W = self.world_size
-        t = {"polar": [0] * W, "cost": [0] * W}
+        t = {"polar": [0] * W, "cost": [0] * W, "replicated": [0] * W}
         for u in self.units:  # Python ints, exact however large
-            t["polar"][u.owner] += u.polar_flops
-            t["cost"][u.owner] += u.cost
-        for phase in ("gather", "scatter"):
+            if u.replicated:
+                for r in u.replicas:
+                    t["replicated"][r] += u.cost
+            else:
+                t["polar"][u.owner] += u.polar_flops
+                t["cost"][u.owner] += u.cost
+        for phase, source, keep in (("gather", "gather", False), ("replicate", "gather", True),
+                                    ("scatter", "scatter", False)):
             sent, received = np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
-            channels = self.channels[phase]
+            channels = self.channels[source]
             for b in self.buckets:
-                pieces = getattr(b, phase)
+                pieces = getattr(b, source)
+                pieces = pieces.select(self.replicated[pieces.uid] == keep)
                 if len(pieces):
                     wire = pieces.numel * channels[pieces.uid]
                     sent += _sum_by(pieces.src, wire, W)
@@ -261,12 +298,20 @@ class Plan:
         return t
 
     def polar_flops(self, rank: int) -> int:
+        """Polar flops of the units ``rank`` owns (each unit on one rank: they sum to the model's)."""
         return self._totals["polar"][rank]
 
     def cost(self, rank: int) -> int:
+        """Estimated flops of the units ``rank`` owns (what the owners are balanced on)."""
         return self._totals["cost"][rank]
 
+    def replicated_flops(self, rank: int) -> int:
+        """Estimated flops of the replicated units ``rank`` computes (every holder computes them)."""
+        return self._totals["replicated"][rank]
+
     def bytes_sent(self, rank: int, phase: str) -> int:
+        """Bytes ``rank`` sends in ``phase``: ``gather`` (to owners), ``replicate`` (pieces of
+        replicated units, in the same all_to_all_single as ``gather``) or ``scatter``."""
         return self.element_bytes * self._totals[f"{phase}_sent"][rank]
 
     def bytes_received(self, rank: int, phase: str) -> int:
@@ -280,8 +325,9 @@ class Plan:
 
     def describe(self, names: bool = True) -> str:
         """A printable schedule: per bucket, units with owner; per rank, flops and bytes."""
-        lines = [f"plan: {len(self.units)} units of {len(self.params)} parameters, {len(self.buckets)} buckets, "
-                 f"W={self.world_size}, balance max/mean flops = {self.balance():.3f}"]
+        lines = [f"plan: {len(self.units)} units of {len(self.params)} parameters ({int(self.replicated.sum())} "
+                 f"replicated), {len(self.buckets)} buckets, W={self.world_size}, balance max/mean flops = "
+                 f"{self.balance():.3f}"]
         for bi, b in enumerate(self.buckets):
             lines.append(f"bucket {bi}: {len(b.units)} units, gather {len(b.gather)} pieces, "
                          f"scatter {len(b.scatter)} pieces")
@@ -289,14 +335,16 @@ class Plan:
                 for uid in b.units:
                     u = self.units[uid]
                     p = self.params[u.param]
+                    owner = f"all {len(u.replicas)} holders" if u.replicated else u.owner
                     lines.append(f"  unit {uid:5d} {p.name}[rows {u.spec.row_start}:{u.spec.row_stop}] "
-                                 f"blocks={len(u.spec.blocks)} owner={u.owner} cost={u.cost:.3g}")
+                                 f"blocks={len(u.spec.blocks)} owner={owner} cost={u.cost:.3g}")
         lines.append(f"{'rank':>5} {'polar GFLOP':>12} {'gather sent MB':>15} {'gather recv MB':>15} "
-                     f"{'scatter sent MB':>16} {'scatter recv MB':>16}")
+                     f"{'scatter sent MB':>16} {'scatter recv MB':>16} {'replicate recv MB':>18}")
         for r in range(self.world_size):
             lines.append(f"{r:5d} {self.polar_flops(r) / 1e9:12.3f} {self.bytes_sent(r, 'gather') / 1e6:15.3f} "
                          f"{self.bytes_received(r, 'gather') / 1e6:15.3f} {self.bytes_sent(r, 'scatter') / 1e6:16.3f} "
-                         f"{self.bytes_received(r, 'scatter') / 1e6:16.3f}")
+                         f"{self.bytes_received(r, 'scatter') / 1e6:16.3f} "
+                         f"{self.bytes_received(r, 'replicate') / 1e6:18.3f}")
         return "\n".join(lines)
 
 
@@ -414,11 +462,14 @@ def _geometry(intervals, ustart: np.ndarray, ustop: np.ndarray) -> _Geometry:
     return _Geometry(unit, rank, lo, hi, whole_ptr, w_rank, seg_unit, seg_lo, seg_hi, hold_ptr, h_rank)
 
 
-def _pieces(geo: _Geometry, uid: np.ndarray, owner: np.ndarray) -> tuple[tuple, tuple]:
-    """Gather and scatter columns of one parameter, given its units' ids and owners.
+def _pieces(geo: _Geometry, uid: np.ndarray, owner: np.ndarray, replicated: np.ndarray,
+            world_size: int) -> tuple[tuple, tuple, tuple]:
+    """Gather and scatter columns of one parameter, given its units' ids, owners and which are
+    replicated, and the (unit, rank) pairs of the replicated units' holders.
 
     Gather: each segment comes from the owner where it holds it, else from one holder chosen by
     unit id (so replicas share the sending); consecutive segments from the same rank merge.
+    Replicated units: see :func:`_replica_pieces`.
     """
     seg_owner = owner[geo.seg_unit]
     count = np.diff(geo.hold_ptr)
@@ -432,14 +483,62 @@ def _pieces(geo: _Geometry, uid: np.ndarray, owner: np.ndarray) -> tuple[tuple, 
         starts = np.flatnonzero(run)
         stops = np.concatenate((starts[1:], [len(src)])) - 1
         r_unit, r_src, r_lo, r_hi = geo.seg_unit[starts], src[starts], geo.seg_lo[starts], geo.seg_hi[stops]
-        move = r_src != owner[r_unit]
+        move = (r_src != owner[r_unit]) & ~replicated[r_unit]
         gather = (uid[r_unit[move]], r_src[move], owner[r_unit[move]], r_lo[move], r_hi[move])
     else:
         gather = tuple(np.zeros(0, np.int64) for _ in range(5))
-    back = geo.part_rank != owner[geo.part_unit]
+    back = (geo.part_rank != owner[geo.part_unit]) & ~replicated[geo.part_unit]
     u = geo.part_unit[back]
     scatter = (uid[u], owner[u], geo.part_rank[back], geo.part_lo[back], geo.part_hi[back])
-    return gather, scatter
+    if not replicated.any():
+        return gather, scatter, (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    extra, holders = _replica_pieces(geo, uid, replicated, world_size)
+    cols = [np.concatenate((a, b)) for a, b in zip(gather, extra)]
+    order = np.argsort(cols[0], kind="stable")  # unit order; each unit's pieces keep theirs
+    return tuple(c[order] for c in cols), scatter, holders
+
+
+def _replica_pieces(geo: _Geometry, uid: np.ndarray, replicated: np.ndarray, world_size: int):
+    """Gather columns of the replicated units: every rank holding part of one (a *holder*)
+    receives each segment it lacks from one of that segment's holders; the ranks lacking a
+    segment are dealt to its holders in turn (starting from one picked by unit id), so replicas
+    share the sending; consecutive segments from the same rank merge.
+    Pieces are in unit order, then receiving rank, then element order. Also returns the
+    (unit, holder) pairs, by unit then rank."""
+    keep = replicated[geo.part_unit] & (geo.part_hi > geo.part_lo)
+    pu, pr = geo.part_unit[keep], geo.part_rank[keep]  # sorted by (unit, rank)
+    first = np.concatenate(([True], (pu[1:] != pu[:-1]) | (pr[1:] != pr[:-1]))) if len(pu) else np.zeros(0, bool)
+    ru, rd = pu[first], pr[first]
+    seg_ptr = _csr(geo.seg_unit, len(replicated))  # segments are sorted by unit
+    nseg = seg_ptr[ru + 1] - seg_ptr[ru]
+    pair = np.repeat(np.arange(len(ru)), nseg)
+    offsets = np.concatenate(([0], np.cumsum(nseg)[:-1])) if len(nseg) else np.zeros(0, np.int64)
+    seg = seg_ptr[ru][pair] + (np.arange(len(pair)) - offsets[pair])
+    dst = rd[pair]
+    # Does the receiver hold the segment? Holders are sorted by (segment, rank): search the key.
+    count = np.diff(geo.hold_ptr)
+    held_key = np.repeat(np.arange(len(count)), count) * world_size + geo.hold_rank
+    want = seg * world_size + dst
+    at = np.minimum(np.searchsorted(held_key, want), max(len(held_key) - 1, 0))
+    held = held_key[at] == want if len(held_key) else np.zeros(len(want), bool)
+    # Deal the receivers lacking a segment round-robin over its holders (from one picked by unit
+    # id): entries are in receiver order, so a stable sort by segment numbers them.
+    lacking = np.flatnonzero(~held)
+    lacking = lacking[np.argsort(seg[lacking], kind="stable")]
+    turn = np.zeros(len(seg), dtype=np.int64)
+    turn[lacking] = np.arange(len(lacking)) - np.searchsorted(seg[lacking], seg[lacking], side="left")
+    pick = geo.hold_ptr[seg] + (uid[geo.seg_unit[seg]] + turn) % np.maximum(count[seg], 1)
+    src = np.where(held, dst, geo.hold_rank[pick] if len(pick) else dst)
+    if not len(src):
+        return tuple(np.zeros(0, np.int64) for _ in range(5)), (ru, rd)
+    run = np.concatenate(([True], (pair[1:] != pair[:-1]) | (src[1:] != src[:-1])))
+    starts = np.flatnonzero(run)
+    stops = np.concatenate((starts[1:], [len(src)])) - 1
+    r_pair, r_src = pair[starts], src[starts]
+    lo, hi = geo.seg_lo[seg[starts]], geo.seg_hi[seg[stops]]
+    move = r_src != rd[r_pair]
+    r_pair = r_pair[move]
+    return (uid[ru[r_pair]], r_src[move], rd[r_pair], lo[move], hi[move]), (ru, rd)
 
 
 def _int_array(values) -> np.ndarray:
@@ -452,8 +551,24 @@ def _int_array(values) -> np.ndarray:
     return np.array(values, dtype=object)
 
 
+def replicable(param: PlanParam, k: int, replicate_below: int) -> bool:
+    """Whether unit ``k`` of ``param`` is replicated: its rule carries no state (one channel each
+    way), runs no polar iterations, and the unit has fewer than ``replicate_below`` elements."""
+    spec = param.units[k]
+    return (param.channels == (1, 1) and param.unit_polar_flops[k] == 0
+            and spec.rows * param.layout.cols < replicate_below)
+
+
+def check_replicate_below(value) -> int:
+    """``value`` as an int, or ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"replicate_below={value!r}: give a number of elements >= 0 (units of rules without polar "
+                         "iterations smaller than this are computed on every rank holding part of them; 0 = never)")
+    return int(value)
+
+
 def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256 << 20,
-               element_bytes: int = 4) -> Plan:
+               element_bytes: int = 4, replicate_below: int = 0) -> Plan:
     """Assign owners, cut buckets and list every piece that moves (deterministic in its inputs).
 
     Args:
@@ -461,7 +576,10 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
         world_size: ranks taking part.
         bucket_bytes: the most unit bytes gathered at once (default: 256 MiB).
         element_bytes: bytes per element on the wire (4 for fp32, 2 for bf16).
+        replicate_below: units with fewer elements, of rules without polar iterations or carried
+            state, are replicated instead of owned (see the module docstring; default: 0, never).
     """
+    replicate_below = check_replicate_below(replicate_below)
     W = world_size
     intervals: dict[int, tuple] = {}   # id(layout) -> interval columns (layouts are shared by many params)
     geometries: dict[tuple, _Geometry] = {}
@@ -482,6 +600,8 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
     N = first
 
     # Longest processing time first: forced units (already whole somewhere) go first, on their holders.
+    # Replicated units have no owner and take no part.
+    rep = [replicable(p, k, replicate_below) for p in params for k in range(len(p.units))]
     costs = [c for p in params for c in p.unit_costs]
     whole_count = np.concatenate([np.diff(g.whole_ptr) for g, *_ in per_param]) if params else np.zeros(0, np.int64)
     forced_mask = (whole_count > 0) & (whole_count < W)
@@ -489,21 +609,21 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
     order = sorted(range(N), key=lambda i: (-costs[i], i)) if cost_arr.dtype == object \
         else np.lexsort((np.arange(N), -cost_arr)).tolist()
     load = [0] * W
-    owners = [0] * N
+    owners = [REPLICATED if r else 0 for r in rep]
     whole_of = {}
     for geo, base, _, _ in per_param:
         for k in np.flatnonzero((np.diff(geo.whole_ptr) > 0)).tolist():
             whole_of[base + k] = geo.whole_rank[geo.whole_ptr[k]:geo.whole_ptr[k + 1]].tolist()
     forced = forced_mask.tolist()
     for i in order:
-        if forced[i]:
+        if forced[i] and not rep[i]:
             owner = min(whole_of[i], key=lambda r: (load[r], r))
             owners[i] = owner
             load[owner] += max(costs[i], 1)
     heap = [(load[r], r) for r in range(W)]  # least-loaded rank first, ties to the lower rank
     heapq.heapify(heap)
     for i in order:
-        if not forced[i]:
+        if not forced[i] and not rep[i]:
             current, owner = heapq.heappop(heap)
             owners[i] = owner
             load[owner] = current + max(costs[i], 1)
@@ -525,16 +645,20 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
 
     units: list[Unit] = []
     owner_arr = np.array(owners, dtype=np.int64)
+    rep_arr = np.array(rep, dtype=bool)
     gather_cols, scatter_cols = [], []
     polar = [f for p in params for f in p.unit_polar_flops]
     for pi, (p, (geo, base, ustart, ustop)) in enumerate(zip(params, per_param)):
-        for k, (spec, a, b) in enumerate(zip(p.units, ustart.tolist(), ustop.tolist())):
-            i = base + k
-            units.append(Unit(i, pi, spec, a, b, owners[i], costs[i], polar[i], unit_bucket[i]))
+        span = slice(base, base + len(p.units))
         ids = np.arange(base, base + len(p.units), dtype=np.int64)
-        g, s = _pieces(geo, ids, owner_arr[base:base + len(p.units)])
+        g, s, (hu, hr) = _pieces(geo, ids, owner_arr[span], rep_arr[span], W)
         gather_cols.append(g)
         scatter_cols.append(s)
+        holders = np.split(hr, np.searchsorted(hu, np.arange(1, len(p.units)))) if len(p.units) else []
+        for k, (spec, a, b) in enumerate(zip(p.units, ustart.tolist(), ustop.tolist())):
+            i = base + k
+            replicas = tuple(holders[k].tolist()) if rep[i] else ()
+            units.append(Unit(i, pi, spec, a, b, owners[i], costs[i], polar[i], unit_bucket[i], replicas))
 
     def columns(parts):
         if not parts:
@@ -551,18 +675,22 @@ def build_plan(params: list[PlanParam], world_size: int, bucket_bytes: int = 256
             g = Pieces(*(c[g_cut[bi]:g_cut[bi + 1]] for c in gather))
             s = Pieces(*(c[s_cut[bi]:s_cut[bi + 1]] for c in scatter))
             buckets.append(Bucket(tuple(range(bounds[bi], bounds[bi + 1])), g, s))
-    plan = Plan(world_size, tuple(params), tuple(units), tuple(buckets), bucket_bytes, element_bytes)
-    object.__setattr__(plan, "fingerprint", fingerprint(params))
+    plan = Plan(world_size, tuple(params), tuple(units), tuple(buckets), bucket_bytes, element_bytes,
+                replicate_below=replicate_below)
+    object.__setattr__(plan, "fingerprint", fingerprint(params, replicate_below))
     return plan
 
 
-def fingerprint(params: list[PlanParam]) -> str:
-    """A short digest of what every rank must agree on (names, shapes, layouts, rules).
+def fingerprint(params: list[PlanParam], replicate_below: int = 0) -> str:
+    """A short digest of what every rank must agree on (names, shapes, layouts, rules, which
+    units are replicated).
 
     The bytes hashed are ``repr((name, shape, holdings, key, len(units)))`` per parameter; the
     ``repr`` of a layout's holdings (large at W = 1024) is built once per layout object.
     """
     h = hashlib.sha256()
+    if replicate_below:
+        h.update(f"replicate_below={replicate_below}".encode())
     holdings: dict[int, str] = {}
     for p in params:
         lid = id(p.layout)
@@ -575,7 +703,9 @@ def fingerprint(params: list[PlanParam]) -> str:
 
 
 def group_by_owner(plan: Plan, bucket: Bucket) -> dict[int, list[Unit]]:
+    """The bucket's units by the ranks computing them (a replicated unit under each of its holders)."""
     out: dict[int, list[Unit]] = defaultdict(list)
     for uid in bucket.units:
-        out[plan.units[uid].owner].append(plan.units[uid])
+        for rank in plan.units[uid].computed_on():
+            out[rank].append(plan.units[uid])
     return out

@@ -24,7 +24,7 @@ from torch import nn
 from .blocks import permuted_axis, view_2d_shape
 from .build import resolve_groups
 from .layout import Layout, chunk_range
-from .optimizer import SpectralOptimizer, runs_on_rows
+from .optimizer import REPLICATE_BELOW, SpectralOptimizer, runs_on_rows
 from .plan import Plan, build_plan
 from .rules import get_rule
 
@@ -125,7 +125,7 @@ class Simulation:
         return 4 * sum(self.colsum_sizes)
 
     def bytes_sent(self, rank: int, phase: str) -> int:
-        """Per collective (``gather``, ``scatter``, ``colsum``), as ``StepStats.bytes_sent``."""
+        """Per collective (``gather``, ``replicate``, ``scatter``, ``colsum``), as ``StepStats.bytes_sent``."""
         return self.colsum_bytes if phase == "colsum" else self.plan.bytes_sent(rank, phase)
 
     def bytes_received(self, rank: int, phase: str) -> int:
@@ -168,9 +168,10 @@ def _state_buffers(rule, group: dict) -> int:
 
 
 def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
-                  element_bytes: int = 4, **overrides) -> Simulation:
+                  element_bytes: int = 4, replicate_below: int | None = None, **overrides) -> Simulation:
     """The plan every rank would build for ``model`` (best on ``meta``) under ``parallel``, with the
-    per-rank sizes and all-reduces of the rest of the step."""
+    per-rank sizes and all-reduces of the rest of the step (``replicate_below`` as the optimizer's,
+    default :data:`~dist_spectral.optimizer.REPLICATE_BELOW`)."""
     W = parallel.world_size
     groups, _, _ = resolve_groups(model, recipe, **overrides)
     params = []
@@ -205,12 +206,13 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
             if key not in protos:
                 protos[key] = SpectralOptimizer.plan_param(0, info.name, info, group, layout)
             params.append(dataclasses.replace(protos[key], index=len(params), name=info.name, layout=layout))
-    plan = build_plan(params, W, int(bucket_mb * (1 << 20)), element_bytes)
+    plan = build_plan(params, W, int(bucket_mb * (1 << 20)), element_bytes,
+                      REPLICATE_BELOW if replicate_below is None else replicate_below)
     return Simulation(plan, parallel, tuple(local.tolist()), tuple(matrix.tolist()), tuple(state.tolist()),
                       tuple(colsum_sizes))
 
 
 def simulate(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
-             element_bytes: int = 4, **overrides) -> Plan:
+             element_bytes: int = 4, replicate_below: int | None = None, **overrides) -> Plan:
     """The plan every rank would build for ``model`` (best on ``meta``) under ``parallel``."""
-    return simulate_step(model, parallel, recipe, bucket_mb, element_bytes, **overrides).plan
+    return simulate_step(model, parallel, recipe, bucket_mb, element_bytes, replicate_below, **overrides).plan

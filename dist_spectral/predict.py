@@ -7,7 +7,11 @@ A model of what :class:`~dist_spectral.exchange.Exchange` does, bucket by bucket
                     wait gather k; issue gather k+1
                     compute the units that arrived         (overlaps gather k+1, scatter k−1)
                     issue scatter k
+                    compute the replicated units that arrived   (overlaps scatter k)
     wait every scatter
+
+A replicated unit counts on every rank computing it (compute, memory, workspace); its pieces are
+part of the gather's bytes.
 
 Ranks progress independently. A communicator runs its collectives in issue order (g0, g1, s0,
 g2, s1, …), so a rank's part of an all-to-all starts once it has finished its previous collective
@@ -145,6 +149,7 @@ def predict(sim: Simulation, rates: Rates = Rates()) -> Prediction:
     W, e = plan.world_size, plan.element_bytes
     units = plan.units
     N = len(units)
+    replicated = plan.replicated
     owner = np.fromiter((u.owner for u in units), dtype=np.int64, count=N)
     cost = np.fromiter((u.cost for u in units), dtype=np.float64, count=N)
     numel = np.fromiter((u.stop - u.start for u in units), dtype=np.int64, count=N)
@@ -154,12 +159,24 @@ def predict(sim: Simulation, rates: Rates = Rates()) -> Prediction:
     incoming = np.zeros(N, dtype=bool)
     for b in plan.buckets:
         incoming[b.gather.uid] = True
+    # Replicated units: one row per (unit, rank computing it); whether that rank receives pieces.
+    rep_uid = np.array([u.uid for u in units if u.replicated for _ in u.replicas], dtype=np.int64)
+    rep_rank = np.array([r for u in units if u.replicated for r in u.replicas], dtype=np.int64)
+    rep_in = np.zeros(len(rep_uid), dtype=bool)
+    if len(rep_uid):
+        key = rep_uid * W + rep_rank  # ascending: units in order, replicas ascending
+        for b in plan.buckets:
+            g = b.gather.select(replicated[b.gather.uid])
+            rep_in[np.searchsorted(key, g.uid * W + g.dst)] = True
+    rep_bucket = np.array([units[u].bucket for u in rep_uid.tolist()], dtype=np.int64)
 
-    # Batches for the workspace: per (bucket, owner, ready, rule key, block shape), counted.
+    # Batches for the workspace: per (bucket, rank, ready, rule key, block shape), counted.
     keys: dict[tuple, int] = {}
     key_of_param = [keys.setdefault(p.key, len(keys)) for p in plan.params]
     blocks = [(u.bucket, u.owner, int(incoming[u.uid]), key_of_param[u.param], *b.shape)
-              for u in units for b in u.spec.blocks]
+              for u in units if not u.replicated for b in u.spec.blocks]
+    blocks += [(units[u].bucket, r, 2 + int(i), key_of_param[units[u].param], *b.shape)
+               for u, r, i in zip(rep_uid.tolist(), rep_rank.tolist(), rep_in.tolist()) for b in units[u].spec.blocks]
     if blocks:
         rows, count = np.unique(np.array(blocks, dtype=np.int64), axis=0, return_counts=True)
         ws = _workspace(count, rows[:, 4], rows[:, 5], rates.work_bytes)
@@ -214,17 +231,24 @@ def predict(sim: Simulation, rates: Rates = Rates()) -> Prediction:
     pending = collective(t, buckets[0].gather) if buckets else none
     for k, b in enumerate(buckets):
         lo, hi = b.units[0], b.units[-1] + 1
-        o, c, wait = owner[lo:hi], cost[lo:hi], incoming[lo:hi]
+        mine = ~replicated[lo:hi]
+        o, c, wait = owner[lo:hi][mine], cost[lo:hi][mine], incoming[lo:hi][mine]
         ready = np.bincount(o[~wait], c[~wait], minlength=W) / rate
         waiting = np.bincount(o[wait], c[wait], minlength=W) / rate
-        owned = np.bincount(o, numel[lo:hi].astype(np.float64), minlength=W)
-        compute += ready + waiting
-        t = t + ready
+        owned = np.bincount(o, numel[lo:hi][mine].astype(np.float64), minlength=W)
+        here = rep_bucket == k
+        r, rc, rw = rep_rank[here], cost[rep_uid[here]], rep_in[here]
+        rep_ready = np.bincount(r[~rw], rc[~rw], minlength=W) / rate
+        rep_waiting = np.bincount(r[rw], rc[rw], minlength=W) / rate
+        owned = owned + np.bincount(r, numel[rep_uid[here]].astype(np.float64), minlength=W)
+        compute += ready + waiting + rep_ready + rep_waiting
+        t = t + ready + rep_ready
         done, gather_buffers = pending
         t = np.maximum(t, done)
         pending = collective(t, buckets[k + 1].gather) if k + 1 < len(buckets) else none
         t = t + waiting
         _, scatter_buffers = collective(t, b.scatter)
+        t = t + rep_waiting
         scatter_held = scatter_held + scatter_buffers
         peak = np.maximum(peak, 8 * owned + gather_buffers + pending[1] + scatter_held
                           + workspace.get(k, np.zeros(W)))
@@ -261,6 +285,7 @@ def summary_rows(sim: Simulation, pred: Prediction, worst: int = 4, every: bool 
         "gather in MB": np.array([plan.bytes_received(r, "gather") for r in range(W)], dtype=np.float64) / 1e6,
         "scatter out MB": np.array([plan.bytes_sent(r, "scatter") for r in range(W)], dtype=np.float64) / 1e6,
         "scatter in MB": np.array([plan.bytes_received(r, "scatter") for r in range(W)], dtype=np.float64) / 1e6,
+        "replicate in MB": np.array([plan.bytes_received(r, "replicate") for r in range(W)], dtype=np.float64) / 1e6,
         "colsum MB": np.full(W, sim.colsum_bytes / 1e6),
         "peak extra GB": pred.peak_extra / 1e9,
         "compute ms": pred.compute * 1e3,

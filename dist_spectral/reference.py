@@ -13,6 +13,8 @@ block by block in a Python loop, straight from ``functional``::
     adamw              U = m̂ / (√v̂ + ε)
     spectra            U = s · H_c(V), H_c(V) = (I + VVᵀ/c²)^{-½} V, V the base update: AdamW's
                        m̂/(√v̂ + ε), sign(G + μB) or polar(G + μB)                (B ← μB + G)
+    spectra_preclip    the same with G replaced by H_{c_pre}(G), block by block, before the
+    (_momentum)        moments (or B) see it; c_pre = pre_clip_c, or clip_c where that is None
     auon               U = s · N / (√mean cosh²(γN) + 1e-8), N = ĝ/(‖ĝ‖_F + 1e-7), ĝ = (1−β)G + βM
     auon_hybrid        the same on polar(ĝ) (one Newton–Schulz step)               (M ← βM + (1−β)G)
     conda              U = s · Q (m̂'/(√v̂ + ε)),  m' = Qᵀ M, v ← β₂v + (1−β₂)(Qᵀ G)²,
@@ -89,6 +91,9 @@ def block_direction(rule: str, block: Tensor, info: ParamInfo, group: dict) -> T
         u = F.left_spectral(x, alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
     elif rule == "right_spectral":
         u = F.right_spectral(x, alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
+    elif rule == "pre_clip":
+        c = group["clip_c"] if group["pre_clip_c"] is None else group["pre_clip_c"]
+        u = soft_clip(x, c, group["pre_clip_steps"])
     elif rule == "spectra":
         fan_out, fan_in = fan_out_in(info, tuple(block.shape))
         base = F.polar(x, **_polar_args(group)) if group["base"] == "muon" else x
@@ -214,7 +219,7 @@ class ReferenceOptimizer:
         self.state: dict[str, dict] = {}
         for g in self.groups:
             for name, p in g["params"]:
-                if g["rule"] == "adamw" or (g["rule"] == "spectra" and g["base"] == "adamw"):
+                if g["rule"] == "adamw" or (g["rule"] in ("spectra", "spectra_preclip") and g["base"] == "adamw"):
                     self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": 0}
                 elif g["rule"] == "conda":
                     self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
@@ -243,14 +248,16 @@ class ReferenceOptimizer:
                 elif rule == "aro":
                     state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + (1 - g["beta"]) * grad
                     u = stateful_direction(rule, [state["momentum_buffer"]], state, self.infos[name], g, state["step"])
-                elif rule == "spectra":
+                elif rule in ("spectra", "spectra_preclip", "spectra_preclip_momentum"):
+                    if rule != "spectra":
+                        grad = matrix_direction("pre_clip", grad, self.infos[name], g)
                     if g["base"] == "adamw":
                         x = _adam(state, grad, g)
                     else:
                         state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + grad
                         x = grad + g["beta"] * state["momentum_buffer"] if g["nesterov"] else state["momentum_buffer"]
                         x = torch.sign(x) if g["base"] == "sign" else x
-                    u = matrix_direction(rule, x, self.infos[name], g)
+                    u = matrix_direction("spectra", x, self.infos[name], g)
                 elif rule in ("auon", "auon_hybrid"):
                     state["momentum_buffer"] = g["beta"] * state["momentum_buffer"] + (1 - g["beta"]) * grad
                     m = state["momentum_buffer"]

@@ -9,7 +9,9 @@ onto the flats, and from then on each ``step()`` call runs the usual rules on th
 - row rules on the slice when its rows are whole, else through the owner exchange (a matrix cut
   by a partition boundary is gathered once to one owner, like any sharded matrix);
 - whole-matrix rules through the owner exchange: each piece goes to the matrix's owner once and
-  comes back once; no rank orthogonalises a matrix another rank also orthogonalises.
+  comes back once; no rank orthogonalises a matrix another rank also orthogonalises. Small
+  units of rules without polar iterations (routers) are replicated as under FSDP2: each rank
+  holding part of one gets the rest in the gather and computes it (see plan.py).
 
 Gradients arrive already averaged over ranks and accumulation micro-batches and clipped by
 DeepSpeed (``gradient_clipping``); DeepSpeed checkpoints save and load the flat-keyed state.

@@ -2,7 +2,8 @@
 
 Under DDP the gradients are already all-reduced, so ranks split the whole-matrix units among
 themselves (the plan balances them) and the scatter phase sends each result to every other rank:
-the same bytes as one all-gather, and no rank repeats another's work.
+the same bytes as one all-gather, and no rank repeats another's work. Replicated units (small
+routers, see plan.py) are the exception: every rank computes them, and nothing moves.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 
 ::
 
-    spectra.py   SPECTRA soft spectral clipping around a base update
+    spectra.py   SPECTRA soft spectral clipping around a base update (optionally of the gradient too)
     auon.py      AuON: cosh-normalised momentum, one scalar all-reduce per matrix
     conda.py     Conda: Adam's second moment in the momentum's singular basis
     aro.py       ARO: a learned rotation and a base rule in the rotated frame

@@ -62,6 +62,9 @@ class OptimConfig:
         nonfinite (str): ``skip`` or ``raise`` on a non-finite gradient (default: ``skip``).
         bucket_mb (float): exchange bucket bound in MiB (default: 256).
         comm_dtype (str | None): dtype of exchanged matrices, e.g. ``bfloat16`` (default: fp32).
+        replicate_below (int | None): units of rules without polar iterations (routers) with fewer
+            elements are computed on every rank holding part of them; 0 = never (default: the
+            optimizer's, :data:`dist_spectral.optimizer.REPLICATE_BELOW`).
         clip_grad (float | None): clip the global gradient norm to this value (default: off).
         warmup (int): ``paper_schedule`` warmup steps of vector groups (default: 100).
         constant_fraction (float): fraction of steps at constant lr for matrix groups (default: 0.6).
@@ -72,6 +75,7 @@ class OptimConfig:
     nonfinite: str = "skip"
     bucket_mb: float = 256.0
     comm_dtype: typing.Optional[str] = None
+    replicate_below: typing.Optional[int] = None
     clip_grad: typing.Optional[float] = None
     warmup: int = 100
     constant_fraction: float = 0.6

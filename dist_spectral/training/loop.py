@@ -75,7 +75,7 @@ class Trainer:
         self.model = wrap_model(model, cfg.parallel, env)
         o = cfg.optim
         self.opt = build_optimizer(self.model, o.recipe, nonfinite=o.nonfinite, bucket_mb=o.bucket_mb,
-                                   comm_dtype=o.comm_dtype, **o.overrides)
+                                   comm_dtype=o.comm_dtype, replicate_below=o.replicate_below, **o.overrides)
         self.sched = paper_schedule(self.opt, cfg.train.steps, warmup=o.warmup, constant_fraction=o.constant_fraction)
         self.engine = None  # DeepSpeed's engine: it then runs backward and step, and is the model
         if cfg.parallel.engine == "deepspeed":
@@ -296,6 +296,7 @@ def add_stats(total: StepStats, s: StepStats) -> None:
         for key, value in theirs.items():
             mine[key] = mine.get(key, 0) + value
     total.polar_flops += s.polar_flops
+    total.replicated_flops += s.replicated_flops
     total.exchange_seconds += s.exchange_seconds
     total.compute_seconds += s.compute_seconds
     total.step_seconds += s.step_seconds

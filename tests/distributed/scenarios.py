@@ -75,7 +75,7 @@ def run_scenario(model_name: str, recipe: str, engine: str, world_size: int, ran
         "polar_flops": flops,
         "stats": opt.last_stats,
         "plan_bytes": {phase: (plan.bytes_sent(rank, phase), plan.bytes_received(rank, phase))
-                       for phase in ("gather", "scatter")},
+                       for phase in ("gather", "replicate", "scatter")},
         "plan_polar_flops": plan.polar_flops(rank),
         "local_numel": sum(opt.topology.local(p).numel() for p in model.parameters()),
     }

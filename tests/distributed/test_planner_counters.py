@@ -4,8 +4,8 @@ Each world size spawns one gloo process group; every rank runs one optimizer ste
 (tiny FSDP2-wrapped `transformers` models with uneven and, at W = 4, empty shards) and reports
 ``last_stats``. The main process builds the same models on ``meta`` and asks
 ``planner.simulate_step`` for the same step under the matching ``Parallel`` layout: bytes sent
-and received per collective (gather, scatter, column all-reduces) and polar flops must be equal,
-rank by rank.
+and received per collective (gather, the replicated routers' share of it, scatter, column
+all-reduces) and polar flops must be equal, rank by rank.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.distributed.scenarios import set_grads, wrap
 from tests.tiny import MODELS
 
 WORLD_SIZES = (2, 3, 4)
-PHASES = ("gather", "scatter", "colsum")
+PHASES = ("gather", "replicate", "scatter", "colsum")
 
 
 def scenarios(world_size: int) -> list[tuple]:
@@ -69,6 +69,7 @@ def worker(rank: int, world_size: int) -> dict:
             "sent": {ph: s.bytes_sent.get(ph, 0) for ph in PHASES},
             "received": {ph: s.bytes_received.get(ph, 0) for ph in PHASES},
             "polar_flops": s.polar_flops,
+            "replicated_flops": s.replicated_flops,
         }
     return out
 
@@ -96,4 +97,5 @@ def test_planner_predicts_the_counters(worlds, world_size):
                 assert got["received"][phase] == sim.bytes_received(rank, phase), (scenario, rank, phase)
                 moved += got["sent"][phase]
             assert got["polar_flops"] == sim.plan.polar_flops(rank), (scenario, rank)
+            assert got["replicated_flops"] == sim.plan.replicated_flops(rank), (scenario, rank)
         assert moved > 0, scenario  # every scenario exchanges something: the comparison is not vacuous

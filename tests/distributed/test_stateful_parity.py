@@ -1,10 +1,13 @@
-"""Rules with whole-matrix state (Conda, ARO) under FSDP2, HSDP and DDP equal the single-process
-reference at W = 1, 2, 3, 4: weights *and* optimizer state, over steps that include basis
-refreshes (Conda with T = 2 refreshes at steps 1, 3 and 5), and DCP checkpoints reshard them.
+"""Rules with whole-matrix state (Conda, ARO, SPECTRA with pre-clipping) under FSDP2, HSDP and DDP
+equal the single-process reference at W = 1, 2, 3, 4: weights *and* optimizer state, over steps
+that include basis refreshes (Conda with T = 2 refreshes at steps 1, 3 and 5), and DCP
+checkpoints reshard them. SPECTRA's pre-clip carries the base optimizer's state (Adam's moments,
+or the momentum buffer of its sign and Muon bases) to the owner with the raw gradient.
 
 One process group per world size runs every scenario (tiny Qwen3 and OLMoE: head blocks cut by
 row shards at W = 3, an empty expert shard at W = 4; one parameter without a gradient at step 0, so
-its step counter lags the others'). Each W also resumes from a checkpoint saved mid-run at W = 2.
+its step counter lags the others': the owner batches blocks by step, for Adam's bias correction).
+Each W also resumes from checkpoints saved mid-run at W = 2.
 
 The runs are in float64. Conda divides the rotated momentum by the root of the rotated second
 moment, and in directions where the momentum has a zero singular value (the synthetic gradients
@@ -22,8 +25,10 @@ from dist_spectral.blocks import unit_specs
 from dist_spectral.build import resolve_groups
 from dist_spectral.neighbours.aro import ARO
 from dist_spectral.neighbours.conda import Conda
+from dist_spectral.neighbours.spectra import SpectraPreclip
 from dist_spectral.planner import Parallel, simulate_step
 from dist_spectral.reference import ReferenceOptimizer
+from dist_spectral.rules import get_rule
 from tests.distributed.scenarios import full, wrap
 from tests.distributed.test_checkpoint import run_forked, single_thread
 from tests.tiny import MODELS, synthetic_grad
@@ -35,27 +40,41 @@ CONFIGS = {  # name -> (recipe, overrides)
     "aro": ("aro", {}),  # SinkGD base
     "aro-sign": ("aro", {"base_rule": "sign"}),
     "aro-row": ("aro", {"base_rule": "row"}),
+    # Synthetic gradients have σ_max ≈ 8–15 per block, so c_pre = 3–4 clips them.
+    "spectra-preclip": ("spectra", {"attention": {"rule": "spectra_preclip", "pre_clip_c": 4.0, "per_head": True},
+                                    "mlp": {"rule": "spectra_preclip", "pre_clip_c": 3.0, "clip_c": 3.0}}),
+    "spectra-preclip-momentum": ("spectra", {
+        "attention": {"rule": "spectra_preclip_momentum", "base": "muon", "clip_c": 0.5, "lr": 5e-3, "pre_clip_c": 4.0,
+                      "per_head": True, "polar_dtype": "float64"},  # polar iterates in fp32 by default
+        "mlp": {"rule": "spectra_preclip_momentum", "base": "sign", "pre_clip_c": 3.0, "lr": 1e-3}}),
 }
 NO_GRAD_AT_0 = {"qwen3": "model.layers.0.self_attn.q_proj.weight", "olmoe": "model.layers.1.mlp.experts.down_proj"}
-RESUMED = ("olmoe", "conda")  # saved at W = 2 (FSDP2) after SAVE_AT steps, resumed at W = 3 and 4
+RESUMED = (("olmoe", "conda"), ("qwen3", "spectra-preclip"))  # saved at W = 2 (FSDP2) after SAVE_AT steps,
+# resumed at W = 3 and 4
 # Measured (float64), the same at every W and engine (the distributed runs equal the single-process
 # one bit for bit): at most 2.8e-8 of a parameter's displacement for Conda (its null directions,
-# see above), 6.2e-15 for ARO; the state within 2.0e-13 of its largest entry.
+# see above), 6.2e-15 for ARO, 4.4e-15 for SPECTRA's pre-clip (both bases, resumed runs included);
+# the state within 2.0e-13 of its largest entry (pre-clip: 1.5e-15).
 DISPLACEMENT_RTOL = 1e-6
 STATE_RTOL, STATE_ATOL = 1e-9, 1e-12
+
+
+PRECLIP = [("olmoe", "spectra-preclip", "fsdp"), ("qwen3", "spectra-preclip-momentum", "fsdp"),
+           ("qwen3", "spectra-preclip", "ddp"), ("olmoe", "spectra-preclip-momentum", "ddp")]
 
 
 def scenarios_for(world_size: int) -> list[tuple[str, str, str]]:
     """(model, config, engine)."""
     if world_size == 1:
         return [("qwen3", "conda", "none"), ("olmoe", "aro", "none"), ("olmoe", "conda", "none"),
-                ("qwen3", "aro-row", "none")]
+                ("qwen3", "aro-row", "none")] + PRECLIP
     fsdp = (("qwen3", "conda"), ("olmoe", "conda"), ("olmoe", "aro"), ("qwen3", "aro-sign"))
     runs = [(m, c, "fsdp") for m, c in fsdp]
     runs.append({2: ("qwen3", "aro-row", "ddp"), 3: ("olmoe", "conda", "ddp"),
                  4: ("qwen3", "conda", "ddp")}[world_size])
+    runs += PRECLIP
     if world_size == 4:
-        runs.append(("olmoe", "aro", "hsdp"))
+        runs += [("olmoe", "aro", "hsdp"), ("qwen3", "spectra-preclip", "hsdp")]
     return runs
 
 
@@ -99,12 +118,14 @@ def snapshot(model, opt) -> dict:
 class _BlockCounter:
     """Counts the blocks each rank runs the stateful rules on (to check no block runs twice)."""
 
+    CLASSES = (Conda, ARO, SpectraPreclip)
+
     def __init__(self):
         self.blocks = 0
         self.originals = {}
 
     def __enter__(self):
-        for cls in (Conda, ARO):
+        for cls in self.CLASSES:
             original = cls.direction_with_state
             self.originals[cls] = original
 
@@ -138,18 +159,19 @@ def worker(rank: int, world_size: int, root: str) -> dict:
         if rank == 0:
             res.update(full_state)
         out[scenario] = res
-    model_name, config = RESUMED
-    if world_size == 2:
-        model, opt = make(model_name, config, "fsdp", world_size)
-        train(model, opt, model_name, 0, SAVE_AT)
-        checkpoint.save(f"{root}/saved", model, opt)
-    elif world_size > 2:
-        model, opt = make(model_name, config, "fsdp", world_size, seed=1)  # the load must overwrite these weights
-        checkpoint.load(f"{root}/saved", model, opt)
-        train(model, opt, model_name, SAVE_AT, STEPS)
-        full_state = snapshot(model, opt)
-        if rank == 0:
-            out["resumed"] = full_state
+    for model_name, config in RESUMED:
+        saved = f"{root}/saved-{model_name}-{config}"
+        if world_size == 2:
+            model, opt = make(model_name, config, "fsdp", world_size)
+            train(model, opt, model_name, 0, SAVE_AT)
+            checkpoint.save(saved, model, opt)
+        elif world_size > 2:
+            model, opt = make(model_name, config, "fsdp", world_size, seed=1)  # the load must overwrite these weights
+            checkpoint.load(saved, model, opt)
+            train(model, opt, model_name, SAVE_AT, STEPS)
+            full_state = snapshot(model, opt)
+            if rank == 0:
+                out[("resumed", model_name, config)] = full_state
     dist.barrier()
     return out
 
@@ -169,7 +191,7 @@ def reference(model_name: str, config: str) -> dict:
         ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
                                   for g in groups], {i.name: i for i in infos})
         blocks = {i.name: sum(len(u.blocks) for u in unit_specs(i, per_head=g.hyper.get("per_head", False)))
-                  for g in groups if g.rule in ("conda", "aro") for i in g.members}
+                  for g in groups if get_rule(g.rule).stateful for i in g.members}
         for step in range(STEPS):
             ref.step(grads_at(model_name, [(n, tuple(p.shape)) for n, p in params.items()], step))
         _REFERENCE[key] = {"init": init, "params": params, "state": ref.state,
@@ -268,25 +290,35 @@ def test_counters_equal_plan(worlds, world_size):
         assert (moved > 0) == (world_size > 1), scenario
 
 
+CHANNELS = (("olmoe", "conda", (4, 3)), ("olmoe", "aro", (2, 2)), ("olmoe", "spectra-preclip", (3, 3)),
+            ("qwen3", "spectra-preclip-momentum", (2, 2)))
+
+
 def test_carried_state_multiplies_the_bytes(worlds):
     """Conda sends four tensors per element to the owner (momentum, gradient, v, basis) and gets three
-    back, ARO two and two: the plan's byte counts are its pieces' elements times those channels, and
-    on the wire (FSDP2: every moved element goes out once and comes back once) so are the ratios."""
-    for (recipe, overrides), channels in ((CONFIGS["conda"], (4, 3)), (CONFIGS["aro"], (2, 2))):
+    back, ARO two and two, SPECTRA's pre-clip three and three (G, m, v; direction, m, v) on Adam and
+    two and two on a momentum base: the plan's byte counts are its pieces' elements times those
+    channels, and on the wire (FSDP2: every moved element goes out once and comes back once) so
+    are the ratios."""
+    for model_name, config, channels in CHANNELS:
+        recipe, overrides = CONFIGS[config]
         with torch.device("meta"):
-            model = MODELS["olmoe"](seed=0)
+            model = MODELS[model_name](seed=0)
         plan = simulate_step(model, Parallel(3), recipe, **overrides).plan
         for phase, c in zip(("gather", "scatter"), channels):
             elements = sum(int(getattr(b, phase).numel.sum()) for b in plan.buckets)
-            assert sum(plan.bytes_sent(r, phase) for r in range(3)) == c * plan.element_bytes * elements > 0
-    for config, (out, back) in (("conda", (4, 3)), ("aro", (2, 2))):
-        stats = [rank[("olmoe", config, "fsdp")]["stats"] for rank in worlds[3]]
+            assert sum(plan.bytes_sent(r, phase) for r in range(3)) == c * plan.element_bytes * elements > 0, config
+    for model_name, config, (out, back) in CHANNELS:
+        stats = [rank[(model_name, config, "fsdp")]["stats"] for rank in worlds[3]]
         gather, scatter = (sum(s.bytes_sent[ph] for s in stats) for ph in ("gather", "scatter"))
         assert gather * back == scatter * out > 0, config
 
 
+@pytest.mark.parametrize("resumed", RESUMED, ids="-".join)
 @pytest.mark.parametrize("world_size", [3, 4])
-def test_checkpoint_reshards(worlds, world_size):
+def test_checkpoint_reshards(worlds, world_size, resumed):
     """Saved by FSDP2 at W = 2 after two steps, loaded at W = 3 and 4 into other initial weights, three
-    more steps: the uninterrupted reference, weights and whole-matrix state."""
-    assert_matches_reference(worlds[world_size][0]["resumed"], reference(*RESUMED), f"resumed 2 -> {world_size}")
+    more steps: the uninterrupted reference, weights and whole-matrix state (Conda's basis and
+    second moment; Adam's moments carried by SPECTRA's pre-clip)."""
+    assert_matches_reference(worlds[world_size][0][("resumed", *resumed)], reference(*resumed),
+                             f"{resumed[1]} resumed 2 -> {world_size}")

@@ -145,3 +145,84 @@ def test_large_moe_plan_on_meta_is_balanced():
     model = build_model("qwen3-30b-a3b", device="meta")
     plan = simulate(model, Parallel(256, expert_parallel=8))
     assert plan.balance() <= 1.05
+
+
+# ----- replicated units (small routers) -----
+
+LEFT = {"rule": "left_spectral", "beta": 0.95, "alpha": 1.0, "center": True, "spectral_eps": 1e-7}
+ROUTER = ParamInfo("router", (8, 64), "router")
+
+
+def test_replicated_router_goes_to_every_holder_and_not_back():
+    """W = 16, 8 rows: ranks 0–7 hold a row each and each receives the other 7; ranks 8–15 hold
+    nothing, get nothing and compute nothing; no scatter. The owner path moves 7 rows in and out."""
+    W = 16
+    layout = mesh_layout(ROUTER.shape, list(range(W)), (("shard", 0),), W)
+    plan = build_plan([_param(ROUTER, layout, LEFT)], W, replicate_below=8 * 64 + 1)
+    (unit,) = plan.units
+    assert unit.replicated and unit.replicas == tuple(range(8)) and plan.replicated.tolist() == [True]
+    assert not any(len(b.scatter) for b in plan.buckets)
+    for r in range(W):
+        held = 1 if r < 8 else 0
+        assert plan.bytes_received(r, "replicate") == 4 * 64 * 7 * held
+        assert plan.bytes_sent(r, "replicate") == 4 * 64 * 7 * held
+        assert plan.bytes_sent(r, "gather") == plan.bytes_sent(r, "scatter") == 0
+        assert plan.replicated_flops(r) == unit.cost * held and plan.polar_flops(r) == 0
+    owner = build_plan([_param(ROUTER, layout, LEFT)], W, replicate_below=8 * 64)  # not below: owned
+    (unit,) = owner.units
+    assert not unit.replicated and sum(owner.bytes_received(r, "scatter") for r in range(W)) == 4 * 64 * 7
+    assert all(owner.bytes_sent(r, "replicate") == owner.replicated_flops(r) == 0 for r in range(W))
+
+
+def test_replicated_unit_under_ddp_moves_nothing_and_hsdp_shares_the_sending():
+    ddp = build_plan([_param(ROUTER, replicated(ROUTER.shape, 3), LEFT)], 3, replicate_below=1 << 20)
+    assert ddp.units[0].replicas == (0, 1, 2) and not any(len(b.gather) + len(b.scatter) for b in ddp.buckets)
+    # HSDP 2 × 2: each row has two holders; a receiver gets each missing row once, and both
+    # replicas of a row send some of it
+    hsdp = build_plan([_param(ROUTER, mesh_layout(ROUTER.shape, [[0, 1], [2, 3]], (("replicate", -1), ("shard", 0)), 4),
+                              LEFT)], 4, replicate_below=1 << 20)
+    assert all(hsdp.bytes_received(r, "replicate") == 4 * 4 * 64 for r in range(4))
+    assert all(hsdp.bytes_sent(r, "replicate") > 0 for r in range(4))
+
+
+def test_only_small_stateless_units_without_polar_iterations_are_replicated():
+    layout = mesh_layout(ROUTER.shape, [0, 1], (("shard", 0),), 2)
+    left = _param(ROUTER, layout, LEFT)
+    muon = _param(ROUTER, layout, MUON)
+    stateful = PlanParam(2, "s", layout, left.units, left.unit_costs, left.unit_polar_flops, ("x",), (3, 2))
+    plan = build_plan([muon, stateful, left], 2, replicate_below=1 << 30)
+    assert left.unit_polar_flops == (0,) and muon.unit_polar_flops[0] > 0
+    assert [u.replicated for u in plan.units] == [False, False, True]
+    assert not build_plan([left], 2).units[0].replicated  # default 0: never
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "big", True, None])
+def test_replicate_below_must_be_a_count(bad):
+    layout = replicated(ROUTER.shape, 1)
+    with pytest.raises(ValueError, match="replicate_below"):
+        build_plan([_param(ROUTER, layout, LEFT)], 1, replicate_below=bad)
+    if bad is not None:  # None is the optimizer's "default"
+        with pytest.raises(ValueError, match="replicate_below"):
+            from dist_spectral import build_optimizer
+
+            build_optimizer(tiny_olmoe(), "symmetric", replicate_below=bad)
+
+
+def test_prediction_of_routers_alone_counts_one_collective_when_replicated():
+    """Routers the only whole-matrix units: replicated, one all_to_all per step (no scatter), and
+    every rank computes both routers; owned, two all_to_alls and each router on one rank."""
+    from dist_spectral.planner import simulate_step
+    from dist_spectral.predict import predict
+
+    with torch.device("meta"):
+        model = tiny_olmoe(vocab=97, experts=3)
+    overrides = {"attention": {"rule": "adamw"}, "mlp": {"rule": "adamw"}}
+    rep = simulate_step(model, Parallel(2), replicate_below=1 << 20, **overrides)
+    own = simulate_step(model, Parallel(2), replicate_below=0, **overrides)
+    p_rep, p_own = predict(rep), predict(own)
+    colsums = len(rep.colsum_sizes)  # the head's centring all-reduces, the same in both
+    assert (p_rep.collectives - colsums, p_own.collectives - colsums) == (1, 2)
+    cost = sum(u.cost for u in rep.plan.units)
+    assert p_rep.compute.tolist() == pytest.approx([cost / (989.4e12 * 0.5)] * 2)
+    assert p_own.compute.sum() == pytest.approx(cost / (989.4e12 * 0.5))
+    assert "replicated" in rep.plan.describe() and "all 2 holders" in rep.plan.describe()

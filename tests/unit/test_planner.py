@@ -33,14 +33,18 @@ def _parts(layout: Layout, start: int, stop: int) -> dict[int, list[tuple[int, i
     return {r: sorted(v) for r, v in sorted(parts.items())}
 
 
-def _sources(uid, owner, start, stop, parts):
+def _sources(uid, owner, start, stop, parts, receivers=()):
+    """Pieces bringing a unit to ``owner``; a segment ``owner`` lacks comes from holder number
+    ``(uid + k) % holders``, k = 0, or for a replicated unit the position of ``owner`` among the
+    ``receivers`` lacking that segment (so they are dealt to its holders in turn)."""
     cuts = sorted({start, stop} | {x for ivs in parts.values() for iv in ivs for x in iv})
     pieces = []
     for a, b in zip(cuts, cuts[1:]):
         holders = [r for r, ivs in parts.items() for x, y in ivs if x <= a and b <= y]
         if not holders:
             raise ValueError(f"elements [{a}, {b}) of a unit are held by no rank: the layout does not cover the tensor")
-        src = owner if owner in holders else holders[uid % len(holders)]
+        k = [r for r in receivers if r not in holders].index(owner) if receivers and owner not in holders else 0
+        src = owner if owner in holders else holders[(uid + k) % len(holders)]
         if pieces and pieces[-1][0] == src and pieces[-1][2] == a:
             pieces[-1][2] = b
         else:
@@ -48,59 +52,75 @@ def _sources(uid, owner, start, stop, parts):
     return [Piece(uid, s, owner, a, b) for s, a, b in pieces if s != owner]
 
 
-def reference_plan(params, W, bucket_bytes, element_bytes):
-    """(owners, bucket unit lists, gather pieces, scatter pieces) by the obvious loops."""
-    raw = []
+def reference_plan(params, W, bucket_bytes, element_bytes, replicate_below=0):
+    """(owners, bucket unit lists, gather pieces, scatter pieces) by the obvious loops; a
+    replicated unit has owner -1, and every rank holding part of it receives what it lacks."""
+    raw, rep = [], []
     for p in params:
         n = p.layout.cols
-        for spec, cost in zip(p.units, p.unit_costs):
+        for spec, cost, polar in zip(p.units, p.unit_costs, p.unit_polar_flops):
             start, stop = spec.row_start * n, spec.row_stop * n
             parts = _parts(p.layout, start, stop)
             whole = [r for r, ivs in parts.items() if sum(b - a for a, b in ivs) == stop - start]
             raw.append((start, stop, cost, whole, parts))
-    load, owners = [0] * W, [0] * len(raw)
-    forced = [i for i, r in enumerate(raw) if r[3] and len(r[3]) < W]
+            rep.append(p.channels == (1, 1) and polar == 0 and stop - start < replicate_below)
+    load, owners = [0] * W, [-1 if r else 0 for r in rep]
+    forced = [i for i, r in enumerate(raw) if r[3] and len(r[3]) < W and not rep[i]]
     for i in sorted(forced, key=lambda i: (-raw[i][2], i)):
         owners[i] = min(raw[i][3], key=lambda r: (load[r], r))
         load[owners[i]] += max(raw[i][2], 1)
     heap = [(load[r], r) for r in range(W)]
     heapq.heapify(heap)
-    for i in sorted(set(range(len(raw))) - set(forced), key=lambda i: (-raw[i][2], i)):
+    for i in sorted(set(range(len(raw))) - set(forced) - {i for i, r in enumerate(rep) if r}, key=lambda i: (-raw[i][2], i)):
         current, owners[i] = heapq.heappop(heap)
         load[owners[i]] = current + max(raw[i][2], 1)
         heapq.heappush(heap, (load[owners[i]], owners[i]))
     buckets, size = [], 0
+    widths = [max(p.channels) for p in params for _ in p.units]
     for i, (start, stop, _, _, parts) in enumerate(raw):
-        nbytes = (stop - start) * element_bytes
+        nbytes = (stop - start) * element_bytes * widths[i]
         if not buckets or size + nbytes > bucket_bytes:  # a bucket holds at least one unit
             buckets.append([[], [], []])
             size = 0
         buckets[-1][0].append(i)
         size += nbytes
+        if rep[i]:  # every holder (ascending) gets what it lacks; nothing comes back
+            _sources(i, -1, start, stop, parts)  # raises on elements no rank holds
+            holders = [r for r, ivs in parts.items() if any(b > a for a, b in ivs)]
+            buckets[-1][1] += [p for d in holders for p in _sources(i, d, start, stop, parts, receivers=holders)]
+            continue
         buckets[-1][1] += _sources(i, owners[i], start, stop, parts)
         buckets[-1][2] += [Piece(i, owners[i], r, a, b) for r, ivs in parts.items() if r != owners[i] for a, b in ivs]
     return owners, buckets
 
 
-def assert_matches_reference(params, W, bucket_bytes=256 << 20, element_bytes=4):
+def assert_matches_reference(params, W, bucket_bytes=256 << 20, element_bytes=4, replicate_below=0):
     try:
-        owners, buckets = reference_plan(params, W, bucket_bytes, element_bytes)
+        owners, buckets = reference_plan(params, W, bucket_bytes, element_bytes, replicate_below)
     except ValueError as e:
         with pytest.raises(ValueError, match=re.escape(str(e))):
-            build_plan(params, W, bucket_bytes, element_bytes)
+            build_plan(params, W, bucket_bytes, element_bytes, replicate_below)
         return None
-    plan = build_plan(params, W, bucket_bytes, element_bytes)
+    plan = build_plan(params, W, bucket_bytes, element_bytes, replicate_below)
     assert [u.owner for u in plan.units] == owners
     assert [list(b.units) for b in plan.buckets] == [b[0] for b in buckets]
     for b, (_, gather, scatter) in zip(plan.buckets, buckets):
         assert tuple(b.gather) == tuple(gather)
         assert tuple(b.scatter) == tuple(scatter)
+    replicated = {i for i, o in enumerate(owners) if o == -1}
+    channels = [p.channels for p in params for _ in p.units]  # tensors per element, each way
     for r in range(W):
-        for phase, k in (("gather", 1), ("scatter", 2)):
-            sent = sum(p.numel for b in buckets for p in b[k] if p.src == r)
-            got = sum(p.numel for b in buckets for p in b[k] if p.dst == r)
+        for phase, k, keep in (("gather", 1, False), ("replicate", 1, True), ("scatter", 2, False)):
+            sent = sum(p.numel * channels[p.uid][k - 1] for b in buckets for p in b[k]
+                       if p.src == r and (p.uid in replicated) == keep)
+            got = sum(p.numel * channels[p.uid][k - 1] for b in buckets for p in b[k]
+                      if p.dst == r and (p.uid in replicated) == keep)
             assert plan.bytes_sent(r, phase) == element_bytes * sent
             assert plan.bytes_received(r, phase) == element_bytes * got
+    for u in plan.units:  # a replicated unit is computed by exactly the ranks holding part of it
+        holders = [r for r, ivs in _parts(plan.params[u.param].layout, u.start, u.stop).items()
+                   if any(b > a for a, b in ivs)]
+        assert u.replicas == (tuple(holders) if u.uid in replicated else ())
     return plan
 
 
@@ -148,8 +168,12 @@ def test_plan_matches_reference_on_random_layouts(seed):
                 layout, units = _random_layout(rng, rows, cols, W), _random_units(rng, rows, cols)
                 previous = (layout, units)
             costs = tuple(rng.choice([0, 7, 10, 10, rng.randint(0, 99)]) for _ in units)  # ties and zeros
-            params.append(PlanParam(i, f"p{i}", layout, units, costs, costs, ("muon",)))
-        assert_matches_reference(params, W, rng.choice([8, 40, 100, 1 << 20]), rng.choice([2, 4]))
+            # Polar flops: zero for some units, the only ones that may be replicated
+            polar = tuple(c if rng.random() < 0.5 else 0 for c in costs)
+            channels = rng.choice([(1, 1), (1, 1), (1, 1), (3, 2)])  # stateful rules never replicate
+            params.append(PlanParam(i, f"p{i}", layout, units, costs, polar, ("muon",), channels))
+        assert_matches_reference(params, W, rng.choice([8, 40, 100, 1 << 20]), rng.choice([2, 4]),
+                                 rng.choice([0, 0, 10, 30, 1 << 20]))
 
 
 @pytest.mark.parametrize("parallel,recipe,bucket_mb", [
@@ -163,8 +187,10 @@ def test_simulated_plans_match_reference(parallel, recipe, bucket_mb):
     with torch.device("meta"):
         model = tiny_olmoe(vocab=97, experts=6)
     sim = simulate_step(model, parallel, recipe, bucket_mb=bucket_mb)
-    plan = assert_matches_reference(list(sim.plan.params), parallel.world_size, sim.plan.bucket_bytes)
+    plan = assert_matches_reference(list(sim.plan.params), parallel.world_size, sim.plan.bucket_bytes,
+                                    replicate_below=sim.plan.replicate_below)
     assert plan.fingerprint == sim.plan.fingerprint
+    assert plan.replicated.sum() == (2 if recipe == "symmetric" else 0)  # the two routers
 
 
 # ----- layouts of simulated clusters -----
