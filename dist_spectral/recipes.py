@@ -150,6 +150,9 @@ def resolve_hyper(group: dict, where: str) -> tuple[str, dict]:
     if hyper.get("schedule", "matrix") not in SCHEDULES:
         raise ValueError(f"{where}: group {group.get('name')!r} has schedule {hyper['schedule']!r}; use one of {SCHEDULES}")
     if "betas" in hyper:
+        if not isinstance(hyper["betas"], (list, tuple)) or len(hyper["betas"]) != 2:
+            raise ValueError(f"{where}: group {group.get('name')!r} (rule {rule.name!r}): betas={hyper['betas']!r}; "
+                             "give two numbers [beta1, beta2], e.g. [0.9, 0.95]")
         hyper["betas"] = tuple(hyper["betas"])
     try:
         rule.check(hyper)

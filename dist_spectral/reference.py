@@ -21,6 +21,8 @@ block by block in a Python loop, straight from ``functional``::
                        Q = SVD basis of M on the block's smaller side, recomputed at steps 1, T+1, …
                        (M ← β₁M + (1−β₁)G)
     aro                U = s · R f(Rᵀ M),  R = Q-factor(M f(R_prevᵀ M)ᵀ) with diag(R-factor) ≥ 0, R_0 = I
+    aro_adam           the same with f(Y) = (Y/(1−β₁ᵗ)) / (√v̂ + ε): v̂ = v_prev/(1−β₂ᵗ⁻¹) for R (no v̂ at
+                       t = 1), then v ← β₂v + (1−β₂)(Rᵀ G)², v̂ = v/(1−β₂ᵗ) for U    (M ← β₁M + (1−β₁)G)
 
 with the permuted axis on the rows (column-aware rules transpose, apply, transpose back), and
 ``W ← W(1 − lr·wd) − lr·U``. Conda's basis and ARO's rotation (k × k, k the block's smaller side)
@@ -184,6 +186,29 @@ def _aro_block(m: Tensor, rotation: Tensor, step: int, group: dict) -> Tensor:
     return u.T if flip else u
 
 
+def _aro_adam_block(m: Tensor, g: Tensor, v: Tensor, rotation: Tensor, step: int, group: dict) -> Tensor:
+    """One block of ARO with the Adam base: returns the direction, writes ``v`` and ``rotation``."""
+    flip = m.shape[0] > m.shape[1]
+    M, G, V = (m.T, g.T, v.T) if flip else (m, g, v)
+    k = M.shape[0]
+    b1, b2 = group["betas"]
+    m_hat = M / (1 - b1 ** step)
+    if step == 1:
+        f_prev = m_hat
+    else:
+        previous = _unpack(rotation, k)
+        f_prev = (previous.T @ m_hat) / ((V / (1 - b2 ** (step - 1))).sqrt() + group["eps"])
+    Q, R = torch.linalg.qr(M @ f_prev.T)
+    Q = Q.clone()
+    for j in range(k):
+        if R[j, j] < 0:
+            Q[:, j] = -Q[:, j]
+    _pack(rotation, Q)
+    V.copy_(b2 * V + (1 - b2) * (Q.T @ G) ** 2)
+    u = group["scale"] * Q @ ((Q.T @ m_hat) / ((V / (1 - b2 ** step)).sqrt() + group["eps"]))
+    return u.T if flip else u
+
+
 def stateful_direction(rule: str, inputs: list[Tensor], state: dict, info: ParamInfo, group: dict,
                        step: int) -> Tensor:
     """A rule with whole-matrix state on a full tensor, one block at a time; updates ``state`` in place."""
@@ -197,6 +222,9 @@ def stateful_direction(rule: str, inputs: list[Tensor], state: dict, info: Param
             if rule == "conda":
                 v, basis = (state[k].view(rows, n)[r0:r1, cols] for k in ("exp_avg_sq", "basis"))
                 out[r0:r1, cols] = _conda_block(x2[0][r0:r1, cols], x2[1][r0:r1, cols], v, basis, step, group)
+            elif rule == "aro_adam":
+                v, rotation = (state[k].view(rows, n)[r0:r1, cols] for k in ("exp_avg_sq", "rotation"))
+                out[r0:r1, cols] = _aro_adam_block(x2[0][r0:r1, cols], x2[1][r0:r1, cols], v, rotation, step, group)
             elif rule == "aro":
                 out[r0:r1, cols] = _aro_block(x2[0][r0:r1, cols], state["rotation"].view(rows, n)[r0:r1, cols],
                                               step, group)
@@ -224,6 +252,9 @@ class ReferenceOptimizer:
                 elif g["rule"] == "conda":
                     self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
                                         "basis": torch.zeros_like(p), "step": 0}
+                elif g["rule"] == "aro_adam":
+                    self.state[name] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                                        "rotation": torch.zeros_like(p), "step": 0}
                 elif g["rule"] == "aro":
                     self.state[name] = {"momentum_buffer": torch.zeros_like(p), "rotation": torch.zeros_like(p),
                                         "step": 0}
@@ -241,7 +272,7 @@ class ReferenceOptimizer:
                 state["step"] += 1
                 if rule == "adamw":
                     u = _adam(state, grad, g)
-                elif rule == "conda":
+                elif rule in ("conda", "aro_adam"):
                     b1 = g["betas"][0]
                     state["exp_avg"] = b1 * state["exp_avg"] + (1 - b1) * grad
                     u = stateful_direction(rule, [state["exp_avg"], grad], state, self.infos[name], g, state["step"])

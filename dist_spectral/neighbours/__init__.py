@@ -6,7 +6,7 @@
     spectra.py   SPECTRA soft spectral clipping around a base update (optionally of the gradient too)
     auon.py      AuON: cosh-normalised momentum, one scalar all-reduce per matrix
     conda.py     Conda: Adam's second moment in the momentum's singular basis
-    aro.py       ARO: a learned rotation and a base rule in the rotated frame
+    aro.py       ARO: a learned rotation and a base rule in the rotated frame (aro_adam: Adam's)
 """
 from . import conda, aro  # noqa: E402,F401  (each registers its rule)
 from . import spectra, auon  # noqa: E402,F401

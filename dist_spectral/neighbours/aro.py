@@ -28,14 +28,40 @@ on non-zero input:
 rules already have RMS 1 and a rotation keeps the Frobenius norm, so ``s = 0.2`` matches it up to
 zero rows.
 
+Adam base (rule ``aro_adam``, a separate rule because its state differs: Adam's second moment ``v``
+is carried too). ``f`` is Adam's normalisation in the rotated frame, with ``v`` an EMA of the
+squared *rotated gradient* kept in that frame (as Conda keeps it in its basis) and ``M`` Adam's
+first moment::
+
+    M ← β₁ M + (1 − β₁) G                                             (state exp_avg)
+    R_t = Q( M_X f_{t−1}(R_{t−1}ᵀ M_X)ᵀ )                             (state rotation)
+    v ← β₂ v + (1 − β₂) (R_tᵀ G_X)²            k × N, rotated frame    (state exp_avg_sq)
+    D   = s · R_t f_t(R_tᵀ M_X)
+    f_τ(Y) = (Y / (1 − β₁ᵗ)) / (√(v_τ / (1 − β₂^τ)) + ε)
+
+The rotation uses ``f`` with the statistics it has *before* this step (``v_{t−1}``, accumulated in
+the frames up to ``R_{t−1}``, the frame ``R_{t−1}ᵀ M`` is in), and ``v`` is then updated once, in
+the new frame, for the direction: it is never updated twice in a step. At step 1 there are no
+statistics (``v_0 = 0``): ``f_0`` is any positive multiple of ``Y``, which leaves the Q factor
+unchanged, so ``R_1 = Q(M Mᵀ)`` (here ``f_0(Y) = Y / (1 − β₁)``). As Conda keeps ``v`` across
+basis refreshes, ``v`` is not transformed when ``R`` changes (squared entries have no exact
+counterpart under a rotation). The first-moment bias correction is a positive scalar and does not
+change ``R_t``; it matters for ``D``. ``s`` defaults to 1: ``D`` is Adam's update in the rotated
+frame, and a rotation keeps its Frobenius norm, so AdamW's learning rates are the start. The
+paper calls ``f_t`` a stateful base-optimizer projection and lists Adam among the bases; the
+choices above (which ``v`` the rotation sees, bias correction as in this package's AdamW) are
+this package's.
+
 Orientation: the paper rotates the residual-stream side; here the rotation acts on the block's
 smaller side, which is the side whose ``k × k`` matrix fits in the parameter-shaped state (see
 :mod:`.square`) and the cheaper one (QR of k×k, products of ``k² N`` flops). For square blocks
 it acts on the rows (the paper's ``R ∈ SO(m)``).
 
-State: ``momentum_buffer`` is element-wise; ``rotation`` is *carried* (see
+State: ``momentum_buffer`` (``exp_avg`` for ``aro_adam``) is element-wise; ``rotation`` (and
+``aro_adam``'s ``exp_avg_sq``, parameter-shaped in the rotated frame) is *carried* (see
 :mod:`dist_spectral.rules`): parameter-shaped, holding ``R_t`` in each block's first k² elements,
-sent to the owner with the momentum and returned updated (two tensors out, two back per step).
+sent to the owner with the momentum and returned updated (two tensors out, two back per step;
+``aro_adam`` sends the gradient and ``v`` too: four out, three back).
 ``R_0 = I`` is used at a parameter's first step, whatever the buffer holds. This works unchanged
 under FSDP2/HSDP, DDP and DeepSpeed ZeRO-1/2/3 (the state is in DeepSpeed's flats like momentum).
 
@@ -45,7 +71,8 @@ along its null space are zero in exact arithmetic but rounding noise in floating
 row normalisations (``row``, ``sinkhorn``) scale that noise up to full-size rows once it exceeds
 ``norm_eps``: the update then has O(1) components along arbitrary null directions, which differ
 between two runs that round differently (a looped and a batched matmul). ``sign`` has the same
-edge on entries that vanish in exact arithmetic, which the sign base itself produces. Parity tests
+edge on entries that vanish in exact arithmetic, which the sign base itself produces, and the Adam
+base Adam's own (noise over ``√v + ε`` along null directions, bounded by ε). Parity tests
 therefore run in float64, where the noise stays below ``norm_eps``.
 """
 from __future__ import annotations
@@ -112,6 +139,43 @@ def aro(m: Tensor, rotation: Tensor, *, step: int, base: str, scale: float, eps:
     return square.orient(d, flip).to(m.dtype), square.pack(r, tuple(rotation.shape[-2:]), rotation.dtype)
 
 
+def adam_base(y: Tensor, v_hat: Tensor, eps: float) -> Tensor:
+    """Adam's ``f``: ``Y / (√v̂ + ε)`` for ``Y`` and ``v̂`` ``[B, k, N]`` (bias corrections applied by the caller)."""
+    return y / (v_hat.sqrt() + eps)
+
+
+def aro_adam(m: Tensor, g: Tensor, v: Tensor, rotation: Tensor, *, step: int, betas, eps: float,
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of ARO with the Adam base on a batch of blocks (see the module docstring).
+
+    Args:
+        m, g, v: ``[B, m, n]`` first moment (already updated), gradient and second moment (rotated
+            frame), in the parameter's orientation.
+        rotation: ``[B, m, n]`` packed ``R_{t−1}`` (ignored at step 1).
+        step: this step (1-based), for the bias corrections.
+
+    Returns:
+        (direction, new ``v``, packed ``R_t``), each ``[B, m, n]``.
+    """
+    beta1, beta2 = betas
+    flip = m.shape[-2] > m.shape[-1]
+    work = square.work_dtype(m.dtype)
+    x, gx, vx = (square.orient(t, flip).to(work) for t in (m, g, v))
+    k = x.shape[-2]
+    m_hat = x / (1 - beta1 ** step)
+    if step <= 1:
+        previous = m_hat  # R_0 = I, v_0 = 0: f_0 is a positive multiple of Y
+    else:
+        r_prev = square.unpack(rotation, k).to(work)
+        previous = adam_base(r_prev.mT @ m_hat, vx / (1 - beta2 ** (step - 1)), eps)
+    r = q_factor(x @ previous.mT)
+    g_rot = r.mT @ gx
+    vx = beta2 * vx + (1 - beta2) * g_rot * g_rot
+    d = scale * (r @ adam_base(r.mT @ m_hat, vx / (1 - beta2 ** step), eps))
+    return (square.orient(d, flip).to(m.dtype), square.orient(vx, flip).to(v.dtype),
+            square.pack(r, tuple(rotation.shape[-2:]), rotation.dtype))
+
+
 class ARO(Rule):
     """ARO: ``R_t = Q(M f(R_{t−1}ᵀ M)ᵀ)``, ``D = s · R_t f(R_tᵀ M)`` on the block's smaller side
     (see :mod:`dist_spectral.neighbours.aro`).
@@ -132,7 +196,7 @@ class ARO(Rule):
     def check(self, group: dict) -> None:
         if group.get("base_rule") not in BASES:
             raise ValueError(f"base_rule={group.get('base_rule')!r}: ARO's base rule f must be one of "
-                             f"{', '.join(BASES)}")
+                             f"{', '.join(BASES)} (for the Adam base use rule 'aro_adam')")
         square.check_int(group, "sinkhorn_steps")
         square.check_number(group, "beta", 0.0, 1.0)
         square.check_number(group, "norm_eps", 0.0, open_low=True)
@@ -157,4 +221,51 @@ class ARO(Rule):
 
 register(ARO())
 
-__all__ = ["ARO", "aro", "apply_base", "q_factor", "BASES"]
+
+class AROAdam(Rule):
+    """ARO with the Adam base: ``R_t = Q(M f_{t−1}(R_{t−1}ᵀ M)ᵀ)``, ``D = s · R_t f_t(R_tᵀ M)`` with
+    ``f_τ(Y) = m̂ / (√v̂_τ + ε)`` and ``v`` the EMA of ``(R_tᵀ G)²`` in the rotated frame (see
+    :mod:`dist_spectral.neighbours.aro`).
+
+    Hyperparameters (recipe keys): ``betas`` (β₁ the momentum EMA, β₂ the second moment's)
+    (default: (0.95, 0.99)), ``eps`` ε (default: 1e-8), ``scale`` s (default: 1.0), ``per_head``
+    (default: True).
+    """
+
+    name = "aro_adam"
+    locality = "matrix"
+    defaults = {"betas": (0.95, 0.99), "eps": 1e-8, "scale": 1.0, "per_head": True}
+    direction_options = ("betas", "eps", "scale")
+    inputs = 2
+    carried = ("exp_avg_sq", "rotation")
+
+    def check(self, group: dict) -> None:
+        betas = group.get("betas")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r}: must be two numbers (β₁, β₂)")
+        for i, b in enumerate(betas):
+            square.check_number({f"betas[{i}]": b}, f"betas[{i}]", 0.0, 1.0)
+        square.check_number(group, "eps", 0.0, open_low=True)
+        square.check_number(group, "scale")
+
+    def init_state(self, p: Tensor, group: dict) -> dict:
+        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "rotation": torch.zeros_like(p)}
+
+    def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int):
+        local_state["exp_avg"].lerp_(grad, 1 - group["betas"][0])
+        return local_state["exp_avg"], grad
+
+    def direction_with_state(self, inputs, state, *, step, axis, transposed, group):
+        m, g = inputs
+        d, v, r = aro_adam(m, g, state["exp_avg_sq"], state["rotation"], step=step, betas=group["betas"],
+                           eps=group["eps"], scale=group["scale"])
+        return d, {"exp_avg_sq": v, "rotation": r}
+
+    def cost(self, m, n, group):
+        k, N = min(m, n), max(m, n)
+        return 10 * k * k * N + 3 * k ** 3
+
+
+register(AROAdam())
+
+__all__ = ["ARO", "AROAdam", "aro", "aro_adam", "adam_base", "apply_base", "q_factor", "BASES"]

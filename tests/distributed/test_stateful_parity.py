@@ -1,8 +1,9 @@
-"""Rules with whole-matrix state (Conda, ARO, SPECTRA with pre-clipping) under FSDP2, HSDP and DDP
-equal the single-process reference at W = 1, 2, 3, 4: weights *and* optimizer state, over steps
-that include basis refreshes (Conda with T = 2 refreshes at steps 1, 3 and 5), and DCP
-checkpoints reshard them. SPECTRA's pre-clip carries the base optimizer's state (Adam's moments,
-or the momentum buffer of its sign and Muon bases) to the owner with the raw gradient.
+"""Rules with whole-matrix state (Conda, ARO with its base rules and with the Adam base, SPECTRA with
+pre-clipping) under FSDP2, HSDP and DDP equal the single-process reference at W = 1, 2, 3, 4:
+weights *and* optimizer state, over steps that include basis refreshes (Conda with T = 2 refreshes
+at steps 1, 3 and 5), and DCP checkpoints reshard them. SPECTRA's pre-clip carries the base
+optimizer's state (Adam's moments, or the momentum buffer of its sign and Muon bases) to the owner
+with the raw gradient.
 
 One process group per world size runs every scenario (tiny Qwen3 and OLMoE: head blocks cut by
 row shards at W = 3, an empty expert shard at W = 4; one parameter without a gradient at step 0, so
@@ -23,7 +24,7 @@ import torch
 from dist_spectral import build_optimizer, checkpoint
 from dist_spectral.blocks import unit_specs
 from dist_spectral.build import resolve_groups
-from dist_spectral.neighbours.aro import ARO
+from dist_spectral.neighbours.aro import ARO, AROAdam
 from dist_spectral.neighbours.conda import Conda
 from dist_spectral.neighbours.spectra import SpectraPreclip
 from dist_spectral.planner import Parallel, simulate_step
@@ -40,6 +41,7 @@ CONFIGS = {  # name -> (recipe, overrides)
     "aro": ("aro", {}),  # SinkGD base
     "aro-sign": ("aro", {"base_rule": "sign"}),
     "aro-row": ("aro", {"base_rule": "row"}),
+    "aro-adam": ("aro", {"attention": {"rule": "aro_adam"}, "mlp": {"rule": "aro_adam", "betas": (0.9, 0.95)}}),
     # Synthetic gradients have σ_max ≈ 8–15 per block, so c_pre = 3–4 clips them.
     "spectra-preclip": ("spectra", {"attention": {"rule": "spectra_preclip", "pre_clip_c": 4.0, "per_head": True},
                                     "mlp": {"rule": "spectra_preclip", "pre_clip_c": 3.0, "clip_c": 3.0}}),
@@ -53,12 +55,14 @@ RESUMED = (("olmoe", "conda"), ("qwen3", "spectra-preclip"))  # saved at W = 2 (
 # resumed at W = 3 and 4
 # Measured (float64), the same at every W and engine (the distributed runs equal the single-process
 # one bit for bit): at most 2.8e-8 of a parameter's displacement for Conda (its null directions,
-# see above), 6.2e-15 for ARO, 4.4e-15 for SPECTRA's pre-clip (both bases, resumed runs included);
-# the state within 2.0e-13 of its largest entry (pre-clip: 1.5e-15).
+# see above), 6.2e-15 for ARO, 7.0e-13 for ARO's Adam base (Adam's null-direction noise, as Conda's),
+# 4.4e-15 for SPECTRA's pre-clip (both bases, resumed runs included); the state within 2.0e-13 of its
+# largest entry (pre-clip: 1.5e-15; ARO's Adam base: 4.0e-13).
 DISPLACEMENT_RTOL = 1e-6
 STATE_RTOL, STATE_ATOL = 1e-9, 1e-12
 
 
+ARO_ADAM = [("olmoe", "aro-adam", "fsdp"), ("qwen3", "aro-adam", "ddp")]  # every W, W = 1 included
 PRECLIP = [("olmoe", "spectra-preclip", "fsdp"), ("qwen3", "spectra-preclip-momentum", "fsdp"),
            ("qwen3", "spectra-preclip", "ddp"), ("olmoe", "spectra-preclip-momentum", "ddp")]
 
@@ -67,12 +71,12 @@ def scenarios_for(world_size: int) -> list[tuple[str, str, str]]:
     """(model, config, engine)."""
     if world_size == 1:
         return [("qwen3", "conda", "none"), ("olmoe", "aro", "none"), ("olmoe", "conda", "none"),
-                ("qwen3", "aro-row", "none")] + PRECLIP
+                ("qwen3", "aro-row", "none")] + PRECLIP + ARO_ADAM
     fsdp = (("qwen3", "conda"), ("olmoe", "conda"), ("olmoe", "aro"), ("qwen3", "aro-sign"))
     runs = [(m, c, "fsdp") for m, c in fsdp]
     runs.append({2: ("qwen3", "aro-row", "ddp"), 3: ("olmoe", "conda", "ddp"),
                  4: ("qwen3", "conda", "ddp")}[world_size])
-    runs += PRECLIP
+    runs += PRECLIP + ARO_ADAM
     if world_size == 4:
         runs += [("olmoe", "aro", "hsdp"), ("qwen3", "spectra-preclip", "hsdp")]
     return runs
@@ -118,7 +122,7 @@ def snapshot(model, opt) -> dict:
 class _BlockCounter:
     """Counts the blocks each rank runs the stateful rules on (to check no block runs twice)."""
 
-    CLASSES = (Conda, ARO, SpectraPreclip)
+    CLASSES = (Conda, ARO, AROAdam, SpectraPreclip)
 
     def __init__(self):
         self.blocks = 0
@@ -290,14 +294,15 @@ def test_counters_equal_plan(worlds, world_size):
         assert (moved > 0) == (world_size > 1), scenario
 
 
-CHANNELS = (("olmoe", "conda", (4, 3)), ("olmoe", "aro", (2, 2)), ("olmoe", "spectra-preclip", (3, 3)),
-            ("qwen3", "spectra-preclip-momentum", (2, 2)))
+CHANNELS = (("olmoe", "conda", (4, 3)), ("olmoe", "aro", (2, 2)), ("olmoe", "aro-adam", (4, 3)),
+            ("olmoe", "spectra-preclip", (3, 3)), ("qwen3", "spectra-preclip-momentum", (2, 2)))
 
 
 def test_carried_state_multiplies_the_bytes(worlds):
     """Conda sends four tensors per element to the owner (momentum, gradient, v, basis) and gets three
-    back, ARO two and two, SPECTRA's pre-clip three and three (G, m, v; direction, m, v) on Adam and
-    two and two on a momentum base: the plan's byte counts are its pieces' elements times those
+    back, ARO two and two (four and three with the Adam base: momentum, gradient, v, rotation),
+    SPECTRA's pre-clip three and three (G, m, v; direction, m, v) on Adam and two and two on a
+    momentum base: the plan's byte counts are its pieces' elements times those
     channels, and on the wire (FSDP2: every moved element goes out once and comes back once) so
     are the ratios."""
     for model_name, config, channels in CHANNELS:

@@ -1,4 +1,4 @@
-"""Conda and ARO: the rules' math against independent constructions (float64), and the optimizer
+"""Conda and ARO (its Adam base too): the rules' math against independent constructions (float64), and the optimizer
 contract for rules with whole-matrix state (state_dict round trip, recipes, bad hyperparameters)."""
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import torch
 
 import dist_spectral
 from dist_spectral.neighbours import square
-from dist_spectral.neighbours.aro import BASES, aro, q_factor
+from dist_spectral.neighbours.aro import BASES, aro, aro_adam, q_factor
 from dist_spectral.neighbours.conda import conda, left_basis, refreshes
 from dist_spectral.rules import get_rule
 from tests.tiny import MODELS, synthetic_grad
 
 CONDA = dict(betas=(0.9, 0.99), eps=1e-8, interval=2, scale=1.0)
 ARO = dict(base="sinkhorn", scale=1.0, eps=1e-8, sinkhorn_steps=5)
+ARO_ADAM = dict(betas=(0.9, 0.99), eps=1e-8, scale=1.0)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -223,6 +224,97 @@ def test_q_factor_sign_convention():
     assert bool((torch.diagonal(q.mT @ a, dim1=-2, dim2=-1) > 0).all())
 
 
+# ----- ARO with the Adam base -----
+def run_aro_adam(grads: list[torch.Tensor], rotation: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                 first_step: int = 1, **kw):
+    """ARO-Adam over a sequence of ``[B, m, n]`` gradients: (direction, v, packed rotation) per step."""
+    opts = {**ARO_ADAM, **kw}
+    m = torch.zeros_like(grads[0])
+    rotation = torch.zeros_like(m) if rotation is None else rotation
+    v = torch.zeros_like(m) if v is None else v
+    out = []
+    for t, g in enumerate(grads, start=first_step):
+        m = m.lerp(g, 1 - opts["betas"][0])
+        d, v, rotation = aro_adam(m, g, v, rotation, step=t, **opts)
+        out.append((d, v, rotation))
+    return out
+
+
+def test_aro_adam_with_the_identity_rotation_is_adam():
+    """Gradients ``diag(d_t) H`` whose rows have disjoint supports make ``M f(Rᵀ M)ᵀ`` diagonal and
+    positive, so ``R_t = I`` at every step: the direction is then Adam's, bias correction included."""
+    k, n, steps = 3, 8, 5
+    support = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # column j belongs to row support[j]
+    h = randn(k, n, seed=50) * (torch.arange(k)[:, None] == support[None])
+    grads = [(torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * (1 + 0.2 * t)) @ h)[None]
+             for t in range(steps)]
+    b1, b2 = ARO_ADAM["betas"]
+    m = v = torch.zeros_like(grads[0])
+    for t, ((d, v_got, rotation), g) in enumerate(zip(run_aro_adam(grads), grads), start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        adam = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + ARO_ADAM["eps"])
+        torch.testing.assert_close(square.unpack(rotation, k), torch.eye(k, dtype=torch.float64)[None], atol=1e-12,
+                                   rtol=0)
+        torch.testing.assert_close(v_got, v, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(d, adam, rtol=1e-10, atol=1e-12)
+
+
+def test_aro_adam_is_equivariant():
+    """``ARO-Adam(Q M P, Q G P; Q R, v P) = (Q D P, v' P, Q R')``: a rotation Q of the rotated side,
+    carried by the state (the rotated frame, where v lives, does not move), and a permutation P of
+    the other side; tall blocks the same with the sides swapped. Three steps from a rotated start."""
+    for m, n in ((4, 7), (7, 4)):
+        k, other = min(m, n), max(m, n)
+        grads = [randn(2, m, n, seed=51 + t) for t in range(3)]
+        q = orthogonal(k, seed=55)
+        p = torch.eye(other, dtype=torch.float64)[torch.randperm(other, generator=gen(56))]
+        r0 = orthogonal(k, seed=57).expand(2, k, k)
+        v0 = randn(2, m, n, seed=58).abs()
+        if m < n:
+            transform, on_v = (lambda x: q @ x @ p), (lambda x: x @ p)  # noqa: E731
+        else:
+            transform, on_v = (lambda x: p.T @ x @ q.T), (lambda x: p.T @ x)  # noqa: E731
+        plain = run_aro_adam(grads, square.pack(r0, (m, n), torch.float64), v0, first_step=2)
+        moved = run_aro_adam([transform(g) for g in grads], square.pack(q @ r0, (m, n), torch.float64), on_v(v0),
+                             first_step=2)
+        for (d, v, r), (d_moved, v_moved, r_moved) in zip(plain, moved):
+            torch.testing.assert_close(square.unpack(r_moved, k), q @ square.unpack(r, k), rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(v_moved, on_v(v), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(d_moved, transform(d), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (8, 5), (6, 6)])
+def test_aro_adam_matches_the_reference_and_keeps_v_nonnegative(shape):
+    """Six steps of the batched rule equal the reference's block loop (direction, v and rotation);
+    v stays finite, non-negative and zero nowhere the rotated gradient was not."""
+    from dist_spectral.reference import _aro_adam_block
+
+    grads = [randn(3, *shape, seed=60 + t) for t in range(6)]
+    group = {"betas": ARO_ADAM["betas"], "eps": ARO_ADAM["eps"], "scale": 0.7}
+    m = v = rotation = torch.zeros(3, *shape, dtype=torch.float64)
+    ref_m, ref_v, ref_r = m.clone(), v.clone(), rotation.clone()
+    for t, g in enumerate(grads, start=1):
+        m = m.lerp(g, 1 - group["betas"][0])
+        d, v, rotation = aro_adam(m, g, v, rotation, step=t, **group)
+        ref_m = ref_m.lerp(g, 1 - group["betas"][0])
+        ref_d = torch.stack([_aro_adam_block(ref_m[b], g[b], ref_v[b], ref_r[b], t, group) for b in range(3)])
+        torch.testing.assert_close(d, ref_d, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(v, ref_v, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(rotation, ref_r, rtol=1e-10, atol=1e-12)
+        assert bool(torch.isfinite(v).all()) and bool((v >= 0).all())
+        assert bool((v > 0).all())  # random gradients: every rotated entry is non-zero
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (5, 5), (4, 6)])
+def test_aro_adam_is_finite_on_degenerate_input(shape):
+    zero = torch.zeros(2, *shape, dtype=torch.float64)
+    rank_one = randn(2, shape[0], 1, seed=6) @ randn(2, 1, shape[1], seed=7)
+    rank_one[:, 0] = 0
+    for g in (zero, rank_one):
+        for d, v, r in run_aro_adam([g, g, g]):
+            assert all(bool(torch.isfinite(x).all()) for x in (d, v, r)) and bool((v >= 0).all())
+
+
 # ----- the optimizer -----
 def _grads(model, step):
     return {n: synthetic_grad(n, tuple(p.shape), step).to(p.dtype) for n, p in model.named_parameters()}
@@ -235,7 +327,11 @@ def _train(model, opt, start, stop):
         opt.step()
 
 
-@pytest.mark.parametrize("recipe,overrides", [("conda", {"update_proj_gap": 2}), ("aro", {"base_rule": "col"})])
+ARO_ADAM_RECIPE = {"attention": {"rule": "aro_adam"}, "mlp": {"rule": "aro_adam", "betas": (0.9, 0.95)}}
+
+
+@pytest.mark.parametrize("recipe,overrides", [("conda", {"update_proj_gap": 2}), ("aro", {"base_rule": "col"}),
+                                              ("aro", ARO_ADAM_RECIPE)])
 def test_state_dict_round_trip_continues_the_run(recipe, overrides):
     """``state_dict`` → a fresh optimizer's ``load_state_dict`` → three more steps equals six steps
     uninterrupted, bit for bit (the whole-matrix state is ordinary parameter-shaped state)."""
@@ -255,8 +351,9 @@ def test_state_dict_round_trip_continues_the_run(recipe, overrides):
         assert torch.equal(p, p2), n
         for key, value in opt.state[p].items():
             assert torch.equal(opt2.state[p2][key], value), (n, key)
-    carried = {"conda": "basis", "aro": "rotation"}[recipe]
-    assert any(bool(st[carried].abs().sum() > 0) for st in opt.state.values() if carried in st)
+    for g in opt.param_groups:
+        for carried in get_rule(g["rule"]).carried:  # the whole-matrix state is really there
+            assert any(bool(opt.state[p][carried].abs().sum() > 0) for p in g["params"]), (g["name"], carried)
 
 
 def test_recipes_put_conda_and_aro_on_hidden_matrices_and_experts():
@@ -278,9 +375,14 @@ def test_recipes_put_conda_and_aro_on_hidden_matrices_and_experts():
     ("aro", {"base_rule": "adam"}, "base_rule='adam'"),
     ("aro", {"sinkhorn_steps": 0}, "sinkhorn_steps=0"),
     ("aro", {"beta": -0.1}, "beta=-0.1"),
+    ("aro", {"attention": {"rule": "aro_adam", "betas": (0.9, 1.0)}}, "betas[1]=1.0"),
+    ("aro", {"attention": {"rule": "aro_adam", "betas": (0.9, 0.9, 0.9)}}, "betas=\\(0.9, 0.9, 0.9\\); give two numbers"),
+    ("aro", {"attention": {"rule": "aro_adam", "eps": -1e-8}}, "eps=-1e-08"),
+    ("aro", {"attention": {"rule": "aro_adam", "scale": "big"}}, "scale='big'"),
 ])
 def test_bad_hyperparameters_name_the_parameter(recipe, overrides, names):
-    with pytest.raises(ValueError, match=f"group 'attention' \\(rule '{recipe}'\\).*{names}".replace("[", "\\[")
+    rule = overrides.get("attention", {}).get("rule", recipe)
+    with pytest.raises(ValueError, match=f"group 'attention' \\(rule '{rule}'\\).*{names}".replace("[", "\\[")
                        .replace("]", "\\]")):
         dist_spectral.build_optimizer(MODELS["qwen3"](seed=0), recipe, **overrides)
 

@@ -57,9 +57,10 @@ def recipe(*groups) -> dict:
     (dict(recipe="symmetric", mlp={"momentum": 0.9}), "group 'mlp' sets 'momentum', which rule 'muon' does not take"),
     (dict(recipe="symmetric", nonfinite="ignore"), "nonfinite='ignore': use 'skip' or 'raise'"),
     (dict(recipe="no-such-recipe"), "unknown recipe 'no-such-recipe'"),
+    (dict(recipe="symmetric", vector={"betas": 0.9}), "group 'vector' (rule 'adamw'): betas=0.9; give two numbers [beta1, beta2]"),
 ], ids=["unknown-rule", "override-unknown-rule", "override-unknown-group", "unknown-role", "override-unknown-role",
         "pattern-matches-nothing", "spectral-on-1d", "muon-on-1d", "unknown-hyperparameter", "unknown-policy",
-        "unknown-recipe"])
+        "unknown-recipe", "scalar-betas"])
 def test_bad_configuration_raises_before_anything_changes(olmoe, kwargs, message):
     before = snapshot(olmoe)
     with pytest.raises(ValueError) as err:
