@@ -331,15 +331,17 @@ def report(models: list[str], results: dict, chosen: dict, seeds: list[int], cfg
         ch = chosen[model]
         base = [results.get(ch["muon"].with_seed(k)) for k in seeds]
         for name, s in ch.items():
-            rs = [results.get(s.with_seed(k)) for k in seeds]
-            if any(r is None for r in rs):
+            done = [(k, results.get(s.with_seed(k))) for k in seeds if results.get(s.with_seed(k))]
+            if not done:
                 continue
-            vals = [r["val_last"] for r in rs]
+            vals = [r["val_last"] for _, r in done]
             delta = ""
-            if name != "muon" and all(base):
-                d = [v - b["val_last"] for v, b in zip(vals, base)]
+            pairs = [(r["val_last"], base[seeds.index(k)]) for k, r in done if base[seeds.index(k)]]
+            if name != "muon" and pairs:
+                d = [v - b["val_last"] for v, b in pairs]
                 delta = ", ".join(f"{x:+.4f}" for x in d) + f" ({statistics.mean(d):+.4f})"
-            lines.append(f"| {name} | {describe(s)} | {mean_sd(vals)} | {', '.join(f'{v:.4f}' for v in vals)} | "
+            partial = "" if len(done) == len(seeds) else f" (seeds {[k for k, _ in done]} only)"
+            lines.append(f"| {name} | {describe(s)}{partial} | {mean_sd(vals)} | {', '.join(f'{v:.4f}' for v in vals)} | "
                          f"{delta} |")
         lines.append("")
     return "\n".join(lines) + "\n"
