@@ -399,8 +399,8 @@ def main() -> None:
             continue
         while todo := pending(m, results):
             results.update(run(todo))
-            if args.report_only or not all(results.get(s) for s in todo):
-                break
+            if not all(results.get(s) for s in todo):
+                break  # runs missing (--report-only) or failed: the next stage cannot be chosen
         if pending(m, results):
             continue
         chosen[m] = choose(m, results)
