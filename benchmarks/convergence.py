@@ -355,14 +355,15 @@ def plot(models: list[str], results: dict, chosen: dict, seeds: list[int], path:
 
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), dpi=110, squeeze=False)
     for ax, model in zip(axes[0], models):
-        for name, s in chosen[model].items():
+        for i, (name, s) in enumerate(chosen[model].items()):
             rs = [results.get(s.with_seed(k)) for k in seeds]
             if any(r is None for r in rs):
                 continue
             steps = [st for st, _ in rs[0]["val"]]
-            mean = [statistics.mean(r["val"][i][1] for r in rs) for i in range(len(steps))]
-            keep = [i for i, st in enumerate(steps) if st >= steps[-1] // 4]  # skip the first drop
-            ax.plot([steps[i] for i in keep], [mean[i] for i in keep], "o-", ms=3, lw=1.4, label=name)
+            mean = [statistics.mean(r["val"][j][1] for r in rs) for j in range(len(steps))]
+            keep = [j for j, st in enumerate(steps) if st >= steps[-1] // 4]  # skip the first drop
+            ax.plot([steps[j] for j in keep], [mean[j] for j in keep], "o-", ms=3, lw=1.4, label=name,
+                    color=plt.cm.tab20(i % 20))  # more configurations than the default cycle's 10 colours
         ax.set_title(f"{model} ({MODELS[model]}), mean of {len(seeds)} seeds")
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats / byte)")
