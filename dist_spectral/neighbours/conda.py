@@ -110,13 +110,7 @@ class Conda(Rule):
 
     def check(self, group: dict) -> None:
         square.check_int(group, "update_proj_gap")
-        betas = group.get("betas")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas={betas!r}: must be two numbers (β₁, β₂)")
-        for i, b in enumerate(betas):
-            square.check_number({f"betas[{i}]": b}, f"betas[{i}]", 0.0, 1.0)
-        square.check_number(group, "eps", 0.0, open_low=True)
-        square.check_number(group, "scale")
+        square.check_adam(group)
 
     def init_state(self, p: Tensor, group: dict) -> dict:
         return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "basis": torch.zeros_like(p)}

@@ -53,3 +53,15 @@ def check_number(group: dict, key: str, low: float | None = None, high: float | 
         raise ValueError(f"{key}={value!r}: must be {'>' if open_low else '≥'} {low}")
     if high is not None and (value > high or (open_high and value == high)):
         raise ValueError(f"{key}={value!r}: must be {'<' if open_high else '≤'} {high}")
+
+
+def check_adam(group: dict) -> None:
+    """Adam's hyperparameters of a rule in a rotated frame: ``betas`` two numbers in [0, 1],
+    ``eps`` > 0, ``scale`` a number."""
+    betas = group.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas={betas!r}: must be two numbers (β₁, β₂)")
+    for i, b in enumerate(betas):
+        check_number({f"betas[{i}]": b}, f"betas[{i}]", 0.0, 1.0)
+    check_number(group, "eps", 0.0, open_low=True)
+    check_number(group, "scale")
