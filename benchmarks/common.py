@@ -59,3 +59,11 @@ def run_world(world_size: int, fn, *args) -> list:
         mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), tmp, fn, args), nprocs=world_size,
                            join=True, start_method="spawn")
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def write_results(path: str, lines: list[str]) -> None:
+    """Write a results file (creating its folder) and say where."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", path)

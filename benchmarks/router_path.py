@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_lines, run_world, summary  # noqa: E402
+from common import machine_lines, run_world, summary, write_results  # noqa: E402
 from step import MODEL, fsdp_model_with_grads, grad_for  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
@@ -204,10 +204,7 @@ def main(argv=None) -> None:
                      f"{r['received']['owner']:,} / {r['received']['replicated']:,} | "
                      f"{'yes' if r['scatter']['owner'] else 'no'} / {'yes' if r['scatter']['replicated'] else 'no'} |")
     lines += ["", *reading(rows)]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("wrote", args.out)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

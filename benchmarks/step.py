@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import machine_lines, run_world, summary  # noqa: E402
+from common import machine_lines, run_world, summary, write_results  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
 from dist_spectral.blocks import permuted_axis, unit_specs, view_2d_shape  # noqa: E402
@@ -236,10 +236,7 @@ def main(argv=None) -> None:
               "| W | single process | (a) | (b) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['W']} | {single_flops / 1e9:.2f} G | {r['flops_ds'] / 1e9:.2f} G | {r['flops_ag'] / 1e9:.2f} G |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("wrote", args.out)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

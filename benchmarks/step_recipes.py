@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import machine_lines, run_world, summary  # noqa: E402
+from common import machine_lines, run_world, summary, write_results  # noqa: E402
 from step import MODEL, fsdp_model_with_grads  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
@@ -95,10 +95,7 @@ def main(argv=None) -> None:
     lines += ["", "`first step` includes the one-time plan and, for `conda`, the basis refresh (an SVD per block); "
               "`compute` is whole-matrix rule time on the busiest rank's owners, `exchange` the packing and "
               "collectives. Bytes are everything the step sent (owner exchange and statistics all-reduces)."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("wrote", args.out)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":
