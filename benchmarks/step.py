@@ -12,7 +12,7 @@ in one process group and interleaved repeat by repeat:
     (c) torch.optim.AdamW (foreach)
 
 The compute floor is the single-process time of all the orthogonalisation (the same batched jobs,
-one thread) divided by the cores the ranks share: min(W, cores).
+one thread, rank 0 alone in every round) divided by the cores the ranks share: min(W, cores).
 """
 from __future__ import annotations
 
@@ -117,6 +117,37 @@ class AllGatherBaseline:
                 ti += 1
 
 
+def floor_jobs() -> list[MatrixJob]:
+    """All whole-matrix jobs of the model, whole and batched as the optimizer batches them."""
+    model = build_model()
+    opt = build_optimizer(model, "symmetric")
+    jobs = []
+    for g in opt.param_groups:
+        rule = get_rule(g["rule"])
+        if rule.locality != "matrix":
+            continue
+        for name, p in zip(g["param_names"], g["params"]):
+            info = opt.infos[name]
+            rows, n = view_2d_shape(tuple(p.shape))
+            x = grad_for(name, tuple(p.shape)).reshape(rows, n)
+            for spec in unit_specs(info, per_head=g.get("per_head", False)):
+                jobs.append(MatrixJob(x[spec.row_start:spec.row_stop], spec, rule, g, permuted_axis(info), info.transposed))
+    return jobs
+
+
+def share_of(jobs: list[MatrixJob], rank: int, world_size: int) -> list[MatrixJob]:
+    """This rank's jobs when the jobs are dealt longest-first to the least-loaded rank (as the
+    planner deals units)."""
+    loads = [0] * world_size
+    mine = []
+    for job in sorted(jobs, key=lambda j: -sum(j.rule.polar_flops(*b.shape, j.group) for b in j.spec.blocks)):
+        r = loads.index(min(loads))
+        loads[r] += sum(job.rule.polar_flops(*b.shape, job.group) for b in job.spec.blocks)
+        if r == rank:
+            mine.append(job)
+    return mine
+
+
 def worker(rank: int, world_size: int, repeats: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -131,8 +162,29 @@ def worker(rank: int, world_size: int, repeats: int) -> dict:
             opts[kind] = build_optimizer(model, "symmetric")
         else:
             opts[kind] = AllGatherBaseline(build_optimizer(model, "symmetric"))
-    times = {k: [] for k in opts}
+    # The floor is measured here, in the same rounds: rank 0 alone runs every job while the
+    # other ranks block in a barrier. A shared machine's speed drifts by 10-20 % over minutes,
+    # so a floor taken minutes apart from the steps would move the ratio by as much.
+    jobs = floor_jobs()  # on every rank: building an optimizer under a process group talks to the others
+    run_floor = rank == 0
+    share = share_of(jobs, rank, world_size)
+    times = {k: [] for k in ("floor", "parallel", *opts)}
+    flops = 0
     for r in range(repeats + 1):  # the first round warms up (plans, allocations)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if run_floor:
+            _, flops = run_jobs(jobs)
+        elapsed = time.perf_counter() - t0
+        dist.barrier()
+        if r:
+            times["floor"].append(elapsed)
+        dist.barrier()
+        t0 = time.perf_counter()
+        run_jobs(share)
+        dist.barrier()
+        if r:
+            times["parallel"].append(time.perf_counter() - t0)
         for kind, opt in opts.items():
             dist.barrier()
             t0 = time.perf_counter()
@@ -144,35 +196,14 @@ def worker(rank: int, world_size: int, repeats: int) -> dict:
     local_matrix_bytes = sum(opts["dist_spectral"].topology.local(p).numel() * 4
                              for g in opts["dist_spectral"].param_groups if get_rule(g["rule"]).locality == "matrix"
                              for p in g["params"])
-    return {"times": times, "ds_sent": ds.bytes_sent, "ds_received": ds.bytes_received, "ds_flops": ds.polar_flops,
-            "ds_exchange": ds.exchange_seconds, "ds_compute": ds.compute_seconds,
+    return {"times": times, "single_flops": flops, "ds_sent": ds.bytes_sent, "ds_received": ds.bytes_received,
+            "ds_flops": ds.polar_flops, "ds_exchange": ds.exchange_seconds, "ds_compute": ds.compute_seconds,
             "ag_received": opts["allgather"].bytes_received, "ag_flops": opts["allgather"].polar_flops,
             "local_matrix_bytes": local_matrix_bytes}
 
 
-def single_process_floor(repeats: int) -> tuple[list[float], int]:
-    """All whole-matrix jobs of the model, batched as the optimizer batches them, on one thread."""
-    torch.set_num_threads(1)
-    model = build_model()
-    opt = build_optimizer(model, "symmetric")
-    jobs = []
-    for g in opt.param_groups:
-        rule = get_rule(g["rule"])
-        if rule.locality != "matrix":
-            continue
-        for name, p in zip(g["param_names"], g["params"]):
-            info = opt.infos[name]
-            rows, n = view_2d_shape(tuple(p.shape))
-            x = grad_for(name, tuple(p.shape)).reshape(rows, n)
-            for spec in unit_specs(info, per_head=g.get("per_head", False)):
-                jobs.append(MatrixJob(x[spec.row_start:spec.row_stop], spec, rule, g, permuted_axis(info), info.transposed))
-    run_jobs(jobs)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, flops = run_jobs(jobs)
-        times.append(time.perf_counter() - t0)
-    return times, flops
+def opts_kinds(res) -> list[str]:
+    return [k for k in res[0]["times"] if k not in ("floor", "parallel")]
 
 
 def main(argv=None) -> None:
@@ -183,21 +214,28 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     machine = machine_lines()
-    floor_times, single_flops = single_process_floor(args.repeats)
-    floor1 = statistics.median(floor_times)
-    print(f"single-process orthogonalisation: {summary(floor_times, '.3f')} s, {single_flops / 1e9:.1f} GFLOP")
     rows = []
     for W in [int(w) for w in args.worlds.split(",")]:
         res = run_world(W, worker, args.repeats)
-        floor = floor1 / min(W, cores)
-        step = {k: [max(r["times"][k][i] for r in res) for i in range(args.repeats)] for k in res[0]["times"]}
+        share = min(W, cores)
+        floor_times = res[0]["times"]["floor"]
+        floors = [t / share for t in floor_times]
+        floor = statistics.median(floors)
+        single_flops = res[0]["single_flops"]
+        step = {k: [max(r["times"][k][i] for r in res) for i in range(args.repeats)] for k in opts_kinds(res)}
         med = {k: statistics.median(v) for k, v in step.items()}
+        paired = {k: [t / f for t, f in zip(step[k], floors)] for k in ("dist_spectral", "allgather")}
+        parallel = [max(r["times"]["parallel"][i] for r in res) for i in range(args.repeats)]
+        over_parallel = [t / p for t, p in zip(step["dist_spectral"], parallel)]
+        scaling = [p / f for p, f in zip(parallel, floors)]
         sent = [r["ds_sent"]["gather"] for r in res]
         local = [r["local_matrix_bytes"] for r in res]
         expected = [2 * (W - 1) / W * b / 2 for b in local]  # one way: (W−1)/W of the local bytes
         rows.append({
-            "W": W, "floor": floor, "step": step, "med": med,
-            "ratio": med["dist_spectral"] / floor, "ratio_ag": med["allgather"] / floor,
+            "W": W, "floor": floor, "floor_times": floor_times, "single_flops": single_flops, "step": step,
+            "med": med, "ratio": statistics.median(paired["dist_spectral"]), "paired": paired["dist_spectral"],
+            "ratio_ag": statistics.median(paired["allgather"]), "parallel": parallel,
+            "over_parallel": over_parallel, "scaling": scaling,
             "flops_ds": sum(r["ds_flops"] for r in res), "flops_ag": sum(r["ag_flops"] for r in res),
             "sent": sent, "expected": expected, "ag_received": [r["ag_received"] for r in res],
             "colsum": [r["ds_sent"]["colsum"] for r in res],
@@ -207,7 +245,8 @@ def main(argv=None) -> None:
         row = rows[-1]
         print(f"W={W}: dist_spectral {summary(step['dist_spectral'], '.3f')} s ({row['ratio']:.2f}× floor), "
               f"all-gather {summary(step['allgather'], '.3f')} s ({row['ratio_ag']:.2f}×), "
-              f"AdamW {summary(step['adamw'], '.4f')} s; floor {floor:.3f} s")
+              f"AdamW {summary(step['adamw'], '.4f')} s; floor {floor:.3f} s; parallel floor "
+              f"{summary(row['parallel'], '.3f')} s, (a) / that {statistics.median(row['over_parallel']):.2f}")
     lines = ["# Optimizer step under FSDP2 (CPU, gloo)", "",
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/step.py'] + (argv or sys.argv[1:]))}`", "",
              f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}", "", "Machine:", "", *machine, "",
@@ -215,17 +254,22 @@ def main(argv=None) -> None:
              f"{MODEL['hidden_size']}, {MODEL['num_experts']} experts of {MODEL['intermediate_size']}, vocab "
              f"{MODEL['vocab_size']}; FSDP2 per layer; recipe `symmetric` (per-head Muon attention, per-expert Muon, "
              "left-spectral router, row-norm embedding, centred row-norm head). One thread per rank.", "",
-             f"Repeats: {args.repeats} timed steps after one warm-up, the three optimizers interleaved; a step's time "
-             "is the slowest rank's (barrier before and after). Cells: median (min–max) seconds.", "",
-             f"Compute floor: single-process orthogonalisation of the whole model (same batched jobs, one thread) = "
-             f"{summary(floor_times, '.3f')} s, {single_flops / 1e9:.2f} GFLOP; divided by min(W, {cores} cores).", "",
-             "| W | (a) dist_spectral s | (a) / floor | (b) all-gather s | (b) / floor | (c) AdamW s | floor s | "
-             "exchange s | compute s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Repeats: {args.repeats} rounds after one warm-up round. Each round times, one after the other, the "
+             "compute floor and the three optimizers; a step's time is the slowest rank's (barrier before and after). "
+             "Cells: median (min–max) seconds.", "",
+             "Compute floor: the orthogonalisation of the whole model (every whole-matrix job, batched as the optimizer "
+             "batches them, one thread) run by rank 0 alone while the other ranks wait in a barrier, divided by "
+             f"min(W, {cores} cores). It is measured in every round because this shared machine's speed drifts by "
+             "10–20 % over minutes; a (x) / floor cell is the median over rounds of that round's ratio.", "",
+             "| W | floor: one process s | GFLOP | floor s | (a) dist_spectral s | (a) / floor | (b) all-gather s | "
+             "(b) / floor | (c) AdamW s | exchange s | compute s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['W']} | {summary(r['step']['dist_spectral'], '.3f')} | {r['ratio']:.2f} | "
-                     f"{summary(r['step']['allgather'], '.3f')} | {r['ratio_ag']:.2f} | {summary(r['step']['adamw'], '.4f')} | "
-                     f"{r['floor']:.3f} | {r['exchange']:.3f} | {r['compute']:.3f} |")
+        lines.append(f"| {r['W']} | {summary(r['floor_times'], '.3f')} | {r['single_flops'] / 1e9:.2f} | {r['floor']:.3f} | "
+                     f"{summary(r['step']['dist_spectral'], '.3f')} | {r['ratio']:.2f} "
+                     f"({min(r['paired']):.2f}–{max(r['paired']):.2f}) | {summary(r['step']['allgather'], '.3f')} | "
+                     f"{r['ratio_ag']:.2f} | {summary(r['step']['adamw'], '.4f')} | {r['exchange']:.3f} | "
+                     f"{r['compute']:.3f} |")
     lines += ["", "Bytes per rank and step (whole-matrix roles; row-norm roles move only the centring all-reduce):", "",
               "| W | rank | (a) sent to owners | (W−1)/W × local matrix bytes | (a) / that | (a) centring all-reduce | "
               "(b) all-gather received |", "|---|---|---|---|---|---|---|"]
@@ -235,7 +279,18 @@ def main(argv=None) -> None:
     lines += ["", "Polar flops summed over ranks (a: each unit once; b: every rank does all):", "",
               "| W | single process | (a) | (b) |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['W']} | {single_flops / 1e9:.2f} G | {r['flops_ds'] / 1e9:.2f} G | {r['flops_ag'] / 1e9:.2f} G |")
+        lines.append(f"| {r['W']} | {r['single_flops'] / 1e9:.2f} G | {r['flops_ds'] / 1e9:.2f} G | {r['flops_ag'] / 1e9:.2f} G |")
+    lines += ["", "What the floor assumes: that W processes on min(W, cores) cores run the same math that much "
+              "faster. The parallel floor measures it: in every round each rank runs its longest-first share of the "
+              "same jobs (balanced as the planner balances units) at the same time as the others, with no "
+              "communication and no optimizer. (a) / parallel floor is then the optimizer's own overhead: exchange, "
+              "momentum, packing, row rules, waiting.", "",
+              "| W | parallel floor s | parallel / floor (the machine's scaling) | (a) / parallel floor |",
+              "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['W']} | {summary(r['parallel'], '.3f')} | {statistics.median(r['scaling']):.2f} "
+                     f"({min(r['scaling']):.2f}–{max(r['scaling']):.2f}) | {statistics.median(r['over_parallel']):.2f} "
+                     f"({min(r['over_parallel']):.2f}–{max(r['over_parallel']):.2f}) |")
     write_results(args.out, lines)
 
 

@@ -32,6 +32,9 @@ class MatrixJob:
         axis (str): the permuted axis (``"rows"`` or ``"cols"``).
         transposed (bool): the weight is stored in × out.
         step (int): the parameter's step counter, this step included (default: 0).
+        out (Tensor, optional): where to write the result (shape as returned, see
+            :func:`run_jobs`), e.g. a view of the caller's output buffer, saving a copy
+            (default: None, a new tensor).
     """
 
     matrix: Tensor
@@ -41,10 +44,17 @@ class MatrixJob:
     axis: str
     transposed: bool
     step: int = 0
+    out: Tensor | None = None
 
 
 def _block(matrix: Tensor, b) -> Tensor:
     return matrix[..., b.row_start:b.row_stop, b.col_start:b.col_stop:b.col_step]
+
+
+def _new_result(job: MatrixJob) -> Tensor:
+    if job.rule.stateful:
+        return job.matrix.new_empty((1 + len(job.rule.carried),) + job.matrix.shape[-2:])
+    return torch.empty_like(job.matrix)
 
 
 def run_jobs(jobs: list[MatrixJob]) -> tuple[list[Tensor], int]:
@@ -56,9 +66,7 @@ def run_jobs(jobs: list[MatrixJob]) -> tuple[list[Tensor], int]:
         for k, b in enumerate(job.spec.blocks):
             key = (job.rule.key(job.group), job.axis, job.transposed, b.shape, job.matrix.dtype)
             batches[key + ((job.step,) if stateful else ())].append((j, k))
-    results = [torch.empty((1 + len(job.rule.carried),) + job.matrix.shape[-2:], dtype=job.matrix.dtype,
-                           device=job.matrix.device) if job.rule.stateful else torch.empty_like(job.matrix)
-               for job in jobs]
+    results = [job.out if job.out is not None else _new_result(job) for job in jobs]
     flops = 0
     for key, members in batches.items():
         first = jobs[members[0][0]]

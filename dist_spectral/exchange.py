@@ -175,6 +175,7 @@ class Exchange:
                 replicas_ready=[u for u in replicas if u.uid not in incoming],
                 replicas_waiting=[u for u in replicas if u.uid in incoming],
                 replicated_recv=sum(p.numel for p in bucket.gather if p.dst == rank and plan.units[p.uid].replicated),
+                whole={u.uid for u in owned + replicas if list(self._owned_parts(u)) == [(u.start, u.stop)]},
                 gather=self._needs_collective(bucket, "gather"),
                 scatter=self._needs_collective(bucket, "scatter"),
             ))
@@ -227,11 +228,18 @@ class Exchange:
                 return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, device, stats,
                                         (replicated, v.replicated_recv))
 
+        def job(u: Unit) -> MatrixJob:
+            j = make_job(u, mats[u.uid].view(channels(u, 0), u.spec.rows, -1))
+            if u.uid in whole:  # write straight into this rank's output rows
+                out = self._local_slice(outputs, u, u.start, u.stop).view(channels(u, 1), u.spec.rows, -1)
+                j.out = out if j.rule.stateful else out[0]
+            return j
+
         def compute(units, mats, flat, replicated=False):
             if not units:
                 return
             t = clock()
-            results, flops = run_jobs([make_job(u, mats[u.uid].view(channels(u, 0), u.spec.rows, -1)) for u in units])
+            results, flops = run_jobs([job(u) for u in units])
             if replicated:  # no polar iterations by construction (plan.replicable); counted apart
                 stats.replicated_flops += sum(u.cost for u in units)
             else:
@@ -239,6 +247,8 @@ class Exchange:
             stats.compute_seconds += clock() - t
             for u, r in zip(units, results):
                 flat[u.uid] = r.reshape(channels(u, 1), -1)
+                if u.uid in whole:
+                    continue  # already written in place
                 for a, b in self._owned_parts(u):
                     self._local_slice(outputs, u, a, b).copy_(flat[u.uid][:, a - u.start:b - u.start])
 
@@ -248,8 +258,13 @@ class Exchange:
         for bi, v in enumerate(views):
             t0 = clock()
             local = v.ready + v.waiting + v.replicas_ready + v.replicas_waiting
-            mats = {u.uid: torch.empty(channels(u, 0), u.stop - u.start, dtype=dtype, device=device) for u in local}
+            whole = v.whole
+            # a unit whole here in one piece is read in place; the others are assembled
+            mats = {u.uid: (self._local_slice(inputs, u, u.start, u.stop) if u.uid in whole else
+                            torch.empty(channels(u, 0), u.stop - u.start, dtype=dtype, device=device)) for u in local}
             for u in local:
+                if u.uid in whole:
+                    continue
                 for a, b in self._owned_parts(u):
                     mats[u.uid][:, a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
             stats.exchange_seconds += clock() - t0
@@ -352,5 +367,6 @@ class _BucketView:
     replicas_ready: list     # replicated units computed here, already whole here
     replicas_waiting: list   # ... and those completed by the gather
     replicated_recv: int     # elements of the gather this rank receives for replicated units
+    whole: set               # uids of the units computed here that this rank holds whole, in one piece
     gather: bool
     scatter: bool

@@ -224,7 +224,8 @@ class Muon(Rule):
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         m, n = x.shape[-2:]
         fan_out, fan_in = (n, m) if transposed else (m, n)
-        return F.polar(x, **_polar_kwargs(group)) * F.muon_scale(fan_out, fan_in, group["scale"])
+        # polar returns a fresh tensor: scale it in place rather than allocate another
+        return F.polar(x, **_polar_kwargs(group)).mul_(F.muon_scale(fan_out, fan_in, group["scale"]))
 
     def cost(self, m, n, group):
         return F.polar_flops(m, n, group["steps"])

@@ -151,3 +151,24 @@ def test_nonfinite_gradient_policy():
     strict = dist_spectral.build_optimizer(model, "symmetric", nonfinite="raise")
     with pytest.raises(dist_spectral.NonFiniteGradientError, match="layers.1.mlp.down_proj.weight"):
         strict.step()
+
+
+def test_huge_finite_gradient_is_not_skipped():
+    """The non-finite check sums each gradient first; a sum that overflows from finite values
+    must fall back to the exact test, not skip the step."""
+    model = MODELS["qwen3"](seed=0)
+    opt = dist_spectral.build_optimizer(model, "symmetric")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    huge_param = model.model.layers[1].mlp.down_proj.weight
+    huge = huge_param.grad
+    huge.fill_(3e38)                             # finite, but its sum is inf in fp32
+    assert not torch.isfinite(huge.sum())
+    opt.step()
+    # not skipped: the step ran and counted (the update itself overflows: squares of 3e38 do)
+    assert opt.skipped_steps == 0 and not opt.last_stats.skipped
+    assert int(opt.state[huge_param]["step"]) == 1
+    neg = model.model.layers[0].mlp.up_proj.weight.grad
+    neg[0, 0], neg[0, 1] = float("inf"), float("-inf")  # sums to nan: still caught
+    opt.step()
+    assert opt.skipped_steps == 1
