@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..exchange import wait
 from ..layout import Layout, mesh_layout, replicated
-from .base import Topology, masked_rows
+from .base import masked_rows
 from .single import ReplicatedTopology
 
 
