@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import machine_lines, run_world, summary, write_results  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
-from dist_spectral.blocks import permuted_axis, unit_specs, view_2d_shape  # noqa: E402
+from dist_spectral.blocks import group_unit_specs, permuted_axis, view_2d_shape  # noqa: E402
 from dist_spectral.compute import MatrixJob, run_jobs  # noqa: E402
 from dist_spectral.rules import get_rule  # noqa: E402
 
@@ -97,7 +97,7 @@ class AllGatherBaseline:
                 rows, n = view_2d_shape(tuple(p.shape))
                 full2d = full.reshape(rows, n)
                 out = torch.empty_like(full2d)
-                for spec in unit_specs(info, per_head=g.get("per_head", False)):
+                for spec in group_unit_specs(info, g):
                     jobs.append(MatrixJob(full2d[spec.row_start:spec.row_stop], spec, rule, g, permuted_axis(info),
                                           info.transposed))
                     targets.append((out, spec))
@@ -117,10 +117,10 @@ class AllGatherBaseline:
                 ti += 1
 
 
-def floor_jobs() -> list[MatrixJob]:
-    """All whole-matrix jobs of the model, whole and batched as the optimizer batches them."""
+def floor_jobs(recipe: str = "symmetric", **overrides) -> list[MatrixJob]:
+    """All whole-matrix jobs of the model under ``recipe``, whole and batched as the optimizer batches them."""
     model = build_model()
-    opt = build_optimizer(model, "symmetric")
+    opt = build_optimizer(model, recipe, **overrides)
     jobs = []
     for g in opt.param_groups:
         rule = get_rule(g["rule"])
@@ -130,7 +130,7 @@ def floor_jobs() -> list[MatrixJob]:
             info = opt.infos[name]
             rows, n = view_2d_shape(tuple(p.shape))
             x = grad_for(name, tuple(p.shape)).reshape(rows, n)
-            for spec in unit_specs(info, per_head=g.get("per_head", False)):
+            for spec in group_unit_specs(info, g):
                 jobs.append(MatrixJob(x[spec.row_start:spec.row_stop], spec, rule, g, permuted_axis(info), info.transposed))
     return jobs
 

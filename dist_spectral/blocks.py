@@ -86,12 +86,15 @@ def _full(rows: int, cols: int) -> tuple[Block, ...]:
     return (Block(0, rows, 0, cols),)
 
 
-def unit_specs(info: ParamInfo, per_head: bool = True) -> tuple[UnitSpec, ...]:
+def unit_specs(info: ParamInfo, per_head: bool = True, split_gate_up: bool = True) -> tuple[UnitSpec, ...]:
     """Split a parameter into units and blocks (see the module docstring).
 
     Args:
         info (ParamInfo): the parameter's role and structure.
         per_head (bool): split attention projections into head blocks (default: True).
+        split_gate_up (bool): a fused gate/up tensor is two matrices per expert, gate and up
+            (default: True); False treats each expert's ``[2r, d]`` as one matrix, as Moonlight's
+            and DeepSpeed's Muon do.
     """
     shape = info.shape
     rows, cols = view_2d_shape(shape)
@@ -123,7 +126,9 @@ def unit_specs(info: ParamInfo, per_head: bool = True) -> tuple[UnitSpec, ...]:
     units = []
     for e in range(count):
         base = e * m
-        if info.fused == "halves" and info.transposed:  # [E, d, 2r] used as x @ W: gate, up on the last axis
+        if info.fused and not split_gate_up:
+            units.append(UnitSpec(base, base + m, _full(m, cols)))
+        elif info.fused == "halves" and info.transposed:  # [E, d, 2r] used as x @ W: gate, up on the last axis
             if cols % 2:
                 raise ValueError(f"{info.name}: fused gate/up with {cols} columns cannot split into equal halves")
             half = cols // 2
@@ -140,3 +145,9 @@ def unit_specs(info: ParamInfo, per_head: bool = True) -> tuple[UnitSpec, ...]:
         else:
             units.append(UnitSpec(base, base + m, _full(m, cols)))
     return tuple(units)
+
+
+def group_unit_specs(info: ParamInfo, group: dict) -> tuple[UnitSpec, ...]:
+    """:func:`unit_specs` with a param group's options ``per_head`` (default: False) and
+    ``split_gate_up`` (default: True)."""
+    return unit_specs(info, per_head=group.get("per_head", False), split_gate_up=group.get("split_gate_up", True))

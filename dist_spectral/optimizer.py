@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
-from .blocks import permuted_axis, unit_specs
+from .blocks import group_unit_specs, permuted_axis, unit_specs
 from .compute import MatrixJob
 from .engines import Topology, topology_for
 from .exchange import CollectiveError, Exchange, ExchangeStats
@@ -243,7 +243,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{e.name}: rule {rule.name!r} needs a matrix but the parameter has shape "
                                  f"{tuple(e.param.shape)}; give 1-D parameters an element-wise rule such as adamw")
             if rule.locality == "matrix":
-                unit_specs(e.info, per_head=e.group.get("per_head", False))  # raises on bad head/fused shapes
+                group_unit_specs(e.info, e.group)  # raises on bad head/fused shapes
 
     def fingerprint(self) -> str:
         """A short digest of what every rank must agree on: names, global shapes, dtypes, rules and layouts."""
@@ -491,7 +491,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def plan_param(pos: int, name: str, info: ParamInfo, group: dict, layout) -> PlanParam:
         """The planner's view of one whole-matrix parameter."""
         rule = get_rule(group["rule"])
-        specs = unit_specs(info, per_head=group.get("per_head", False))
+        specs = group_unit_specs(info, group)
         costs = tuple(sum(rule.cost(*b.shape, group) for b in s.blocks) for s in specs)
         polar = tuple(sum(rule.polar_flops(*b.shape, group) for b in s.blocks) for s in specs)
         channels = (rule.inputs + len(rule.carried), 1 + len(rule.carried)) if rule.stateful else (1, 1)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .blocks import fan_out_in, permuted_axis, unit_specs, view_2d_shape
+from .blocks import fan_out_in, group_unit_specs, permuted_axis, view_2d_shape
 from .roles import ParamInfo
 
 _DTYPES = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -115,7 +115,7 @@ def matrix_direction(rule: str, m: Tensor, info: ParamInfo, group: dict) -> Tens
     rows, n = view_2d_shape(tuple(m.shape))
     m2 = m.reshape(rows, n)
     out = torch.empty_like(m2)
-    for unit in unit_specs(info, per_head=group.get("per_head", False)):
+    for unit in group_unit_specs(info, group):
         for b in unit.blocks:
             r0, r1 = unit.row_start + b.row_start, unit.row_start + b.row_stop
             cols = slice(b.col_start, b.col_stop, b.col_step)
@@ -215,7 +215,7 @@ def stateful_direction(rule: str, inputs: list[Tensor], state: dict, info: Param
     rows, n = view_2d_shape(tuple(inputs[0].shape))
     x2 = [t.reshape(rows, n) for t in inputs]
     out = torch.empty_like(x2[0])
-    for unit in unit_specs(info, per_head=group.get("per_head", False)):
+    for unit in group_unit_specs(info, group):
         for b in unit.blocks:
             r0, r1 = unit.row_start + b.row_start, unit.row_start + b.row_stop
             cols = slice(b.col_start, b.col_stop, b.col_step)

@@ -209,11 +209,17 @@ class AdamW(Rule):
 
 class Muon(Rule):
     """Muon: ``U = polar(G + μB) · s(m, n)`` with ``s = max(1, fan_out/fan_in)^½`` (``scale="spectral"``)
-    or ``0.2·√max(m, n)`` (``scale="rms"``, Moonlight's AdamW-RMS match)."""
+    or ``0.2·√max(m, n)`` (``scale="rms"``, Moonlight's AdamW-RMS match).
+
+    The matrices are the blocks of :func:`~dist_spectral.blocks.unit_specs`: each head with
+    ``per_head``, and a fused gate/up tensor as gate and up apart unless ``split_gate_up`` is
+    False (then each expert's ``[2r, d]`` is one matrix, what Moonlight's and DeepSpeed's Muon do:
+    fewer flops, a different update)."""
 
     name = "muon"
     locality = "matrix"
-    defaults = {"beta": 0.95, "nesterov": True, "scale": "spectral", "per_head": True, **_POLAR_DEFAULTS}
+    defaults = {"beta": 0.95, "nesterov": True, "scale": "spectral", "per_head": True, "split_gate_up": True,
+                **_POLAR_DEFAULTS}
     direction_options = ("steps", "coefficients", "safety", "polar_dtype", "scale")
 
     def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int) -> Tensor:

@@ -137,13 +137,40 @@ def polar(
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
     X = (X.to(norm_dtype) / (scale * norm + 1e-7)).to(work)
 
+    chunk = _cpu_chunk(*X.shape[-2:], X.element_size()) if X.device.type == "cpu" else X.shape[0]
+    if chunk >= X.shape[0]:
+        X = _iterate(X, schedule, backend)
+    else:  # each matrix is independent: bit for bit the same as one batch, and it stays in cache
+        out = torch.empty_like(X, memory_format=torch.contiguous_format)
+        for i in range(0, X.shape[0], chunk):
+            out[i:i + chunk] = _iterate(X[i:i + chunk], schedule, backend)
+        X = out
+
+    X = X.mT if tall else X
+    return X.reshape(x.shape).to(x.dtype).contiguous()
+
+
+#: Working set (bytes) of the matrices a CPU iterates on at once: X, A, B and the new X of each
+#: stay in a core's caches through the 3 GEMMs of a step, instead of streaming a whole batch
+#: (96 experts of 256² are 25 MB per tensor) through memory three times per step. Measured on
+#: a 2-core EPYC: 256² × 96 in chunks of 4 runs 1.25× faster than one batch, 512×256 × 32 in
+#: chunks of 2 1.1× faster, bit for bit the same result.
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def _cpu_chunk(s: int, l: int, element_size: int) -> int:
+    """How many ``s×l`` matrices (s ≤ l) to iterate on at once on a CPU."""
+    per_matrix = (2 * s * l + 2 * s * s) * element_size  # X, new X, A, B
+    return max(1, CPU_CHUNK_BYTES // per_matrix)
+
+
+def _iterate(X: torch.Tensor, schedule, backend: str) -> torch.Tensor:
+    """The quintic steps on a batch ``[B, s, l]`` (s ≤ l), already normalised."""
     for a, b, c in schedule:
         A = gram(X, backend)                            # X Xᵀ
         B = symmetric_polynomial(A, b, c, backend)      # b A + c A²
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-
-    X = X.mT if tall else X
-    return X.reshape(x.shape).to(x.dtype).contiguous()
+    return X
 
 
 def polar_flops(m: int, n: int, steps: int) -> int:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dist_spectral import build_optimizer, checkpoint
-from dist_spectral.blocks import unit_specs
+from dist_spectral.blocks import group_unit_specs
 from dist_spectral.build import resolve_groups
 from dist_spectral.neighbours.aro import ARO, AROAdam
 from dist_spectral.neighbours.conda import Conda
@@ -194,7 +194,7 @@ def reference(model_name: str, config: str) -> dict:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
                                   for g in groups], {i.name: i for i in infos})
-        blocks = {i.name: sum(len(u.blocks) for u in unit_specs(i, per_head=g.hyper.get("per_head", False)))
+        blocks = {i.name: sum(len(u.blocks) for u in group_unit_specs(i, g.hyper))
                   for g in groups if get_rule(g.rule).stateful for i in g.members}
         for step in range(STEPS):
             ref.step(grads_at(model_name, [(n, tuple(p.shape)) for n, p in params.items()], step))

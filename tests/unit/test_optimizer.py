@@ -172,3 +172,29 @@ def test_huge_finite_gradient_is_not_skipped():
     neg[0, 0], neg[0, 1] = float("inf"), float("-inf")  # sums to nan: still caught
     opt.step()
     assert opt.skipped_steps == 1
+
+
+def test_split_gate_up_false_orthogonalises_each_experts_fused_matrix():
+    """``split_gate_up: false`` (Moonlight's and DeepSpeed's Muon): each expert's fused ``[2r, d]``
+    gate/up is one matrix. First step from zero momentum: ``U = polar((1 + β) G) · √(2r/d)``."""
+    from dist_spectral.functional import muon_scale, polar
+
+    def updated(split: bool):
+        model = MODELS["olmoe"](seed=0)
+        opt = dist_spectral.build_optimizer(model, "muon", mlp={"split_gate_up": split})
+        p = model.model.layers[0].mlp.experts.gate_up_proj
+        for q in model.parameters():
+            q.grad = torch.zeros_like(q)
+        p.grad = synthetic_grad("gate_up", tuple(p.shape), 0)
+        before = p.detach().clone()
+        opt.step()
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        return before, p.detach(), group
+
+    before, after, g = updated(False)
+    E, two_r, d = before.shape
+    x = (1 + g["beta"]) * synthetic_grad("gate_up", (E, two_r, d), 0)
+    want = before * (1 - g["lr"] * g["weight_decay"]) - g["lr"] * polar(x) * muon_scale(two_r, d)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-6)
+    _, split_after, _ = updated(True)  # the default splits: a different update
+    assert (split_after - after).abs().max() > 1e-3

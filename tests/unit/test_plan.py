@@ -109,12 +109,23 @@ def test_unit_specs_tile_each_parameter():
         ParamInfo("d", (3, 6, 5), "expert.down", num_experts=3),
     ]
     for info in cases:
-        rows, cols = math.prod(info.shape[:-1]), info.shape[-1]
-        cover = torch.zeros(rows, cols, dtype=torch.int64)
-        for u in unit_specs(info):
-            for b in u.blocks:
-                cover[u.row_start + b.row_start:u.row_start + b.row_stop, b.col_start:b.col_stop:b.col_step] += 1
-        assert torch.all(cover == 1), info.name
+        for split in (True, False):
+            rows, cols = math.prod(info.shape[:-1]), info.shape[-1]
+            cover = torch.zeros(rows, cols, dtype=torch.int64)
+            for u in unit_specs(info, split_gate_up=split):
+                for b in u.blocks:
+                    cover[u.row_start + b.row_start:u.row_start + b.row_stop, b.col_start:b.col_stop:b.col_step] += 1
+            assert torch.all(cover == 1), (info.name, split)
+
+
+@pytest.mark.parametrize("fused,transposed,shape", [("halves", False, (3, 10, 6)), ("halves", True, (3, 6, 10)),
+                                                    ("interleaved", True, (3, 6, 10))])
+def test_fused_gate_up_is_one_matrix_per_expert_without_split(fused, transposed, shape):
+    info = ParamInfo("gu", shape, "expert.gate_up", num_experts=3, fused=fused, transposed=transposed)
+    split = [b.shape for u in unit_specs(info) for b in u.blocks]
+    whole = [b.shape for u in unit_specs(info, split_gate_up=False) for b in u.blocks]
+    assert len(split) == 6 and len(whole) == 3
+    assert whole == [shape[1:]] * 3
 
 
 @pytest.mark.parametrize("W", [1, 2, 3, 4, 16, 64])
