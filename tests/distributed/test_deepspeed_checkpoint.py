@@ -5,7 +5,8 @@ same parameters, optimizer state, step counters and learning rates, step by step
 W = 2, every case in one launch (tests/distributed/ds_harness.py): ZeRO-2, ZeRO-3, ZeRO-3 with
 several sub-groups (several ``step()`` calls per step, several flats per param group) and ZeRO-2
 with gradient accumulation and clipping. Tiny OLMoE, recipe ``symmetric`` (row-norm, centred
-row-norm, left-spectral, per-head and per-expert Muon, AdamW), ``paper_schedule`` passed to
+row-norm, left-spectral, per-head and per-expert Muon, AdamW); and rules with carried state:
+``conda`` at ZeRO-2 (basis refreshed every 2 steps), ``aro`` at ZeRO-3. ``paper_schedule`` passed to
 ``deepspeed.initialize`` (DeepSpeed steps it and checkpoints it), different data on each rank.
 
 Loading goes through ``dist_spectral.training.engines.deepspeed_load`` (what ``--resume`` does),
@@ -29,7 +30,13 @@ CASES = {
     "zero3": {"zero_optimization": {"stage": 3}},
     "zero3_subgroups": {"zero_optimization": {"stage": 3, "sub_group_size": 3000}},
     "zero2_accum_clip": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2, "gradient_clipping": 0.05},
+    # Carried whole-matrix state (Conda's basis and second moment, ARO's rotation) lives in the flats:
+    # the basis is refreshed every 2 steps, so the resumed run refreshes from restored state.
+    "zero2_conda": {"zero_optimization": {"stage": 2}, "recipe": "conda",
+                    "overrides": {"attention": {"update_proj_gap": 2}, "mlp": {"update_proj_gap": 2}}},
+    "zero3_aro": {"zero_optimization": {"stage": 3}, "recipe": "aro"},
 }
+RECIPE_KEYS = ("recipe", "overrides")
 
 
 def batch(step: int, micro: int, rank: int) -> torch.Tensor:
@@ -52,9 +59,10 @@ def _run(name: str, rank: int, seed: int, start: int, stop: int, ckpt: Path, sav
     from dist_spectral.training.engines import deepspeed_load
     from tests.tiny import tiny_olmoe
 
-    config = _config(CASES[name])
+    case = CASES[name]
+    config = _config({k: v for k, v in case.items() if k not in RECIPE_KEYS})
     model = tiny_olmoe(seed=seed)
-    opt = dist_spectral.build_optimizer(model, "symmetric")
+    opt = dist_spectral.build_optimizer(model, case.get("recipe", "symmetric"), **case.get("overrides", {}))
     sched = dist_spectral.paper_schedule(opt, N, warmup=2, constant_fraction=0.3)
     engine, _, _, _ = initialize(model=model, optimizer=opt, config=config, lr_scheduler=sched)
     if start and bare_load:
