@@ -8,7 +8,8 @@ group and timed interleaved, repeat by repeat:
 
     ours_muon       dist_spectral.deepspeed.initialize, recipe `muon` (Muon on attention, MLP and
                     experts, AdamW elsewhere) with whole-matrix attention (per_head off) and each
-                    expert's fused gate/up as one matrix (split_gate_up off): the same matrices
+                    expert's fused gate/up as one matrix (split_gate_up off), Gram Newton-Schulz
+                    where it saves flops (polar_form gram): the same matrices and iteration form
                     as DeepSpeed's Muon
     ours_symmetric  the same, recipe `symmetric` (row-norm, left-spectral router, per-head Muon, ...)
     ds_muon         "optimizer": {"type": "Muon"}: DeepSpeed tags 2-D+ params not named embed/lm_head
@@ -58,7 +59,8 @@ from common import machine_lines, summary  # noqa: E402
 from step import MODEL, build_model, floor_jobs, grad_for  # noqa: E402
 
 KINDS = ("ours_muon", "ours_symmetric", "ds_muon", "ds_adamw")
-RECIPES = {"ours_muon": ("muon", {"attention": {"per_head": False}, "mlp": {"split_gate_up": False}}),
+RECIPES = {"ours_muon": ("muon", {"attention": {"per_head": False, "polar_form": "gram"},
+                                  "mlp": {"split_gate_up": False, "polar_form": "gram"}}),
            "ours_symmetric": ("symmetric", {})}
 MUON_LR, ADAM_LR, WD = 5e-3, 1e-2, 1e-3  # the `muon` recipe's values
 

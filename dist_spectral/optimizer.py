@@ -33,7 +33,7 @@ from .exchange import CollectiveError, Exchange, ExchangeStats
 from .layout import Layout
 from .plan import Plan, PlanParam, build_plan, check_replicate_below
 from .roles import ParamInfo
-from .rules import RowStats, get_rule
+from .rules import RowStats, check_polar_options, get_rule
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def _check_hyperparameters(self) -> None:
         for g in self.param_groups:
             try:
+                check_polar_options(g)
                 get_rule(g["rule"]).check(g)
             except ValueError as err:
                 raise ValueError(f"param group {g.get('name', '?')!r} (rule {g['rule']!r}, parameters "

@@ -46,7 +46,8 @@ _DTYPES = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch
 def _polar_args(group: dict) -> dict:
     coeffs = group["coefficients"]
     coeffs = tuple(tuple(c) for c in coeffs) if isinstance(coeffs, (list, tuple)) else coeffs
-    return dict(steps=group["steps"], coefficients=coeffs, safety=group["safety"], dtype=_DTYPES[group["polar_dtype"]])
+    return dict(steps=group["steps"], coefficients=coeffs, safety=group["safety"], dtype=_DTYPES[group["polar_dtype"]],
+                form=group.get("polar_form", "standard"))
 
 
 def soft_clip(x: Tensor, c: float, steps: int) -> Tensor:

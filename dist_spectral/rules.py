@@ -133,7 +133,8 @@ class Rule:
     # ----- direction -----
     def key(self, group: dict) -> tuple:
         """Everything that decides the direction's math, so equal keys can share a batch."""
-        return (self.name,) + tuple((k, _hashable(group[k])) for k in self.direction_options)
+        return (self.name,) + tuple((k, _hashable(group[k] if k in group else self.defaults[k]))
+                                    for k in self.direction_options)
 
     def direction(self, x: Tensor, *, axis: str, transposed: bool, group: dict, stats: RowStats = LOCAL) -> Tensor:
         raise NotImplementedError
@@ -175,11 +176,25 @@ def _hashable(v):
 
 def _polar_kwargs(group: dict) -> dict:
     return dict(steps=group["steps"], coefficients=_hashable(group["coefficients"]), safety=group["safety"],
-                dtype=_DTYPES[group["polar_dtype"]])
+                dtype=_DTYPES[group["polar_dtype"]], form=group.get("polar_form", "standard"))
 
 
 _DTYPES = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_POLAR_DEFAULTS = {"steps": 5, "coefficients": "polar_express", "safety": 1.01, "polar_dtype": "auto"}
+_POLAR_DEFAULTS = {"steps": 5, "coefficients": "polar_express", "safety": 1.01, "polar_dtype": "auto",
+                   "polar_form": "standard"}
+_POLAR_OPTIONS = ("steps", "coefficients", "safety", "polar_dtype", "polar_form")
+
+
+def check_polar_options(group: dict) -> None:
+    """``ValueError`` naming a polar option of ``group`` (where it has them) that polar cannot use,
+    raised when the optimizer is built, before any step touches momentum."""
+    if "polar_dtype" in group and group["polar_dtype"] not in _DTYPES:
+        raise ValueError(f"polar_dtype={group['polar_dtype']!r}: use one of {sorted(k for k in _DTYPES if k)}")
+    if "polar_form" in group:
+        try:
+            F.check_form(group.get("polar_form", "standard"))
+        except ValueError as e:
+            raise ValueError(f"polar_form={group['polar_form']!r}: {e}") from None
 
 
 def adam_direction(local_state: dict, grad: Tensor, betas: tuple[float, float], eps: float, step: int) -> Tensor:
@@ -220,7 +235,7 @@ class Muon(Rule):
     locality = "matrix"
     defaults = {"beta": 0.95, "nesterov": True, "scale": "spectral", "per_head": True, "split_gate_up": True,
                 **_POLAR_DEFAULTS}
-    direction_options = ("steps", "coefficients", "safety", "polar_dtype", "scale")
+    direction_options = _POLAR_OPTIONS + ("scale",)
 
     def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int) -> Tensor:
         buf = local_state["momentum_buffer"]
@@ -234,7 +249,7 @@ class Muon(Rule):
         return F.polar(x, **_polar_kwargs(group)).mul_(F.muon_scale(fan_out, fan_in, group["scale"]))
 
     def cost(self, m, n, group):
-        return F.polar_flops(m, n, group["steps"])
+        return F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard"))
 
     polar_flops = cost
 
@@ -296,7 +311,7 @@ class Hybrid(Rule):
     name = "hybrid"
     locality = "matrix"
     defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "order": "row_then_polar", **_POLAR_DEFAULTS}
-    direction_options = ("alpha", "center", "order", "steps", "coefficients", "safety", "polar_dtype")
+    direction_options = ("alpha", "center", "order") + _POLAR_OPTIONS
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.hybrid(orient(x, axis), alpha=group["alpha"], order=group["order"], center=group["center"],
@@ -304,7 +319,7 @@ class Hybrid(Rule):
         return orient(u, axis)
 
     def cost(self, m, n, group):
-        return F.polar_flops(m, n, group["steps"])
+        return F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard"))
 
     polar_flops = cost
 

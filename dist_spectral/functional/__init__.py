@@ -18,7 +18,7 @@ AuON brake                 ``cosh_brake`` = ``N / √mean cosh²(γN)``, ``N = X
 =========================  ==========================================================
 """
 from .clip import cosh_brake, gram_bound, soft_clip, soft_clip_flops
-from .polar import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, muon_scale, polar, polar_flops
+from .polar import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, check_form, muon_scale, polar, polar_flops
 from .rows import center_rows, centered_row_norm, col_norm, row_norm
 from .spectral import (
     default_inv_sqrt_steps,
@@ -34,6 +34,7 @@ __all__ = [
     "POLAR_EXPRESS_COEFFICIENTS",
     "center_rows",
     "centered_row_norm",
+    "check_form",
     "col_norm",
     "cosh_brake",
     "default_inv_sqrt_steps",

@@ -55,7 +55,7 @@ import math
 from torch import Tensor
 
 from .. import functional as F
-from ..rules import _POLAR_DEFAULTS, LOCAL, Rule, _polar_kwargs, adam_direction, register
+from ..rules import _POLAR_DEFAULTS, _POLAR_OPTIONS, LOCAL, Rule, _polar_kwargs, adam_direction, register
 
 BASES = ("adamw", "sign", "muon")
 
@@ -102,7 +102,7 @@ class Spectra(Rule):
     locality = "matrix"
     defaults = {"base": "adamw", "clip_c": 5.0, "clip_steps": 10, "betas": (0.9, 0.95), "eps": 1e-8,
                 "beta": 0.95, "nesterov": True, "scale": "spectral", "per_head": False, **_POLAR_DEFAULTS}
-    direction_options = ("base", "clip_c", "clip_steps", "scale", "steps", "coefficients", "safety", "polar_dtype")
+    direction_options = ("base", "clip_c", "clip_steps", "scale") + _POLAR_OPTIONS
 
     #: The bases this rule takes.
     bases: tuple[str, ...] = BASES
@@ -145,7 +145,7 @@ class Spectra(Rule):
     def polar_flops(self, m, n, group):
         """Newton–Schulz flops: the base's polar iterations (muon) and the clip's Gram, inverse
         square root and product. An infinite ``c`` skips the clip."""
-        polar = F.polar_flops(m, n, group["steps"]) if group["base"] == "muon" else 0
+        polar = F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard")) if group["base"] == "muon" else 0
         clip = 0 if math.isinf(group["clip_c"]) else F.soft_clip_flops(m, n, group["clip_steps"])
         return polar + clip
 

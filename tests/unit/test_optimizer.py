@@ -198,3 +198,24 @@ def test_split_gate_up_false_orthogonalises_each_experts_fused_matrix():
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-6)
     _, split_after, _ = updated(True)  # the default splits: a different update
     assert (split_after - after).abs().max() > 1e-3
+
+
+def test_polar_form_gram_reaches_polar_and_the_flop_counts():
+    """``polar_form: gram`` on a group: the same update as the standard form (to fp32 rounding),
+    fewer counted flops on the per-head blocks (hd × d, aspect 4 here), and a bad value fails at
+    build time."""
+    def run(form: str):
+        model = MODELS["olmoe"](seed=0)
+        opt = dist_spectral.build_optimizer(model, "muon", attention={"polar_form": form}, mlp={"polar_form": form})
+        for n, p in model.named_parameters():
+            p.grad = synthetic_grad(n, tuple(p.shape), 0)
+        opt.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, opt.last_stats.polar_flops
+
+    standard, standard_flops = run("standard")
+    gram, gram_flops = run("gram")
+    assert gram_flops < standard_flops
+    for name, value in standard.items():
+        torch.testing.assert_close(gram[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="polar_form='fast'"):
+        dist_spectral.build_optimizer(MODELS["olmoe"](seed=0), "muon", mlp={"polar_form": "fast"})
