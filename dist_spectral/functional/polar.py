@@ -131,7 +131,10 @@ def polar(
             :func:`dist_spectral.kernels.syrk` (default: ``"auto"``).
         form (str): ``"standard"`` (three GEMMs per step on ``X``) or ``"gram"`` (Gram
             Newton–Schulz on ``X Xᵀ``, restarted every second step, where it needs fewer flops;
-            see the module docstring) (default: ``"standard"``).
+            see the module docstring). In fp32 it is as accurate as the standard form; in bf16
+            its error is about twice the standard form's (max error 4–5e-2 vs 2–3e-2 on 64×256
+            and 128×512 Gaussians; singular values [0.86, 1.13] vs [0.87, 1.12])
+            (default: ``"standard"``).
 
     Returns:
         Tensor: same shape and dtype as ``x``, contiguous.
