@@ -9,7 +9,8 @@ both see the same machine load), and reported as GFLOP/s with the flop count of
   dtype, nothing else: the GEMM-only ceiling that polar's fused ops should approach.
 
 The ratio polar/matmul is computed per repeat, then summarised (median, min–max). Target: ≥ 80 %
-for matrices of 512 and up.
+for matrices of 512 and up. A last column times ``polar(X, steps, form="gram")`` (Gram
+Newton–Schulz) in the same repeats, as a fraction of the standard form's time.
 
     python benchmarks/polar.py                       # CPU fp32 (+ CUDA bf16 when present)
     python benchmarks/polar.py --shapes 2x2048x2048 --repeats 5 --out /tmp/polar.md
@@ -31,7 +32,7 @@ from dist_spectral.functional import polar, polar_flops
 
 from common import machine_lines, summary
 
-DEFAULT_SHAPES = "8x256x256,4x512x512,2x1024x1024,1x512x1536"
+DEFAULT_SHAPES = "8x256x256,4x512x512,2x1024x1024,1x512x1536,8x256x1024,32x64x256"
 TARGET = 0.80
 
 
@@ -44,6 +45,8 @@ class Row:
     polar_gflops: list[float]
     matmul_gflops: list[float]
     ratios: list[float]
+    gram_ratios: list[float]   # time of polar(form="gram") / time of polar(), per repeat
+    gram_flops: float          # polar_flops(gram) / polar_flops(standard)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -79,6 +82,9 @@ def bench_shape(shape, device, dtype, steps, repeats, warmup) -> Row:
     def run_polar():
         polar(x, steps=steps)
 
+    def run_gram():
+        polar(x, steps=steps, form="gram")
+
     def run_matmul():
         for _ in range(steps):
             a = torch.matmul(w, w.mT)
@@ -89,26 +95,27 @@ def bench_shape(shape, device, dtype, steps, repeats, warmup) -> Row:
     for _ in range(warmup):
         timed(run_polar)
         timed(run_matmul)
+        timed(run_gram)
     flops = b * polar_flops(m, n, steps)
-    p_rates, m_rates, ratios = [], [], []
+    p_rates, m_rates, ratios, gram_ratios = [], [], [], []
+    order = [("polar", run_polar), ("matmul", run_matmul), ("gram", run_gram)]
     for r in range(repeats):
-        # alternate the order so neither side always runs right after the other's cache state
-        if r % 2 == 0:
-            tp, tm = timed(run_polar), timed(run_matmul)
-        else:
-            tm, tp = timed(run_matmul), timed(run_polar)
-        p_rates.append(flops / tp / 1e9)
-        m_rates.append(flops / tm / 1e9)
-        ratios.append(tm / tp)
+        # rotate the order so no side always runs right after another's cache state
+        t = {name: timed(fn) for name, fn in order[r % 3:] + order[:r % 3]}
+        p_rates.append(flops / t["polar"] / 1e9)
+        m_rates.append(flops / t["matmul"] / 1e9)
+        ratios.append(t["matmul"] / t["polar"])
+        gram_ratios.append(t["gram"] / t["polar"])
     dtype_name = str(dtype).replace("torch.", "")
-    return Row(device.type, dtype_name, torch.get_num_threads(), shape, p_rates, m_rates, ratios)
+    return Row(device.type, dtype_name, torch.get_num_threads(), shape, p_rates, m_rates, ratios, gram_ratios,
+               polar_flops(m, n, steps, "gram") / polar_flops(m, n, steps))
 
 
 def table(rows: list[Row]) -> list[str]:
     out = [
         "| device | dtype | threads | shape (B×m×n) | polar GFLOP/s | matmul GFLOP/s | polar/matmul "
-        "| ≥ 80 % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ≥ 80 % | gram form: time / standard (flops) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, m, n = r.shape
@@ -117,7 +124,8 @@ def table(rows: list[Row]) -> list[str]:
         out.append(
             f"| {r.device} | {r.dtype} | {r.threads} | {b}×{m}×{n} | "
             f"{summary(r.polar_gflops, '.1f')} | "
-            f"{summary(r.matmul_gflops, '.1f')} | {summary(r.ratios, '.2f')} | {verdict_cell} |")
+            f"{summary(r.matmul_gflops, '.1f')} | {summary(r.ratios, '.2f')} | {verdict_cell} | "
+            f"{summary(r.gram_ratios, '.2f')} ({r.gram_flops:.2f}) |")
     return out
 
 
@@ -188,7 +196,10 @@ def main(argv=None) -> None:
         f"{args.warmup} warm-up, polar and matmul interleaved within each repeat. GFLOP/s use "
         "`B · polar_flops(m, n, steps)` = `B · steps · (4 s² l + 2 s³)` for both columns; the "
         "matmul column runs exactly those GEMMs (`X Xᵀ`, `A A`, `A2 X` per step, `torch.matmul`). "
-        "Cells: median (min–max); the ratio is taken per repeat.",
+        "Cells: median (min–max); the ratio is taken per repeat. Last column: `polar(form=\"gram\")` "
+        "(Gram Newton–Schulz, restarted every second step; the standard form where it would not save), "
+        "timed in the same repeats, over the standard form's time; in brackets its flop count over the "
+        "standard form's.",
         "",
         *table(rows),
         "",
