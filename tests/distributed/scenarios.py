@@ -14,6 +14,16 @@ from tests.tiny import MODELS, synthetic_grad
 
 STEPS = 3
 
+#: Recipes with overrides, under a test name: Muon as DeepSpeed's and Moonlight's (each expert's
+#: fused gate/up one matrix) with Gram Newton–Schulz where it saves flops (the per-head blocks).
+VARIANTS = {"muon-fused-gram": ("muon", {"attention": {"polar_form": "gram"},
+                                         "mlp": {"split_gate_up": False, "polar_form": "gram"}})}
+
+
+def recipe_args(name: str) -> tuple[str, dict]:
+    """(recipe, overrides) of a scenario's recipe name."""
+    return VARIANTS.get(name, (name, {}))
+
 
 def wrap(model: nn.Module, engine: str, world_size: int) -> nn.Module:
     """Wrap a model the way each engine would."""
@@ -64,7 +74,8 @@ def full(t):
 
 def run_scenario(model_name: str, recipe: str, engine: str, world_size: int, rank: int, **overrides) -> dict:
     model = wrap(MODELS[model_name](seed=0), engine, world_size)
-    opt = build_optimizer(model, recipe, **overrides)
+    base, variant = recipe_args(recipe)
+    opt = build_optimizer(model, base, **{**variant, **overrides})
     flops = 0
     for step in range(STEPS):
         set_grads(model, step)
@@ -92,8 +103,9 @@ def run_scenario(model_name: str, recipe: str, engine: str, world_size: int, ran
 def scenarios_for(world_size: int) -> list[tuple]:
     if world_size == 1:
         return [("qwen3", "symmetric", "none"), ("qwen3", "muon", "none"), ("olmoe", "symmetric", "none"),
-                ("olmoe", "muon", "none")]
+                ("olmoe", "muon", "none"), ("olmoe", "muon-fused-gram", "none")]
     runs = [(m, r, "fsdp") for m in ("qwen3", "olmoe") for r in ("symmetric", "muon")]
+    runs += [("olmoe", "muon-fused-gram", "fsdp")]
     runs += [("olmoe", "symmetric", "ddp"), ("olmoe", "symmetric", "ep")]
     if world_size == 4:
         runs += [("olmoe", "symmetric", "hsdp"), ("qwen3", "muon", "hsdp"), ("olmoe", "symmetric", "ep_fsdp")]

@@ -2,7 +2,9 @@
 
 One process group per world size (W = 1, 2, 3, 4) runs every scenario (FSDP2, DDP, HSDP 2×2,
 expert parallel, EP × FSDP; dense Qwen3 and MoE OLMoE with 97-token vocabularies and 3 experts,
-so shards are uneven and at W = 4 some are empty).
+so shards are uneven and at W = 4 some are empty). Recipes: ``symmetric``, ``muon``, and
+``muon-fused-gram`` (fused gate/up whole, Gram Newton–Schulz on the per-head blocks; see
+scenarios.VARIANTS).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from dist_spectral.build import resolve_groups
 from dist_spectral.reference import ReferenceOptimizer
 from tests.distributed.harness import run_world
-from tests.distributed.scenarios import STEPS, scenarios_for, worker
+from tests.distributed.scenarios import STEPS, recipe_args, scenarios_for, worker
 from tests.tiny import MODELS, synthetic_grad
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -34,7 +36,8 @@ def reference(model_name: str, recipe: str):
     key = (model_name, recipe)
     if key not in _REFERENCE_CACHE:
         model = MODELS[model_name](seed=0)
-        groups, _, infos = resolve_groups(model, recipe)
+        base, overrides = recipe_args(recipe)
+        groups, _, infos = resolve_groups(model, base, **overrides)
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
