@@ -57,6 +57,23 @@ def wrap(model: nn.Module, engine: str, world_size: int) -> nn.Module:
     raise ValueError(engine)
 
 
+def run_reference(model_name: str, recipe: str, overrides: dict | None = None) -> tuple[dict, dict, dict]:
+    """The single-process reference on the same model and gradients: (initial parameters,
+    parameters after STEPS steps, its state), keyed by parameter name."""
+    from dist_spectral.build import resolve_groups
+    from dist_spectral.reference import ReferenceOptimizer
+
+    model = MODELS[model_name](seed=0)
+    groups, _, infos = resolve_groups(model, recipe, **(overrides or {}))
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
+                              for g in groups], {i.name: i for i in infos})
+    for step in range(STEPS):
+        ref.step({n: synthetic_grad(n, tuple(p.shape), step) for n, p in params.items()})
+    return init, params, ref.state
+
+
 def set_grads(model: nn.Module, step: int) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 

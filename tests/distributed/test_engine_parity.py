@@ -11,11 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_spectral.build import resolve_groups
-from dist_spectral.reference import ReferenceOptimizer
 from tests.distributed.harness import run_world
-from tests.distributed.scenarios import STEPS, recipe_args, scenarios_for, worker
-from tests.tiny import MODELS, synthetic_grad
+from tests.distributed.scenarios import STEPS, recipe_args, run_reference, scenarios_for, worker
 
 WORLD_SIZES = (1, 2, 3, 4)
 
@@ -35,16 +32,7 @@ _REFERENCE_CACHE: dict = {}
 def reference(model_name: str, recipe: str):
     key = (model_name, recipe)
     if key not in _REFERENCE_CACHE:
-        model = MODELS[model_name](seed=0)
-        base, overrides = recipe_args(recipe)
-        groups, _, infos = resolve_groups(model, base, **overrides)
-        init = {n: p.detach().clone() for n, p in model.named_parameters()}
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
-                                  for g in groups], {i.name: i for i in infos})
-        for step in range(STEPS):
-            ref.step({n: synthetic_grad(n, tuple(p.shape), step) for n, p in params.items()})
-        _REFERENCE_CACHE[key] = (init, params, ref.state)
+        _REFERENCE_CACHE[key] = run_reference(model_name, *recipe_args(recipe))
     return _REFERENCE_CACHE[key]
 
 

@@ -14,10 +14,9 @@ import functools
 import pytest
 import torch
 
-from dist_spectral.build import build_optimizer, resolve_groups
-from dist_spectral.reference import ReferenceOptimizer
+from dist_spectral.build import build_optimizer
 from tests.distributed.harness import run_world
-from tests.distributed.scenarios import STEPS, run_scenario
+from tests.distributed.scenarios import STEPS, run_reference, run_scenario
 from tests.tiny import MODELS, synthetic_grad
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -82,16 +81,7 @@ def one_thread(fn):
 @one_thread
 def reference(model_name: str, variant: str):
     if (model_name, variant) not in _REFERENCE:
-        recipe, overrides = VARIANTS[variant]
-        model = MODELS[model_name](seed=0)
-        groups, _, infos = resolve_groups(model, recipe, **overrides)
-        init = {n: p.detach().clone() for n, p in model.named_parameters()}
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
-                                  for g in groups], {i.name: i for i in infos})
-        for step in range(STEPS):
-            ref.step({n: synthetic_grad(n, tuple(p.shape), step) for n, p in params.items()})
-        _REFERENCE[(model_name, variant)] = (init, params, ref.state)
+        _REFERENCE[(model_name, variant)] = run_reference(model_name, *VARIANTS[variant])
     return _REFERENCE[(model_name, variant)]
 
 

@@ -17,13 +17,11 @@ import pytest
 import torch
 
 from dist_spectral import build_optimizer
-from dist_spectral.build import resolve_groups
 from dist_spectral.layout import chunk_range
 from dist_spectral.planner import Parallel, simulate_step
-from dist_spectral.reference import ReferenceOptimizer
 from tests.distributed.harness import run_world
-from tests.distributed.scenarios import STEPS, full, set_grads, wrap
-from tests.tiny import MODELS, synthetic_grad
+from tests.distributed.scenarios import STEPS, full, run_reference, set_grads, wrap
+from tests.tiny import MODELS
 
 WORLD_SIZES = (1, 2, 3, 4)
 RECIPES = {
@@ -84,15 +82,7 @@ _REFERENCE: dict = {}
 
 def reference(recipe: str):
     if recipe not in _REFERENCE:
-        model = MODELS["olmoe"](seed=0)
-        groups, _, infos = resolve_groups(model, "symmetric", **RECIPES[recipe])
-        init = {n: p.detach().clone() for n, p in model.named_parameters()}
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ref = ReferenceOptimizer([{"params": [(i.name, params[i.name]) for i in g.members], "rule": g.rule, **g.hyper}
-                                  for g in groups], {i.name: i for i in infos})
-        for step in range(STEPS):
-            ref.step({n: synthetic_grad(n, tuple(p.shape), step) for n, p in params.items()})
-        _REFERENCE[recipe] = (init, params, ref.state)
+        _REFERENCE[recipe] = run_reference("olmoe", "symmetric", RECIPES[recipe])
     return _REFERENCE[recipe]
 
 
