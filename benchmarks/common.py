@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 
 import torch
 
@@ -67,3 +68,14 @@ def write_results(path: str, lines: list[str]) -> None:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", path)
+
+
+def timed_across_ranks(fn) -> float:
+    """Seconds ``fn()`` takes between two barriers: the slowest rank's time, on every rank."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t0

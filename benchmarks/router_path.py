@@ -28,13 +28,12 @@ import os
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_lines, run_world, summary, write_results  # noqa: E402
+from common import machine_lines, run_world, summary, timed_across_ranks, write_results  # noqa: E402
 from step import MODEL, fsdp_model_with_grads, grad_for  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
@@ -91,7 +90,6 @@ def repeats_of(case: str, repeats: int, fast_repeats: int) -> int:
 
 
 def worker(rank: int, world_size: int, repeats: int, fast_repeats: int, only: list[str]) -> dict:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -110,12 +108,9 @@ def worker(rank: int, world_size: int, repeats: int, fast_repeats: int, only: li
         inner = {k: [] for k in opts}
         for r in range(repeats_of(case, repeats, fast_repeats) + 1):  # the first round warms up
             for setting, opt in opts.items():
-                dist.barrier()
-                t0 = time.perf_counter()
-                opt.step()
-                dist.barrier()
+                elapsed = timed_across_ranks(opt.step)
                 if r:
-                    times[setting].append(time.perf_counter() - t0)
+                    times[setting].append(elapsed)
                     s = opt.last_stats
                     inner[setting].append(s.exchange_seconds + s.compute_seconds)
         out[case] = {"times": times, "inner": inner,

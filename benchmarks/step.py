@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import machine_lines, run_world, summary, write_results  # noqa: E402
+from common import machine_lines, run_world, summary, timed_across_ranks, write_results  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
 from dist_spectral.blocks import group_unit_specs, permuted_axis, view_2d_shape  # noqa: E402
@@ -138,11 +138,12 @@ def floor_jobs(recipe: str = "symmetric", **overrides) -> list[MatrixJob]:
 def share_of(jobs: list[MatrixJob], rank: int, world_size: int) -> list[MatrixJob]:
     """This rank's jobs when the jobs are dealt longest-first to the least-loaded rank (as the
     planner deals units)."""
+    costs = [sum(j.rule.polar_flops(*b.shape, j.group) for b in j.spec.blocks) for j in jobs]
     loads = [0] * world_size
     mine = []
-    for job in sorted(jobs, key=lambda j: -sum(j.rule.polar_flops(*b.shape, j.group) for b in j.spec.blocks)):
+    for cost, job in sorted(zip(costs, jobs), key=lambda cj: -cj[0]):
         r = loads.index(min(loads))
-        loads[r] += sum(job.rule.polar_flops(*b.shape, job.group) for b in job.spec.blocks)
+        loads[r] += cost
         if r == rank:
             mine.append(job)
     return mine
@@ -179,19 +180,13 @@ def worker(rank: int, world_size: int, repeats: int) -> dict:
         dist.barrier()
         if r:
             times["floor"].append(elapsed)
-        dist.barrier()
-        t0 = time.perf_counter()
-        run_jobs(share)
-        dist.barrier()
+        elapsed = timed_across_ranks(lambda: run_jobs(share))
         if r:
-            times["parallel"].append(time.perf_counter() - t0)
+            times["parallel"].append(elapsed)
         for kind, opt in opts.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            opt.step()
-            dist.barrier()
+            elapsed = timed_across_ranks(opt.step)
             if r:
-                times[kind].append(time.perf_counter() - t0)
+                times[kind].append(elapsed)
     ds = opts["dist_spectral"].last_stats
     local_matrix_bytes = sum(opts["dist_spectral"].topology.local(p).numel() * 4
                              for g in opts["dist_spectral"].param_groups if get_rule(g["rule"]).locality == "matrix"

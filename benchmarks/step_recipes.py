@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import machine_lines, run_world, summary, write_results  # noqa: E402
+from common import machine_lines, run_world, summary, timed_across_ranks, write_results  # noqa: E402
 from step import MODEL, fsdp_model_with_grads  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
@@ -32,9 +32,6 @@ RECIPES = ("muon", "symmetric", "spectra", "auon", "conda", "aro")
 
 
 def worker(rank: int, world_size: int, recipes: tuple, repeats: int) -> dict:
-    import time
-
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -42,12 +39,8 @@ def worker(rank: int, world_size: int, recipes: tuple, repeats: int) -> dict:
     first, times, stats = {}, {r: [] for r in recipes}, {}
     for i in range(repeats + 1):
         for r, opt in opts.items():
-            dist.barrier()
-            t0 = time.perf_counter()
             with torch.no_grad():
-                opt.step()
-            dist.barrier()
-            elapsed = time.perf_counter() - t0
+                elapsed = timed_across_ranks(opt.step)
             if i:
                 times[r].append(elapsed)
             else:

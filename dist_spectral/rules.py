@@ -192,7 +192,7 @@ def check_polar_options(group: dict) -> None:
         raise ValueError(f"polar_dtype={group['polar_dtype']!r}: use one of {sorted(k for k in _DTYPES if k)}")
     if "polar_form" in group:
         try:
-            F.check_form(group.get("polar_form", "standard"))
+            F.check_form(group["polar_form"])
         except ValueError as e:
             raise ValueError(f"polar_form={group['polar_form']!r}: {e}") from None
 
