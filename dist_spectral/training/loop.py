@@ -22,6 +22,7 @@ optimizer and scheduler; the step count is all the data needs to continue.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -309,6 +310,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     try:
         return Trainer(cfg, env).run(resume)
     finally:
+        # DeepSpeed's engine sits in reference cycles that still hold its process groups; free them
+        # while the interpreter is whole, so the groups are not torn down during finalisation.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
         if cfg.parallel.engine == "deepspeed":

@@ -24,6 +24,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave_worker() -> None:
+    """End a worker whose results are written: destroy the process groups, flush, and exit at once.
+
+    DeepSpeed engines from earlier cases still hold gloo process groups (reference cycles keep them
+    alive past ``destroy_process_group``); destroying them during interpreter finalisation
+    occasionally aborts a rank whose work is done ("terminate called without an active exception").
+    Collecting the engines first and skipping finalisation removes that race; a failure before this
+    point still exits non-zero.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    print("worker finished", flush=True)
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def launch(world: int, target: str, out_dir: Path, timeout_s: float = 600) -> None:
     """Run ``module:function(rank, world, out_dir)`` on ``world`` processes; raise with the logs of
     any rank that failed or ran past ``timeout_s``."""

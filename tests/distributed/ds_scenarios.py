@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tests.distributed.ds_harness import leave_worker
+
 STEPS = 3
 CASES = {
     "zero1": {"stage": 1},
@@ -93,4 +95,4 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300))
     results = {name: run_case(name, rank, world) for name in CASES}
     torch.save(results, Path(out_dir) / f"result{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_worker()

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.ds_harness import leave_worker
+
 K, N = 3, 6  # save after K steps, compare after N
 CASES = {
     "zero2": {"zero_optimization": {"stage": 2}},
@@ -99,7 +101,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     results["zero2_bare"] = {"full": results["zero2"]["full"],
                              "resumed": _run("zero2", rank, 1, K, N, Path(out_dir) / "zero2", None, bare_load=True)}
     torch.save(results, Path(out_dir) / f"result{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_worker()
 
 
 # ----------------------------------------------------------------------------------------- tests

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.ds_harness import leave_worker
+
 pytest.importorskip("deepspeed")
 
 STEPS = 4
@@ -87,7 +89,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     results = {name: run_case(name, rank) for name in CASES}
     if rank == 0:
         torch.save(results, Path(out_dir) / "result0.pt")
-    torch.distributed.destroy_process_group()
+    leave_worker()
 
 
 @pytest.fixture(scope="module")

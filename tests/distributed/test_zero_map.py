@@ -29,6 +29,7 @@ import torch.nn as nn
 from dist_spectral.engines.zero_map import (
     ZeroFlat, ZeroMap, ZeroSegment, build_zero_map, flat_buffer_partitions, flat_tensors, per_param_partitions,
 )
+from tests.distributed.ds_harness import leave_worker
 
 WORKER_TIMEOUT_S = 420  # covers a cold JIT build of DeepSpeed's shm op
 
@@ -231,7 +232,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
         res["seconds"] = time.time() - t
         report["cases"][case["name"]] = res
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    torch.distributed.destroy_process_group()
+    leave_worker()
 
 
 # ------------------------------------------------------------------------------------------ launcher
