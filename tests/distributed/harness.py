@@ -8,6 +8,7 @@ traceback; collectives time out instead of hanging.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import tempfile
 
@@ -25,6 +26,10 @@ def _entry(rank: int, world_size: int, store_path: str, out_dir: str, fn, args, 
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        del result
+        # Models and optimizers in reference cycles hold process groups (device meshes); free them
+        # now, so the groups are not torn down during interpreter finalisation.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
