@@ -47,11 +47,15 @@ class ModelConfig:
         preset (str): name in ``configs/models`` or a YAML path (default: ``tiny-olmoe``).
         dtype (str): parameter dtype (default: ``float32``).
         config (dict): fields replacing the preset's transformers config, e.g. ``{num_hidden_layers: 2}``.
+        activation_checkpointing (bool): recompute each decoder layer in backward instead of storing
+            its activations: memory for long sequences and deep models, about a third more compute,
+            the same numbers (:func:`dist_spectral.models.enable_activation_checkpointing`) (default: false).
     """
 
     preset: str = "tiny-olmoe"
     dtype: str = "float32"
     config: dict = field(default_factory=dict)
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -59,13 +59,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: DistEnv):
         from .. import build_optimizer, paper_schedule
-        from ..models import build_model
+        from ..models import build_model, enable_activation_checkpointing
 
         self.cfg, self.env = cfg, env
         self.out = cfg.output
         self.is_main = env.rank == 0
         train, val, tok_vocab = load_tokens(cfg.data)
         model = build_model(cfg.model.preset, seed=cfg.train.seed, dtype=cfg.model.dtype, **cfg.model.config)
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.vocab = model.config.get_text_config().vocab_size
         if tok_vocab > self.vocab:
             raise ValueError(f"the tokenizer {cfg.data.tokenizer!r} has {tok_vocab} tokens but the model "

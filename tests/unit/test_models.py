@@ -12,7 +12,8 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from dist_spectral.models import (  # noqa: E402
-    build_model, count_parameters, list_presets, load_model_config, load_preset, presets_dir,
+    build_model, count_parameters, enable_activation_checkpointing, list_presets, load_model_config, load_preset,
+    presets_dir,
 )
 from dist_spectral.roles import classify  # noqa: E402
 
@@ -50,6 +51,34 @@ def test_seed_makes_builds_reproducible():
     c = build_model("tiny-llama", seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def _one_backward(name: str, checkpointing: bool):
+    """Loss, gradients, and how often each decoder layer's MLP ran, over one forward and backward."""
+    model = build_model(name, seed=0)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    runs = [0] * len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    x = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, runs
+
+
+@pytest.mark.parametrize("name", ["tiny-olmoe", "tiny-qwen3"])
+def test_activation_checkpointing_recomputes_every_layer_with_the_same_numbers(name):
+    loss, grads, runs = _one_backward(name, checkpointing=False)
+    loss_ac, grads_ac, runs_ac = _one_backward(name, checkpointing=True)
+    assert runs == [1] * len(runs) and runs_ac == [2] * len(runs)  # each layer again in backward
+    assert torch.equal(loss, loss_ac)
+    assert all(torch.equal(grads[n], grads_ac[n]) for n in grads)
+
+
+def test_activation_checkpointing_refuses_a_module_without_it():
+    with pytest.raises(ValueError, match=r"model\.activation_checkpointing: Linear .* set it to false"):
+        enable_activation_checkpointing(nn.Linear(4, 4))
 
 
 def test_tiny_olmoe_default_shape():
