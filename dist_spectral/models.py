@@ -185,7 +185,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     about a third more compute for activation memory that no longer grows with depth. The module
     hooks stay outside the checkpoint, so FSDP2 gathers a layer's parameters once for its forward
     and once for its backward, as without checkpointing. With deterministic kernels the numbers are
-    the same to the last bit (tested on CPU, alone and under FSDP2).
+    the same to the last bit (tested on CPU: alone, and resumed runs under FSDP2 and DeepSpeed).
 
     Args:
         model (nn.Module): a transformers ``*ForCausalLM`` (see :func:`build_model`).
