@@ -176,13 +176,23 @@ def _hashable(v):
 
 def _polar_kwargs(group: dict) -> dict:
     return dict(steps=group["steps"], coefficients=_hashable(group["coefficients"]), safety=group["safety"],
-                dtype=_DTYPES[group["polar_dtype"]], form=group.get("polar_form", "standard"))
+                dtype=_DTYPES[group["polar_dtype"]], form=_polar_form(group))
 
 
 _DTYPES = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _POLAR_DEFAULTS = {"steps": 5, "coefficients": "polar_express", "safety": 1.01, "polar_dtype": "auto",
                    "polar_form": "standard"}
 _POLAR_OPTIONS = ("steps", "coefficients", "safety", "polar_dtype", "polar_form")
+
+
+def _polar_form(group: dict) -> str:
+    # Param groups restored from a checkpoint written before ``polar_form`` existed lack the key.
+    return group.get("polar_form", _POLAR_DEFAULTS["polar_form"])
+
+
+def _polar_flops(m: int, n: int, group: dict) -> int:
+    """:func:`~dist_spectral.functional.polar_flops` of one ``m×n`` matrix under a group's polar options."""
+    return F.polar_flops(m, n, group["steps"], _polar_form(group))
 
 
 def check_polar_options(group: dict) -> None:
@@ -249,7 +259,7 @@ class Muon(Rule):
         return F.polar(x, **_polar_kwargs(group)).mul_(F.muon_scale(fan_out, fan_in, group["scale"]))
 
     def cost(self, m, n, group):
-        return F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard"))
+        return _polar_flops(m, n, group)
 
     polar_flops = cost
 
@@ -319,7 +329,7 @@ class Hybrid(Rule):
         return orient(u, axis)
 
     def cost(self, m, n, group):
-        return F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard"))
+        return _polar_flops(m, n, group)
 
     polar_flops = cost
 

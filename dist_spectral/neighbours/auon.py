@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import functional as F
-from ..rules import _POLAR_DEFAULTS, _POLAR_OPTIONS, LOCAL, Rule, _polar_kwargs, register
+from ..rules import _POLAR_DEFAULTS, _POLAR_OPTIONS, LOCAL, Rule, _polar_flops, _polar_kwargs, register
 
 SCALES = ("spectral", "rms", "none")
 
@@ -98,7 +98,7 @@ class AuONHybrid(AuON):
         return u * shape_scale(fan_out, fan_in, group["scale"])
 
     def polar_flops(self, m, n, group):
-        return F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard"))
+        return _polar_flops(m, n, group)
 
     def cost(self, m, n, group):
         return self.polar_flops(m, n, group) + 10 * m * n

@@ -55,7 +55,9 @@ import math
 from torch import Tensor
 
 from .. import functional as F
-from ..rules import _POLAR_DEFAULTS, _POLAR_OPTIONS, LOCAL, Rule, _polar_kwargs, adam_direction, register
+from ..rules import (
+    _POLAR_DEFAULTS, _POLAR_OPTIONS, LOCAL, Rule, _polar_flops, _polar_kwargs, adam_direction, register,
+)
 
 BASES = ("adamw", "sign", "muon")
 
@@ -145,7 +147,7 @@ class Spectra(Rule):
     def polar_flops(self, m, n, group):
         """Newton–Schulz flops: the base's polar iterations (muon) and the clip's Gram, inverse
         square root and product. An infinite ``c`` skips the clip."""
-        polar = F.polar_flops(m, n, group["steps"], group.get("polar_form", "standard")) if group["base"] == "muon" else 0
+        polar = _polar_flops(m, n, group) if group["base"] == "muon" else 0
         clip = 0 if math.isinf(group["clip_c"]) else F.soft_clip_flops(m, n, group["clip_steps"])
         return polar + clip
 
