@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from dist_spectral.training.metrics import read_metrics
+from tests.e2e.runs import RESUME_MODEL_SETTINGS, model_overrides, records, saved_model_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVAL_EVERY, CKPT_AT = 24, 8, 12
@@ -44,10 +43,6 @@ def full_run(tmp_path_factory) -> Path:
     return out
 
 
-def records(out: Path, kind: str) -> list[dict]:
-    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == kind]
-
-
 def test_outputs_and_steps(full_run):
     train = records(full_run, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
@@ -68,20 +63,14 @@ def test_validation_loss_falls(full_run):
     assert evals[-1] < evals[0] - MIN_VAL_DROP, evals
 
 
-# Resumed as saved, and with every decoder layer recomputed in backward (activation checkpointing
-# composes with FSDP2's hooks and must not change a number).
-RESUME_MODEL_SETTINGS = {"as-saved": {}, "activation-checkpointing": {"activation_checkpointing": True}}
-
-
 @pytest.mark.parametrize("model_settings", RESUME_MODEL_SETTINGS.values(), ids=RESUME_MODEL_SETTINGS.keys())
 def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, model_settings):
     checkpoint = full_run / "checkpoints" / f"step_{CKPT_AT:06d}"
     assert checkpoint.is_dir()
     assert (full_run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"  # saved at 12 and 24
-    overrides = [f"model.{key}={str(value).lower()}" for key, value in model_settings.items()]
-    torchrun(*SHORT, f"out_dir={tmp_path}", "name=e2e-resumed", *overrides, "--resume", str(checkpoint))
-    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
-    assert all(saved[key] == value for key, value in model_settings.items())
+    torchrun(*SHORT, f"out_dir={tmp_path}", "name=e2e-resumed", *model_overrides(model_settings),
+             "--resume", str(checkpoint))
+    assert saved_model_settings(tmp_path, model_settings) == model_settings
     full = {r["step"]: r["loss"] for r in records(full_run, "train")}
     resumed = {r["step"]: r["loss"] for r in records(tmp_path, "train")}
     assert sorted(resumed) == list(range(CKPT_AT + 1, STEPS + 1))

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from dist_spectral.training.metrics import read_metrics
+from tests.e2e.runs import RESUME_MODEL_SETTINGS, model_overrides, records, saved_model_settings
 
 pytest.importorskip("deepspeed")
 
@@ -66,10 +65,6 @@ def full_run(tmp_path_factory) -> Path:
     return out
 
 
-def records(out: Path, kind: str) -> list[dict]:
-    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == kind]
-
-
 def test_outputs_steps_and_checkpoints(full_run):
     train = records(full_run, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
@@ -94,18 +89,12 @@ def test_validation_loss_falls(full_run):
     assert evals[-1] < evals[0] - MIN_VAL_DROP, evals
 
 
-# Resumed as saved, and with every decoder layer recomputed in backward (DeepSpeed's hooks stay
-# outside the checkpoint; the numbers must not move).
-RESUME_MODEL_SETTINGS = {"as-saved": {}, "activation-checkpointing": {"activation_checkpointing": True}}
-
-
 @pytest.mark.parametrize("model_settings", RESUME_MODEL_SETTINGS.values(), ids=RESUME_MODEL_SETTINGS.keys())
 def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, model_settings):
     checkpoint = full_run / "checkpoints" / f"step_{CKPT_AT:06d}"
-    overrides = [f"model.{key}={str(value).lower()}" for key, value in model_settings.items()]
-    deepspeed_launch(f"out_dir={tmp_path}", "name=e2e-ds-resumed", *overrides, "--resume", str(checkpoint))
-    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
-    assert all(saved[key] == value for key, value in model_settings.items())
+    deepspeed_launch(f"out_dir={tmp_path}", "name=e2e-ds-resumed", *model_overrides(model_settings),
+                     "--resume", str(checkpoint))
+    assert saved_model_settings(tmp_path, model_settings) == model_settings
     full = {r["step"]: r for r in records(full_run, "train")}
     resumed = {r["step"]: r for r in records(tmp_path, "train")}
     assert sorted(resumed) == list(range(CKPT_AT + 1, STEPS + 1))
