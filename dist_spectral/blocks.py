@@ -6,6 +6,10 @@ be whole on one rank; inside it, *blocks* are the separate matrices a rule is ap
 
     attention.q  [H·hd, d]  per head   -> H units of hd rows, one block each
     attention.o  [d, H·hd]  per head   -> 1 unit (all rows), H column blocks of width hd
+    attention.qkv  stacked [q; k; v]    -> per head: one unit per hd rows (each one head's q, k or v);
+                                           otherwise 3 units: q rows, k rows, v rows
+    attention.qkv  grouped [G, q/G + 2, hd] (per kv head g: its query heads, its key, its value; GPT-NeoX
+                   is G = H) -> per head as stacked; otherwise 1 unit, blocks q, k, v of G row runs each
     expert.gate_up [E, 2r, d] halves   -> 2E units (gate rows, up rows of each expert)
     expert.gate_up [E, d, 2r] interleaved -> E units of d rows, blocks = columns ::2 and 1::2
     anything else  [..., m, n]         -> one unit per leading index (one per expert for 3-D)
@@ -22,23 +26,53 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from .roles import ParamInfo
 
 
 @dataclass(frozen=True)
 class Block:
-    """One matrix inside a unit: rows ``[row_start, row_stop)`` of the unit, columns ``col_start:col_stop:col_step``."""
+    """One matrix inside a unit: rows ``[row_start, row_stop)`` of the unit, columns ``col_start:col_stop:col_step``.
+
+    With ``row_runs > 1`` its rows are that range repeated every ``row_period`` rows, ``row_runs``
+    times, in order (q, k or v of a fused qkv whose rows are grouped per kv head); read and write
+    such a block with :func:`read_block` / :func:`write_block`.
+    """
 
     row_start: int
     row_stop: int
     col_start: int
     col_stop: int
     col_step: int = 1
+    row_period: int = 0
+    row_runs: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
         cols = len(range(self.col_start, self.col_stop, self.col_step))
-        return (self.row_stop - self.row_start, cols)
+        return ((self.row_stop - self.row_start) * self.row_runs, cols)
+
+
+def _block_view(matrix: Tensor, b: Block) -> Tensor:
+    """``b`` of a unit's ``[..., rows, n]`` matrix as a view: ``[..., m, k]``, or ``[..., runs, m/runs, k]``."""
+    cols = slice(b.col_start, b.col_stop, b.col_step)
+    if b.row_runs == 1:
+        return matrix[..., b.row_start:b.row_stop, cols]
+    runs = matrix[..., :b.row_runs * b.row_period, :].unflatten(-2, (b.row_runs, b.row_period))
+    return runs[..., b.row_start:b.row_stop, cols]
+
+
+def read_block(matrix: Tensor, b: Block) -> Tensor:
+    """Block ``b`` of a unit's ``[..., rows, n]`` matrix, ``[..., m, k]`` (a view unless it has several row runs)."""
+    view = _block_view(matrix, b)
+    return view if b.row_runs == 1 else view.flatten(-3, -2)
+
+
+def write_block(matrix: Tensor, b: Block, value: Tensor) -> None:
+    """Write ``value`` (``[..., m, k]``, as :func:`read_block` returns) into block ``b`` of ``matrix``."""
+    view = _block_view(matrix, b)
+    view.copy_(value if b.row_runs == 1 else value.unflatten(-2, (b.row_runs, b.row_stop - b.row_start)))
 
 
 @dataclass(frozen=True)
@@ -86,6 +120,21 @@ def _full(rows: int, cols: int) -> tuple[Block, ...]:
     return (Block(0, rows, 0, cols),)
 
 
+def _grouped_qkv(info: ParamInfo, rows: int, cols: int) -> UnitSpec:
+    """A fused qkv stored per kv head (``[G, q/G + 2, hd]`` rows) as one unit of three blocks:
+    all query rows, all key rows, all value rows, each a run per kv head."""
+    q_rows, k_rows, v_rows = info.qkv_split
+    hd = info.head_dim
+    if not hd or k_rows != v_rows or k_rows % hd or q_rows % (k_rows // hd) or q_rows + k_rows + v_rows != rows:
+        raise ValueError(f"{info.name}: grouped qkv layout with split {info.qkv_split} and head_dim={hd} does not "
+                         f"describe {rows} rows; expected q, k, v rows with k = v = kv_heads * head_dim")
+    groups = k_rows // hd
+    q = q_rows // groups
+    period = q + 2 * hd
+    return UnitSpec(0, rows, tuple(Block(start, stop, 0, cols, 1, period, groups)
+                                   for start, stop in ((0, q), (q, q + hd), (q + hd, period))))
+
+
 def unit_specs(info: ParamInfo, per_head: bool = True, split_gate_up: bool = True) -> tuple[UnitSpec, ...]:
     """Split a parameter into units and blocks (see the module docstring).
 
@@ -113,6 +162,8 @@ def unit_specs(info: ParamInfo, per_head: bool = True, split_gate_up: bool = Tru
             raise ValueError(f"{info.name}: {cols} columns are not a multiple of head_dim={head_dim} for per-head polar")
         blocks = tuple(Block(0, rows, h * head_dim, (h + 1) * head_dim) for h in range(cols // head_dim))
         return (UnitSpec(0, rows, blocks),)
+    if role == "attention.qkv" and info.qkv_split and info.qkv_layout == "grouped":
+        return (_grouped_qkv(info, rows, cols),)
     if role == "attention.qkv" and info.qkv_split:
         units, start = [], 0
         for size in info.qkv_split:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .blocks import UnitSpec
+from .blocks import UnitSpec, read_block, write_block
 from .rules import Rule
 
 
@@ -47,10 +47,6 @@ class MatrixJob:
     out: Tensor | None = None
 
 
-def _block(matrix: Tensor, b) -> Tensor:
-    return matrix[..., b.row_start:b.row_stop, b.col_start:b.col_stop:b.col_step]
-
-
 def _new_result(job: MatrixJob) -> Tensor:
     if job.rule.stateful:
         return job.matrix.new_empty((1 + len(job.rule.carried),) + job.matrix.shape[-2:])
@@ -71,7 +67,7 @@ def run_jobs(jobs: list[MatrixJob]) -> tuple[list[Tensor], int]:
     for key, members in batches.items():
         first = jobs[members[0][0]]
         rule = first.rule
-        stack = torch.stack([_block(jobs[j].matrix, jobs[j].spec.blocks[k]) for j, k in members])
+        stack = torch.stack([read_block(jobs[j].matrix, jobs[j].spec.blocks[k]) for j, k in members])
         if rule.stateful:
             inputs = [stack[:, c] for c in range(rule.inputs)]
             state = {name: stack[:, rule.inputs + c] for c, name in enumerate(rule.carried)}
@@ -82,5 +78,5 @@ def run_jobs(jobs: list[MatrixJob]) -> tuple[list[Tensor], int]:
             channels = rule.direction(stack, axis=first.axis, transposed=first.transposed, group=first.group)
         flops += len(members) * int(rule.polar_flops(*key[3], first.group))
         for (j, k), u in zip(members, channels):
-            _block(results[j], jobs[j].spec.blocks[k]).copy_(u)
+            write_block(results[j], jobs[j].spec.blocks[k], u)
     return results, flops

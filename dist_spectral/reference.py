@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .blocks import fan_out_in, group_unit_specs, permuted_axis, view_2d_shape
+from .blocks import fan_out_in, group_unit_specs, permuted_axis, read_block, view_2d_shape, write_block
 from .roles import ParamInfo
 
 _DTYPES = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -117,10 +117,9 @@ def matrix_direction(rule: str, m: Tensor, info: ParamInfo, group: dict) -> Tens
     m2 = m.reshape(rows, n)
     out = torch.empty_like(m2)
     for unit in group_unit_specs(info, group):
+        rows_of_unit = slice(unit.row_start, unit.row_stop)
         for b in unit.blocks:
-            r0, r1 = unit.row_start + b.row_start, unit.row_start + b.row_stop
-            cols = slice(b.col_start, b.col_stop, b.col_step)
-            out[r0:r1, cols] = block_direction(rule, m2[r0:r1, cols], info, group)
+            write_block(out[rows_of_unit], b, block_direction(rule, read_block(m2[rows_of_unit], b), info, group))
     return out.reshape(m.shape)
 
 
@@ -216,21 +215,25 @@ def stateful_direction(rule: str, inputs: list[Tensor], state: dict, info: Param
     rows, n = view_2d_shape(tuple(inputs[0].shape))
     x2 = [t.reshape(rows, n) for t in inputs]
     out = torch.empty_like(x2[0])
+    carried = {"conda": ("exp_avg_sq", "basis"), "aro_adam": ("exp_avg_sq", "rotation"), "aro": ("rotation",)}
+    if rule not in carried:
+        raise ValueError(f"no reference for rule {rule!r}")
     for unit in group_unit_specs(info, group):
+        rows_of_unit = slice(unit.row_start, unit.row_stop)
         for b in unit.blocks:
-            r0, r1 = unit.row_start + b.row_start, unit.row_start + b.row_stop
-            cols = slice(b.col_start, b.col_stop, b.col_step)
+            x = [read_block(t[rows_of_unit], b) for t in x2]
+            # The block rules update their state in place; a block of several row runs is read as a
+            # copy, so its state is written back below.
+            st = {k: read_block(state[k].view(rows, n)[rows_of_unit], b) for k in carried[rule]}
             if rule == "conda":
-                v, basis = (state[k].view(rows, n)[r0:r1, cols] for k in ("exp_avg_sq", "basis"))
-                out[r0:r1, cols] = _conda_block(x2[0][r0:r1, cols], x2[1][r0:r1, cols], v, basis, step, group)
+                u = _conda_block(x[0], x[1], st["exp_avg_sq"], st["basis"], step, group)
             elif rule == "aro_adam":
-                v, rotation = (state[k].view(rows, n)[r0:r1, cols] for k in ("exp_avg_sq", "rotation"))
-                out[r0:r1, cols] = _aro_adam_block(x2[0][r0:r1, cols], x2[1][r0:r1, cols], v, rotation, step, group)
-            elif rule == "aro":
-                out[r0:r1, cols] = _aro_block(x2[0][r0:r1, cols], state["rotation"].view(rows, n)[r0:r1, cols],
-                                              step, group)
+                u = _aro_adam_block(x[0], x[1], st["exp_avg_sq"], st["rotation"], step, group)
             else:
-                raise ValueError(f"no reference for rule {rule!r}")
+                u = _aro_block(x[0], st["rotation"], step, group)
+            for k in carried[rule]:
+                write_block(state[k].view(rows, n)[rows_of_unit], b, st[k])
+            write_block(out[rows_of_unit], b, u)
     return out.reshape(inputs[0].shape)
 
 

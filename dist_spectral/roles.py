@@ -1,6 +1,6 @@
 """Parameter roles: which class of weight each parameter is (see ``classify``).
 
-The optimizer picks an update rule per role (docs: ``update-rules.md``, "Rules, by parameter role").
+The optimizer picks an update rule per role (``docs/update-rules.md#rules-by-parameter-role``).
 ``classify`` walks ``model.named_parameters()`` once and decides, first match wins:
 
 1. ``vector``     every 0-D/1-D tensor (norms, biases, router bias, attention sinks).
@@ -14,11 +14,19 @@ The optimizer picks an update rule per role (docs: ``update-rules.md``, "Rules, 
                   ``vector``.
 5. ``router``     a 2-D weight owned by the MoE block (the parent of an expert container) or one of its
                   direct children, with one row per expert.
-6. ``attention.*`` projections of an attention module, by name (``q_proj``/``wq``, ``qkv_proj``,
-                  MLA ``q_a_proj`` ...), with head counts from the module or the model config.
-7. ``mlp.*``      SwiGLU projections by name (``gate_proj``/``w1``, ``up_proj``/``w3``,
-                  ``down_proj``/``w2``, fused ``gate_up_proj``), dense MLPs and shared experts alike.
-8. ``hidden``     any other matrix (reported by ``format_table`` so a fall-through is visible).
+6. ``attention.*`` projections of an attention module, by name (``q_proj``/``wq``, fused ``qkv_proj``
+                  and GPT-NeoX/Falcon ``query_key_value``, output ``o_proj``/``out_proj``/``dense``, MLA
+                  ``q_a_proj`` ...), and ``nn.MultiheadAttention``'s ``in_proj_weight`` (or its separate
+                  ``q/k/v_proj_weight``), with head counts from the module or the model config.
+7. ``mlp.*``      MLP projections by name (``gate_proj``/``w1``, ``up_proj``/``w3``/``dense_h_to_4h``,
+                  ``down_proj``/``w2``/``dense_4h_to_h``, fused ``gate_up_proj``), dense MLPs and shared
+                  experts alike.
+8. ``hidden``     any other matrix. ``format_table`` marks it, and ``classify`` warns once
+                  (:class:`FallbackRoleWarning`) when the classifier should have known it: any matrix of
+                  a transformers model (one with a ``config``), or one inside an attention module. A plain
+                  module's other matrices (an ``nn.Linear`` stack) are what ``hidden`` is for and pass
+                  silently. Silence the warning with
+                  ``warnings.filterwarnings("ignore", category=dist_spectral.roles.FallbackRoleWarning)``.
 
 Names are always the fully qualified ``named_parameters()`` names, so wrappers work unchanged: DDP
 (``module.`` prefix), ``torch.compile`` (``_orig_mod.``) and FSDP2 ``fully_shard`` (whose wrapped module
@@ -27,6 +35,7 @@ classes become ``FSDP<Name>`` and whose parameters become DTensors; ``DTensor.sh
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
@@ -46,6 +55,12 @@ class ParamInfo:
         num_heads (int | None): attention heads in this tensor (q/o: query heads, k/v: kv heads).
         head_dim (int | None): attention head size.
         qkv_split (tuple[int, int, int] | None): rows of q, k and v in a fused qkv weight.
+        qkv_layout (str | None): how a fused qkv weight orders those rows: ``"stacked"`` (all q rows,
+            then k, then v: Phi-3 ``qkv_proj``, ``nn.MultiheadAttention``, Falcon multi-query) or
+            ``"grouped"`` (per kv head: its query heads, then its key head, then its value head, i.e.
+            ``[kv_heads, q_heads / kv_heads + 2, head_dim]``: Falcon's new decoder architecture, and
+            GPT-NeoX / Falcon ``[heads, 3, head_dim]`` with kv_heads = heads). Either way each run of
+            ``head_dim`` rows is one head of q, k or v.
         num_experts (int | None): experts on dim 0 of a 3-D expert tensor.
         fused (str | None): fused gate/up layout: ``"halves"`` (gate rows, then up rows, along the
             output axis) or ``"interleaved"`` (gate = ``[..., ::2]``, up = ``[..., 1::2]``).
@@ -61,6 +76,7 @@ class ParamInfo:
     num_heads: int | None = None
     head_dim: int | None = None
     qkv_split: tuple[int, int, int] | None = None
+    qkv_layout: str | None = None
     num_experts: int | None = None
     fused: str | None = None
     transposed: bool = False
@@ -75,15 +91,19 @@ ROLES = (
     "router", "hidden", "vector",
 )
 
+class FallbackRoleWarning(UserWarning):
+    """Matrices that ``classify`` could not place and labelled ``hidden`` (see the module docstring)."""
+
+
 # Leaf module (or, for 3-D expert tensors, parameter) names. HF names first, then the Meta/torchtitan
-# ``wq``/``w1`` style. Only names whose tensor layout is known are listed: GPT-NeoX ``query_key_value``
-# interleaves q/k/v per head and so is deliberately left to ``hidden``.
+# ``wq``/``w1`` style. Only names whose tensor layout is known are listed; ``_qkv_layout`` knows how
+# each fused qkv orders its rows.
 _ATTENTION_NAMES = {
     "q_proj": "q", "wq": "q", "query": "q",
     "k_proj": "k", "wk": "k", "key": "k",
     "v_proj": "v", "wv": "v", "value": "v",
-    "o_proj": "o", "wo": "o", "out_proj": "o",
-    "qkv_proj": "qkv", "wqkv": "qkv", "Wqkv": "qkv",
+    "o_proj": "o", "wo": "o", "out_proj": "o", "dense": "o",
+    "qkv_proj": "qkv", "wqkv": "qkv", "Wqkv": "qkv", "query_key_value": "qkv",
     # DeepSeek MLA low-rank projections: whole matrices, the head structure lives in the latent.
     "q_a_proj": "latent", "q_b_proj": "latent", "kv_a_proj_with_mqa": "latent", "kv_a_proj": "latent",
     "kv_b_proj": "latent",
@@ -91,8 +111,8 @@ _ATTENTION_NAMES = {
 _ATTENTION_MODULE_NAMES = {"self_attn", "attn", "attention", "self_attention"}
 _MLP_NAMES = {
     "gate_proj": "gate", "w1": "gate",
-    "up_proj": "up", "w3": "up",
-    "down_proj": "down", "w2": "down",
+    "up_proj": "up", "w3": "up", "dense_h_to_4h": "up",
+    "down_proj": "down", "w2": "down", "dense_4h_to_h": "down",
     "gate_up_proj": "gate_up", "w13": "gate_up",
 }
 _EXPERT_LIST_NAME = re.compile(r"^(local_)?experts$")
@@ -340,12 +360,10 @@ def _attention_info(name, shape, owner_path, owner_type, part, attn, config) -> 
             return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=out_dim // n_q)
         return ParamInfo(name, shape, role, owner_type)
     if part == "qkv":
-        head_dim = _first_int(getattr(attn, "head_dim", None), getattr(config, "head_dim", None))
-        if not (n_q and n_kv and head_dim) or (n_q + 2 * n_kv) * head_dim != out_dim:
-            raise ValueError(f"fused qkv {name!r} {shape}: {out_dim} output rows do not match "
-                             f"(heads={n_q} + 2*kv_heads={n_kv}) * head_dim={head_dim}")
-        split = (n_q * head_dim, n_kv * head_dim, n_kv * head_dim)
-        return ParamInfo(name, shape, role, owner_type, num_heads=n_q, head_dim=head_dim, qkv_split=split)
+        head_dim = _first_int(getattr(attn, "head_dim", None), getattr(attn, "head_size", None),
+                              getattr(config, "head_dim", None))
+        layout, n_kv = _qkv_layout(owner_path, attn, n_q, n_kv)
+        return _qkv_info(name, shape, owner_type, n_q, n_kv, head_dim, layout)
     heads, size = (n_kv, out_dim) if part in ("k", "v") else (n_q, in_dim if part == "o" else out_dim)
     if heads is None:  # a plain module without head information: whole-matrix
         return ParamInfo(name, shape, role, owner_type)
@@ -353,6 +371,69 @@ def _attention_info(name, shape, owner_path, owner_type, part, attn, config) -> 
         raise ValueError(f"attention {part} {name!r} {shape}: {size} is not divisible by {heads} heads "
                          f"(from {owner_type} attributes / model config)")
     return ParamInfo(name, shape, role, owner_type, num_heads=heads, head_dim=size // heads)
+
+
+def _qkv_layout(owner_path: str, attn: nn.Module, n_q: int | None, n_kv: int | None) -> tuple[str, int | None]:
+    """(row layout, kv heads) of a fused qkv projection.
+
+    Falcon's module flags say which of its three layouts it uses (``new_decoder_architecture``:
+    grouped by its kv heads; ``multi_query``: stacked with one kv head; neither: one group per head,
+    whatever ``num_kv_heads`` says). GPT-NeoX's and BLOOM's ``query_key_value`` is viewed as
+    ``[heads, 3, head_dim]``; every other fused name is stacked.
+    """
+    if getattr(attn, "new_decoder_architecture", False):
+        return "grouped", n_kv
+    if getattr(attn, "multi_query", False):
+        return "stacked", 1
+    if _leaf(owner_path) == "query_key_value":
+        return "grouped", n_q
+    return "stacked", n_kv
+
+
+def _qkv_info(name, shape, owner_type, n_q, n_kv, head_dim, layout) -> ParamInfo:
+    """ParamInfo of a fused ``[(q + 2 kv) * head_dim, d]`` qkv weight; rows must match the heads."""
+    out_dim = shape[0]
+    if not (n_q and n_kv and head_dim) or (n_q + 2 * n_kv) * head_dim != out_dim:
+        raise ValueError(f"fused qkv {name!r} {shape} ({layout}): {out_dim} output rows do not match "
+                         f"(heads={n_q} + 2*kv_heads={n_kv}) * head_dim={head_dim}; set the head counts on "
+                         f"the {owner_type} module or the model config")
+    split = (n_q * head_dim, n_kv * head_dim, n_kv * head_dim)
+    return ParamInfo(name, shape, "attention.qkv", owner_type, num_heads=n_q, head_dim=head_dim,
+                     qkv_split=split, qkv_layout=layout)
+
+
+def _multihead_info(name, shape, owner_type, mha: nn.MultiheadAttention) -> ParamInfo:
+    """``nn.MultiheadAttention``'s own tensors: ``in_proj_weight`` is ``[q; k; v]`` (3E x E), or
+    separate ``q/k/v_proj_weight`` (E x E, E x kdim, E x vdim) when key and value widths differ;
+    ``bias_k``/``bias_v`` ([1, 1, E]) are vectors. Its ``out_proj`` is a child Linear (``attention.o``)."""
+    leaf = _leaf(name)
+    heads, head_dim = mha.num_heads, mha.head_dim
+    if leaf == "in_proj_weight":
+        return _qkv_info(name, shape, owner_type, heads, heads, head_dim, "stacked")
+    part = {"q_proj_weight": "q", "k_proj_weight": "k", "v_proj_weight": "v"}.get(leaf)
+    if part is not None:
+        return ParamInfo(name, shape, f"attention.{part}", owner_type, num_heads=heads, head_dim=head_dim)
+    if leaf in ("bias_k", "bias_v"):
+        return ParamInfo(name, shape, "vector", owner_type)
+    return ParamInfo(name, shape, "hidden", owner_type)
+
+
+def _warn_fallbacks(infos: list[ParamInfo], modules: dict[str, nn.Module], has_config: bool) -> None:
+    """One :class:`FallbackRoleWarning` naming the ``hidden`` matrices the classifier should have known."""
+    unknown = [i for i in infos if i.role == "hidden"
+               and (has_config or _is_attention(_parent(i.name), modules) is not None
+                    or re.search(r"attn|attention", type(modules[_parent(i.name)]).__name__, re.I))]
+    if not unknown:
+        return
+    shown = ", ".join(f"{i.name} {'x'.join(map(str, i.shape))} ({i.module_type})" for i in unknown[:4])
+    more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+    warnings.warn(
+        f"dist_spectral.classify: {len(unknown)} matri{'x has' if len(unknown) == 1 else 'ces have'} no recognised "
+        f"role and fell back to 'hidden' (the rule of the group matching role hidden; whole-matrix Muon in the "
+        f"built-in recipes): {shown}{more}. If they are attention or MLP projections, name them like a supported "
+        f"model (see dist_spectral.roles) or pass your own ParamInfo list; if 'hidden' is right, silence this with "
+        f"warnings.filterwarnings('ignore', category=dist_spectral.roles.FallbackRoleWarning)",
+        FallbackRoleWarning, stacklevel=3)
 
 
 def classify(model: nn.Module) -> list[ParamInfo]:
@@ -396,6 +477,8 @@ def classify(model: nn.Module) -> list[ParamInfo]:
             info = _expert_info(name, shape, owner_path, owner_type, container)
         elif _is_router(shape, owner_path, blocks):
             info = ParamInfo(name, shape, "router", owner_type)
+        elif isinstance(owner, nn.MultiheadAttention):
+            info = _multihead_info(name, shape, owner_type, owner)
         elif _leaf(owner_path) in _ATTENTION_NAMES and (attn := _is_attention(owner_path, modules)) is not None:
             part = _ATTENTION_NAMES[_leaf(owner_path)]
             info = _attention_info(name, shape, owner_path, owner_type, part, attn, config)
@@ -406,6 +489,7 @@ def classify(model: nn.Module) -> list[ParamInfo]:
         else:
             info = ParamInfo(name, shape, "hidden", owner_type)
         infos.append(info)
+    _warn_fallbacks(infos, modules, config is not None)
     return infos
 
 
@@ -417,7 +501,7 @@ def _layout_note(info: ParamInfo) -> str:
     if info.num_heads is not None:
         notes.append(f"heads={info.num_heads}x{info.head_dim}")
     if info.qkv_split is not None:
-        notes.append("qkv=" + "/".join(map(str, info.qkv_split)))
+        notes.append("qkv=" + "/".join(map(str, info.qkv_split)) + (f" {info.qkv_layout}" if info.qkv_layout else ""))
     if info.fused:
         notes.append(f"fused={info.fused}")
     if info.transposed:

@@ -6,6 +6,7 @@ fails the test. Layout numbers are written out literally from the tiny configs b
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from dist_spectral.roles import ParamInfo, classify, format_table, module_type_name  # noqa: E402
+from dist_spectral.roles import FallbackRoleWarning, ParamInfo, classify, format_table, module_type_name  # noqa: E402
 
 # Special-token ids outside a 100-token vocabulary make transformers warn (or fail, for padding_idx).
 TOKENS = dict(vocab_size=100, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -32,9 +33,17 @@ def summary(info: ParamInfo) -> tuple:
     return R(info.role, **fields)
 
 
-def check(model: nn.Module, expected: dict[str, tuple]) -> list[ParamInfo]:
-    """Assert names/order/shapes follow ``named_parameters`` and roles match ``expected`` exactly."""
-    infos = classify(model)
+def check(model: nn.Module, expected: dict[str, tuple], warns: str | None = None) -> list[ParamInfo]:
+    """Assert names/order/shapes follow ``named_parameters`` and roles match ``expected`` exactly, and
+    that classification warns about fallbacks exactly when ``warns`` (a regex of the message) is given."""
+    if warns is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackRoleWarning)
+            infos = classify(model)
+    else:
+        with pytest.warns(FallbackRoleWarning, match=warns) as caught:
+            infos = classify(model)
+        assert len([w for w in caught if w.category is FallbackRoleWarning]) == 1  # once per call
     params = list(model.named_parameters())
     assert [i.name for i in infos] == [n for n, _ in params]
     assert [i.shape for i in infos] == [tuple(p.shape) for _, p in params]
@@ -141,11 +150,103 @@ def test_phi3_fused_qkv_and_gate_up():
         p = f"model.layers.{i}"
         expected |= {
             f"{p}.self_attn.o_proj.weight": R("attention.o", num_heads=4, head_dim=8),
-            f"{p}.self_attn.qkv_proj.weight": R("attention.qkv", num_heads=4, head_dim=8, qkv_split=(32, 16, 16)),
+            f"{p}.self_attn.qkv_proj.weight": R("attention.qkv", num_heads=4, head_dim=8, qkv_split=(32, 16, 16),
+                                                qkv_layout="stacked"),
             f"{p}.mlp.gate_up_proj.weight": R("mlp.gate_up", fused="halves"),
             f"{p}.mlp.down_proj.weight": R("mlp.down"),
         } | decoder_norms(i)
     check(transformers.Phi3ForCausalLM(config), expected)
+
+
+def _fused(prefix: str, heads: int, kv_heads: int, head_dim: int, layout: str, bias: bool) -> dict:
+    """GPT-NeoX / Falcon attention: fused ``query_key_value`` and output ``dense``."""
+    out = {f"{prefix}.query_key_value.weight": R("attention.qkv", num_heads=heads, head_dim=head_dim,
+                                                 qkv_split=(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
+                                                 qkv_layout=layout),
+           f"{prefix}.dense.weight": R("attention.o", num_heads=heads, head_dim=head_dim)}
+    if bias:
+        out |= {f"{prefix}.query_key_value.bias": V, f"{prefix}.dense.bias": V}
+    return out
+
+
+def _plain_mlp(prefix: str, bias: bool) -> dict:
+    out = {f"{prefix}.dense_h_to_4h.weight": R("mlp.up"), f"{prefix}.dense_4h_to_h.weight": R("mlp.down")}
+    if bias:
+        out |= {f"{prefix}.dense_h_to_4h.bias": V, f"{prefix}.dense_4h_to_h.bias": V}
+    return out
+
+
+def test_gpt_neox_fused_qkv_interleaved_per_head():
+    # query_key_value rows are [heads, 3, head_dim]: "grouped" with one group per head
+    config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, **TOKENS)
+    expected = {"gpt_neox.embed_in.weight": R("embedding"), "lm_head.weight": R("lm_head")}
+    expected |= {f"gpt_neox.final_layer_norm.{k}": V for k in ("weight", "bias")}
+    for i in range(2):
+        p = f"gpt_neox.layers.{i}"
+        expected |= _fused(f"{p}.attention", 4, 4, 8, "grouped", bias=True) | _plain_mlp(f"{p}.mlp", bias=True)
+        expected |= {f"{p}.{n}.{k}": V for n in ("input_layernorm", "post_attention_layernorm") for k in ("weight", "bias")}
+    check(transformers.GPTNeoXForCausalLM(config), expected)
+
+
+@pytest.mark.parametrize("arch,kv_heads,layout", [
+    (dict(new_decoder_architecture=True, num_kv_heads=2), 2, "grouped"),  # [kv, q/kv + 2, hd]
+    (dict(multi_query=True), 1, "stacked"),  # [q heads; k; v]
+    (dict(multi_query=False, num_kv_heads=2), 4, "grouped"),  # [heads, 3, hd]; num_kv_heads unused
+])
+def test_falcon_fused_qkv_layouts(arch, kv_heads, layout):
+    config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **arch, **TOKENS)
+    model = transformers.FalconForCausalLM(config)
+    expected = {"transformer.word_embeddings.weight": R("embedding", tied=True)}
+    expected |= {f"transformer.ln_f.{k}": V for k in ("weight", "bias")}
+    norms_ = ("ln_attn", "ln_mlp") if arch.get("new_decoder_architecture") else ("input_layernorm",)
+    for i in range(2):
+        p = f"transformer.h.{i}"
+        expected |= _fused(f"{p}.self_attention", 4, kv_heads, 8, layout, bias=False) | _plain_mlp(f"{p}.mlp", bias=False)
+        expected |= {f"{p}.{n}.{k}": V for n in norms_ for k in ("weight", "bias")}
+    check(model, expected)
+
+
+class MHABlock(nn.Module):
+    def __init__(self, kdim=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, kdim=kdim, vdim=kdim, add_bias_kv=True)
+        self.up = nn.Linear(32, 64)
+
+
+def test_multihead_attention():
+    expected = {"attn.in_proj_weight": R("attention.qkv", num_heads=4, head_dim=8, qkv_split=(32, 32, 32),
+                                        qkv_layout="stacked"),
+                "attn.in_proj_bias": V, "attn.bias_k": V, "attn.bias_v": V,  # bias_k/v are [1, 1, E]
+                "attn.out_proj.weight": R("attention.o", num_heads=4, head_dim=8), "attn.out_proj.bias": V,
+                "up.weight": R("hidden"), "up.bias": V}  # a plain Linear outside attention: silent
+    check(MHABlock(), expected)
+    separate = {n: v for n, v in expected.items() if not n.startswith("attn.in_proj")} | {
+        "attn.q_proj_weight": R("attention.q", num_heads=4, head_dim=8),  # [E, E]
+        "attn.k_proj_weight": R("attention.k", num_heads=4, head_dim=8),  # [E, kdim]
+        "attn.v_proj_weight": R("attention.v", num_heads=4, head_dim=8),  # [E, vdim]
+        "attn.in_proj_bias": V}
+    check(MHABlock(kdim=16), separate)
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT-style attention: fused ``c_attn`` and ``c_proj``, names the classifier does not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn = nn.Linear(16, 48)
+        self.c_proj = nn.Linear(16, 16)
+
+
+def test_fallback_warning_names_unknown_matrices_once():
+    model = nn.ModuleDict({"h": nn.ModuleList(NanoAttention() for _ in range(3)), "mlp": nn.Linear(16, 16)})
+    expected = {f"h.{i}.{n}.{k}": R("hidden") if k == "weight" else V
+                for i in range(3) for n in ("c_attn", "c_proj") for k in ("weight", "bias")}
+    # six matrices inside attention modules: four named, the rest counted; the plain mlp is not named
+    check(model, expected | {"mlp.weight": R("hidden"), "mlp.bias": V},
+          warns=r"^dist_spectral.classify: 6 matrices .*: h\.0\.c_attn\.weight 48x16 \(Linear\), "
+                r"h\.0\.c_proj\.weight 16x16 \(Linear\), h\.1\.c_attn\.weight 48x16 \(Linear\), "
+                r"h\.1\.c_proj\.weight 16x16 \(Linear\) and 2 more\. .*category=dist_spectral\.roles\.FallbackRoleWarning")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +296,9 @@ def test_qwen2_moe_shared_expert():
         expected |= swiglu(f"{p}.mlp.shared_expert")
         # sigmoid gate of the shared expert, [1, d]: not a router over experts, a plain matrix
         expected |= {f"{p}.mlp.shared_expert_gate.weight": R("hidden")}
-    check(transformers.Qwen2MoeForCausalLM(config), expected)
+    check(transformers.Qwen2MoeForCausalLM(config), expected,
+          warns=r"^dist_spectral.classify: 2 matrices .*: model\.layers\.0\.mlp\.shared_expert_gate\.weight 1x32 "
+                r"\(Linear\), model\.layers\.1\.mlp\.shared_expert_gate\.weight 1x32 \(Linear\)\. ")
 
 
 def test_mixtral():
@@ -448,7 +551,8 @@ def test_fsdp2_wrapped(process_group):
 
 
 def test_format_table_lists_every_parameter_aligned():
-    infos = classify(transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+    with pytest.warns(FallbackRoleWarning):  # the shared-expert gate; see test_qwen2_moe_shared_expert
+        infos = classify(transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
         hidden_size=32, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
         num_experts_per_tok=2, **TOKENS)))
