@@ -425,7 +425,7 @@ def report(args, cpu_rows, gpu, predicted, predicted_alt, machine, load) -> str:
                              f"{_ms(r['serial'])} | {_ms(r['adamw'])} | {100 * r['step'] / r['train']:.1f} % | "
                              f"{r['state'] / 1e9:.2f} ({r['adamw_state'] / 1e9:.2f}) | {r['extra'] / 1e9:.2f} |")
             lines.append("")
-    lines += ["## Published figures of the alternatives (from distributed-design.md)", "",
+    lines += ["## Published figures of the alternatives (from docs/distributed-design.md#published-figures-of-the-alternatives)", "",
               "| source | figure |", "|---|---|",
               "| Moonlight | Muon costs 1–3 % of forward+backward time |",
               "| NVIDIA Megatron | −2.1 % model TFLOP/s vs AdamW on Kimi K2 at 256 GPUs; −3.8 % on Qwen3-30B-A3B at 8 GPUs |",

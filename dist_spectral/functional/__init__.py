@@ -2,7 +2,7 @@
 
 Every function takes whole (batched) matrices ``[..., m, n]`` and is a plain tensor function:
 nothing here knows about processes, shards or ``torch.distributed``. The formulas are in
-``update-rules.md``; each docstring repeats its own.
+``docs/update-rules.md``; each docstring repeats its own.
 
 =========================  ==========================================================
 rule                       function

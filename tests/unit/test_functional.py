@@ -27,7 +27,7 @@ from dist_spectral.functional import (
 
 f64 = torch.float64
 
-# The table in update-rules.md, typed again here so a typo in the module is caught.
+# The table in docs/update-rules.md#coefficient-sets, typed again here so a typo in the module is caught.
 SPEC_POLAR_EXPRESS = [
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
