@@ -62,11 +62,43 @@ def run_world(world_size: int, fn, *args) -> list:
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
+#: Heading of the one section of a results file written by hand; :func:`write_results` keeps it
+#: (and any ``## Notes (...by hand...)`` heading, such as "## Notes (added by hand after the run)").
+NOTES_HEADING = "## Notes (by hand)"
+
+
+def _is_notes_heading(line: str) -> bool:
+    return line.startswith("## Notes (") and "by hand" in line
+
+
+def hand_notes(path: str) -> str:
+    """The hand-written notes section of an existing results file (from its notes heading to the
+    end), or ``""`` when the file or the section does not exist."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return ""
+    start = next((i for i, line in enumerate(lines) if _is_notes_heading(line)), None)
+    return "" if start is None else "\n".join(lines[start:]) + "\n"
+
+
 def write_results(path: str, lines: list[str]) -> None:
-    """Write a results file (creating its folder) and say where."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write a results file (creating its folder) and say where.
+
+    Everything above the notes section is the script's output; a ``## Notes (by hand)`` section
+    already in the file is kept, at the end, so rerunning a script never loses prose added by
+    hand (and prose outside that section is the script's to overwrite).
+    """
+    notes = hand_notes(path)
+    if any(_is_notes_heading(line) for text in lines for line in text.splitlines()):
+        raise ValueError(f"{path}: a script must not write a notes section ({NOTES_HEADING!r}) itself")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    if notes:
+        text += "\n" + notes.rstrip("\n") + "\n"
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
     print("wrote", path)
 
 
