@@ -18,7 +18,10 @@ run resumes at the same world size and ZeRO stage.
 
 Validation is the token-weighted mean cross-entropy over a fixed held-out set, at step 0, every
 ``eval_every`` steps and at the end. Checkpoints (``dist_spectral.checkpoint``) hold the model,
-optimizer and scheduler; the step count is all the data needs to continue.
+optimizer and scheduler; the step count is all the data needs to continue. They also record the
+schedule's settings (``train.steps``, ``optim.warmup``, ``optim.constant_fraction``): a run resumed
+with others follows the new schedule from the restored step (``dist_spectral/schedules.py``) and
+says so in one line.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .. import checkpoint
 from .config import RunConfig, dump
 from .data import TokenData, load_tokens
 from ..optimizer import StepStats
+from ..schedules import apply_schedule
 from .engines import DistEnv, deepspeed_config, deepspeed_initialize, deepspeed_load, init_distributed, wrap_model
 from .metrics import MetricsLog, plot_losses, read_metrics
 
@@ -87,6 +91,7 @@ class Trainer:
             self.model = self.engine
             self._calls = StepStats()
             self.opt.register_step_post_hook(lambda opt, args, kwargs: add_stats(self._calls, opt.last_stats))
+        self.schedule_note = None  # set by load() when the resumed run's schedule differs from the saved one
         self.val = ([x.to(env.device) for x in self.data.val_batches(env.rank, cfg.train.eval_batches)]
                     if cfg.train.eval_every else [])
 
@@ -116,7 +121,8 @@ class Trainer:
         path = self.out / "checkpoints" / f"step_{step:06d}"
         if self.engine is not None:
             return self.save_deepspeed(step, path)
-        checkpoint.save(str(path), self.model, self.opt, self.sched, extra={"step": step, "name": self.cfg.name})
+        checkpoint.save(str(path), self.model, self.opt, self.sched,
+                        extra={"step": step, "name": self.cfg.name, "schedule": self.schedule_settings()})
         if self.is_main:  # rank 0 returns after the checkpoint's metadata is written
             (self.out / "checkpoints" / "latest").write_text(path.name)
         return path
@@ -127,7 +133,24 @@ class Trainer:
         step = int(extra["step"])
         if not 0 <= step <= self.cfg.train.steps:
             raise ValueError(f"checkpoint {path} is at step {step}, outside this run's 0..{self.cfg.train.steps}")
+        # The groups hold the lrs saved under the checkpoint's schedule; continue on this run's.
+        self.schedule_note = schedule_change(extra.get("schedule"), self.schedule_settings(), step,
+                                             self.opt.param_groups, self.sched.base_lrs, apply_schedule(self.sched))
         return step
+
+    def schedule_settings(self) -> dict:
+        """What the lr schedule is a function of, besides the step (saved with every checkpoint)."""
+        o = self.cfg.optim
+        return {"train.steps": self.cfg.train.steps, "optim.warmup": o.warmup, "optim.constant_fraction": o.constant_fraction}
+
+    def layout(self) -> str:
+        """The engine and world size, e.g. ``fsdp x2`` or ``deepspeed ZeRO-2 x2`` (a metrics segment's label)."""
+        engine = self.cfg.parallel.engine
+        if self.engine is not None:
+            engine += f" ZeRO-{self.ds_config['zero_optimization']['stage']}"
+        elif engine == "hsdp":
+            engine += f" {self.cfg.parallel.replicas} replicas"
+        return f"{engine} x{self.env.world_size}"
 
     # ----- DeepSpeed -----
     MANIFEST = "dist_spectral.json"  # beside DeepSpeed's files: what a resume must match
@@ -138,7 +161,8 @@ class Trainer:
         counters = {"num_steps": self.opt.num_steps, "skipped_steps": self.opt.skipped_steps,
                     "total_polar_flops": self.opt.total_polar_flops}  # one key: DeepSpeed keeps "skipped_steps"
         self.engine.save_checkpoint(str(path.parent), tag=path.name,
-                                    client_state={"step": step, "name": self.cfg.name, "optimizer_counters": counters})
+                                    client_state={"step": step, "name": self.cfg.name, "optimizer_counters": counters,
+                                                  "schedule": self.schedule_settings()})
         if self.is_main:
             manifest = {"step": step, "world_size": self.env.world_size,
                         "zero_stage": self.engine.zero_optimization_stage(), "recipe": self.cfg.optim.recipe}
@@ -222,7 +246,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(f"# resolved config of run {cfg.name}\n" + dump(cfg))
             metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resume else None)
-            print(self.header() + (f"\nresumed at step {start}" if resume else ""), flush=True)
+            print(self.header() + (f"\nresumed at step {start}" if resume else "")
+                  + (f"\n{self.schedule_note}" if self.schedule_note else ""), flush=True)
+            metrics.write({"kind": "segment", "step": start, "layout": self.layout(), "engine": cfg.parallel.engine,
+                           "world_size": self.env.world_size})
         write = metrics.write if metrics else (lambda record: None)
         # On resume, rank 0's summary covers the whole run: earlier evals come from the kept metrics.
         evals = [(r["step"], r["val_loss"]) for r in read_metrics(metrics.path) if r["kind"] == "eval"] if metrics else []
@@ -242,9 +269,8 @@ class Trainer:
                 evals.append((done, self.evaluate()))
                 write({"kind": "eval", "step": done, "val_loss": evals[-1][1]})
                 if self.is_main:
-                    bar.write(f"step {done:>6} | val {evals[-1][1]:.4f} | train {rec['loss']:.4f} | optimizer "
-                              f"{1e3 * rec['opt_s']:.1f} ms (exchange {1e3 * rec['exchange_s']:.1f}, compute "
-                              f"{1e3 * rec['compute_s']:.1f}) | {rec['tokens_per_s']:,.0f} tok/s")
+                    bar.write(f"step {done:>6} | val {evals[-1][1]:.4f} | train {rec['loss']:.4f} | "
+                              f"{optimizer_times(rec)} | {rec['tokens_per_s']:,.0f} tok/s")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (cfg.train.ckpt_final and done == cfg.train.steps):
                 self.save(done)
             postfix = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
@@ -259,8 +285,8 @@ class Trainer:
         if self.is_main:
             write(summary)
             if cfg.train.plot:
-                plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"{cfg.name}: {cfg.model.preset}, "
-                            f"{cfg.optim.recipe}, {cfg.parallel.engine} x{self.env.world_size}")
+                plot_losses(self.out / "metrics.jsonl", self.out / "loss.png",
+                            f"{cfg.name}: {cfg.model.preset}, {cfg.optim.recipe}", layout=self.layout())
             print(self.describe(summary), flush=True)
         return summary
 
@@ -279,10 +305,47 @@ class Trainer:
             return f"nothing to do: the run is already at step {s['step']} (raise train.steps to continue it)"
         val = (f"val loss {s['val_first']:.4f} -> {s['val_last']:.4f}" if s["val_first"] is not None else "no validation")
         return (f"done: {s['step'] - s['start_step']} steps in {s['seconds']:.1f} s, {s['tokens_per_s']:,.0f} tok/s; "
-                f"{val}; final train loss {s['final_loss']:.4f}\noptimizer step {1e3 * s['opt_s']:.1f} ms/step "
-                f"(exchange {1e3 * s['exchange_s']:.1f} ms, compute {1e3 * s['compute_s']:.1f} ms) of "
+                f"{val}; final train loss {s['final_loss']:.4f}\n{optimizer_times(s)} per step of "
                 f"{1e3 * s['step_s']:.1f} ms; skipped steps {s['skipped_steps']}\noutputs: {self.out}/metrics.jsonl"
                 + (f", {self.out}/loss.png" if self.cfg.train.plot else ""))
+
+
+def optimizer_times(r: dict) -> str:
+    """``optimizer 42.2 ms (exchange 0.7, polar and matrix rules 22.3, other 19.2: ...)`` from a train
+    or summary record. ``StepStats`` times the exchange (packing, collectives, unpacking) and the
+    whole-matrix rules; the rest of ``step()`` is named by what it does rather than left unexplained."""
+    other = max(0.0, r["opt_s"] - r["exchange_s"] - r["compute_s"])
+    return (f"optimizer {1e3 * r['opt_s']:.1f} ms (exchange {1e3 * r['exchange_s']:.1f}, whole-matrix rules "
+            f"{1e3 * r['compute_s']:.1f}, other {1e3 * other:.1f}: element-wise and row rules, non-finite check, "
+            "parameter update, bookkeeping)")
+
+
+def schedule_change(saved: dict | None, now: dict, step: int, groups: list[dict], base_lrs: list[float],
+                    changes: list[tuple[float, float]]) -> str | None:
+    """One line saying how a resume changes the lr schedule, or None when it does not.
+
+    Args:
+        saved (dict | None): the checkpoint's schedule settings (None: saved before they were recorded).
+        now (dict): this run's (:meth:`Trainer.schedule_settings`).
+        step (int): the restored step.
+        groups (list of dict): the optimizer's param groups (their ``schedule`` shape and ``name``).
+        base_lrs (list of float): the scheduler's base lrs, in group order.
+        changes (list of (float, float)): :func:`dist_spectral.schedules.apply_schedule`'s result.
+    """
+    moved = [c for c in changes if c[0] != c[1]]
+    differ = {k: (saved[k], v) for k, v in now.items() if saved is not None and saved.get(k) != v}
+    if not moved and not differ:
+        return None
+    what = (", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items()) if differ
+            else "the checkpoint's lrs are not this run's schedule's")
+    per_shape = {}
+    for g, base, (before, after) in zip(groups, base_lrs, changes):
+        if base and g.get("schedule", "matrix") not in per_shape:
+            per_shape[g.get("schedule", "matrix")] = f"x{before / base:.3f} -> x{after / base:.3f}"
+    ratios = ", ".join(f"{shape} groups {r}" for shape, r in per_shape.items())
+    return (f"schedule changed on resume ({what}): the lr follows this run's schedule over {now['train.steps']} steps "
+            f"from step {step} on, as if the run had been planned that long; lr at step {step + 1} "
+            f"(of the base lr): {ratios}")
 
 
 def remove_deepspeed_shm_buffer() -> None:
@@ -321,4 +384,4 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             remove_deepspeed_shm_buffer()
 
 
-__all__ = ["Trainer", "train", "resolve_resume"]
+__all__ = ["Trainer", "train", "resolve_resume", "optimizer_times", "schedule_change"]

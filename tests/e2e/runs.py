@@ -27,3 +27,17 @@ def saved_model_settings(out: Path, settings: dict) -> dict:
     """The values the run's resolved ``config.yaml`` holds for the keys of ``settings``."""
     saved = yaml.safe_load((out / "config.yaml").read_text())["model"]
     return {key: saved[key] for key in settings}
+
+
+def planned_lrs(recipe: str, total: int, warmup: int, constant_fraction: float = 0.6,
+                preset: str = "tiny-olmoe") -> dict[int, dict[str, float]]:
+    """Each group's lr at every step of a run planned for ``total`` steps from the start, keyed like
+    the ``train`` records (``step`` k runs at schedule step k − 1), by ``LambdaLR``'s own formula."""
+    from dist_spectral import build_optimizer, paper_schedule
+    from dist_spectral.models import build_model
+
+    opt = build_optimizer(build_model(preset), recipe)
+    sched = paper_schedule(opt, total, warmup=warmup, constant_fraction=constant_fraction)
+    names = [g["name"] for g in opt.param_groups]
+    return {k: {n: base * f(k - 1) for n, base, f in zip(names, sched.base_lrs, sched.lr_lambdas)}
+            for k in range(1, total + 1)}
