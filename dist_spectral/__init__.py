@@ -22,6 +22,7 @@ from .optimizer import NonFiniteGradientError, SpectralOptimizer, StepStats
 from .roles import ParamInfo, classify
 from .schedules import paper_schedule
 from . import neighbours  # noqa: F401  (registers the rules from other papers)
+from . import deepspeed  # noqa: F401  (dist_spectral.deepspeed.initialize; imports the deepspeed package only when called)
 
 __version__ = "0.1.0"
 

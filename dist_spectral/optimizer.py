@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -29,11 +30,12 @@ from torch import Tensor
 from .blocks import group_unit_specs, permuted_axis, unit_specs
 from .compute import MatrixJob
 from .engines import Topology, topology_for
+from .engines.single import check_process_group
 from .exchange import CollectiveError, Exchange, ExchangeStats
 from .layout import Layout
 from .plan import Plan, PlanParam, build_plan, check_replicate_below
 from .roles import ParamInfo
-from .rules import RowStats, check_polar_options, get_rule
+from .rules import RULES, RowStats, check_group, get_rule
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,17 @@ class SpectralOptimizer(torch.optim.Optimizer):
         bucket_bytes (int): most unit bytes gathered at once per bucket (default: 256 MiB).
         comm_dtype (torch.dtype | None): dtype of exchanged matrices (default: the state dtype).
         topology (Topology | None): engine adapter (default: chosen from the parameters).
+        process_group (ProcessGroup | str | None): the ranks this optimizer talks to: ``None`` the
+            default process group (every rank of it must build the optimizer and step it), a
+            ``ProcessGroup`` its ranks only, ``"local"`` none at all (a model that lives on this
+            rank only, such as an evaluation or reference copy, while a process group is
+            initialised: nothing waits on other ranks) (default: ``None``).
+        model (nn.Module | None): the model the parameters belong to, held by a weak reference. At
+            the first step, and at any step where no parameter has a gradient, the optimizer checks
+            that its parameters are still the model's (``fully_shard`` replaces them: an optimizer
+            built before it would train nothing) and raises naming the parameter if not;
+            :meth:`add_param_group` classifies parameters it does not know from it
+            (default: ``None``, no check; :func:`~dist_spectral.build_optimizer` passes it).
         timeout (float | timedelta | None): seconds one collective of a step may wait before
             :class:`~dist_spectral.exchange.CollectiveError` names the step and collective
             (default: the process group's timeout).
@@ -159,18 +172,23 @@ class SpectralOptimizer(torch.optim.Optimizer):
             ``benchmarks/router_path.py`` before raising it.
 
     At construction every rank compares a fingerprint of its parameters (names, shapes, rules,
-    layouts) with the others' and raises ``ValueError`` on all ranks if they differ.
+    layouts) with the others' and raises ``ValueError`` on all ranks if they differ. Hyperparameters
+    are checked as torch's optimizers check theirs (:func:`~dist_spectral.rules.check_group`: lr
+    and weight decay ≥ 0, momenta in [0, 1), eps > 0, ...), here and in :meth:`add_param_group`.
     """
 
     def __init__(self, param_groups: list[dict], infos: dict[str, ParamInfo], *, nonfinite: str = "skip",
                  bucket_bytes: int = 256 << 20, comm_dtype: torch.dtype | None = None,
                  topology: Topology | None = None, timeout: float | timedelta | None = None,
-                 replicate_below: int | None = None):
+                 replicate_below: int | None = None, process_group=None, model=None):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
         replicate_below = check_replicate_below(REPLICATE_BELOW if replicate_below is None else replicate_below)
         for g in param_groups:
+            if "rule" not in g:
+                raise ValueError(f"param group {g.get('name', '?')!r} names no 'rule'; give one of {', '.join(RULES)}")
             get_rule(g["rule"])
+        self._process_group = check_process_group(process_group)
         super().__init__(param_groups, {"lr": 1e-3, "weight_decay": 0.0})
         missing = [n for g in self.param_groups for n in g["param_names"] if n not in infos]
         if missing:
@@ -181,6 +199,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.comm_dtype = comm_dtype
         self.replicate_below = replicate_below
         self._topology = topology
+        self._model = weakref.ref(model) if model is not None else None
+        self._model_checked = False  # whether the first step checked the parameters are the model's
         self._plans: dict[tuple, tuple[Plan, Exchange]] = {}
         self._zero = None  # a ZeroMap once attached to DeepSpeed (see dist_spectral.deepspeed)
         self._zero_groups = list(self.param_groups)  # DeepSpeed later shows only some groups per step() call
@@ -198,7 +218,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
     @property
     def topology(self) -> Topology:
         if self._topology is None:
-            self._topology = topology_for([p for g in self.param_groups for p in g["params"]])
+            self._topology = topology_for([p for g in self.param_groups for p in g["params"]], self._process_group)
             self._topology.timeout = self.timeout
         return self._topology
 
@@ -224,18 +244,17 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 out.append(_Entry(g, p, name, self.infos[name]))
         return out
 
-    def _check_hyperparameters(self) -> None:
-        for g in self.param_groups:
+    def _check_hyperparameters(self, groups: list[dict] | None = None) -> None:
+        for g in self.param_groups if groups is None else groups:
             try:
-                check_polar_options(g)
-                get_rule(g["rule"]).check(g)
+                check_group(g)
             except ValueError as err:
                 raise ValueError(f"param group {g.get('name', '?')!r} (rule {g['rule']!r}, parameters "
                                  f"{', '.join(g['param_names'][:3])}{', ...' if len(g['param_names']) > 3 else ''}): "
                                  f"{err}") from None
 
-    def _check_shapes(self) -> None:
-        for e in self._entries(only_with_grad=False):
+    def _check_shapes(self, entries: list[_Entry] | None = None) -> None:
+        for e in self._entries(only_with_grad=False) if entries is None else entries:
             rule = get_rule(e.group["rule"])
             if tuple(e.param.shape) != tuple(e.info.shape):
                 raise ValueError(f"{e.name}: parameter shape {tuple(e.param.shape)} differs from its ParamInfo "
@@ -289,11 +308,123 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 state.update(get_rule(e.group["rule"]).init_state(e.param, e.group))
                 state["step"] = torch.tensor(0.0)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group, as ``torch.optim.Optimizer.add_param_group`` (e.g. layers unfrozen
+        later). Its rule decides its update, so the group must say it.
+
+        Args:
+            param_group (dict): ``params`` as ``(name, parameter)`` pairs (``module.named_parameters()``
+                with the model's prefix: names give roles and structure, looked up in the optimizer's
+                ``infos`` or classified from the model it was built from), ``rule``, and optionally
+                ``name``, ``lr``, ``weight_decay`` and the rule's hyperparameters (missing ones take the
+                rule's defaults; lr 1e-3, weight_decay 0).
+
+        Every check (names, rule, hyperparameters, shapes, layouts, ranks agreeing) runs before the
+        group is kept: on an error the optimizer is as before. Like construction, it is a collective
+        over the optimizer's process group: every rank adds its shards of the same parameters.
+        """
+        if not hasattr(self, "infos"):  # torch.optim.Optimizer.__init__ adding the constructor's groups
+            super().add_param_group(param_group)
+            return
+        if self._zero is not None:
+            raise RuntimeError("add_param_group after dist_spectral.deepspeed.initialize: DeepSpeed has already "
+                               "partitioned the param groups; add the group before initialising DeepSpeed")
+        if not isinstance(param_group, dict):
+            raise TypeError(f"add_param_group takes a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        where = f"add_param_group (group {group.get('name', len(self.param_groups))!r})"
+        params = group.get("params")
+        params = [params] if isinstance(params, (Tensor, tuple)) else list(params or [])
+        if not params or not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in params):
+            raise TypeError(f"{where}: give 'params' as (name, parameter) pairs from the model's named_parameters() "
+                            "(the names give each parameter's role, as build_optimizer reads them), e.g. "
+                            "[(n, p) for n, p in model.named_parameters() if n.startswith('layers.3.')]")
+        if "rule" not in group:
+            raise ValueError(f"{where}: the group names no 'rule'; give one of {', '.join(RULES)}")
+        rule = get_rule(group["rule"])
+        allowed = {"params", "name", "rule", "lr", "weight_decay", "schedule", "initial_lr"} | set(rule.defaults)
+        unknown = sorted(set(group) - allowed)
+        if unknown:
+            raise ValueError(f"{where}: key(s) {unknown} are not hyperparameters of rule {rule.name!r}; it takes "
+                             f"{', '.join(sorted(allowed - {'params'}))}")
+        for key, value in {**rule.defaults, **self.defaults}.items():
+            group.setdefault(key, value)
+        group.setdefault("name", f"group{len(self.param_groups)}")
+        names = [n for n, _ in params]
+        held = {n for g in self.param_groups for n in g["param_names"]}
+        again = [n for n in names if n in held] + [n for i, n in enumerate(names) if n in names[:i]]
+        if again:
+            raise ValueError(f"{where}: parameter {again[0]!r} is already in a param group of this optimizer")
+        infos = {n: self.infos[n] for n in names if n in self.infos}
+        model = self._model() if self._model is not None else None
+        if len(infos) < len(names) and model is not None:
+            from .roles import classify
+
+            infos.update({i.name: i for i in classify(model) if i.name in names and i.name not in infos})
+        missing = [n for n in names if n not in infos]
+        if missing:
+            raise ValueError(f"{where}: parameter {missing[0]!r} is not a parameter of the model this optimizer "
+                             "was built from, so its role is unknown: pass names as model.named_parameters() gives "
+                             "them (with the model's prefix)")
+        group["param_names"] = names
+        self._check_hyperparameters([group])
+        group["params"] = params
+        self._check_shapes([_Entry(group, p, n, infos[n]) for n, p in params])
+        before = len(self.param_groups)
+        super().add_param_group(group)  # torch's checks: tensors, leaves, no parameter in two groups
+        added = self.param_groups[before]
+        topology = self._topology
+        if topology is not None and type(topology_for(added["params"], self._process_group)) is not type(topology):
+            self._topology = None  # new parameters need another adapter (e.g. DTensors after plain tensors)
+        new_infos = {n: i for n, i in infos.items() if n not in self.infos}
+        self.infos.update(new_infos)
+        try:
+            self._check_ranks_agree()
+        except Exception:
+            del self.param_groups[before]
+            for n in new_infos:
+                del self.infos[n]
+            self._topology = topology
+            raise
+        if self._zero_groups is not self.param_groups:
+            self._zero_groups.append(added)
+        self._init_state()
+
+    def _check_model(self) -> None:
+        """Raise if the model the optimizer was built from no longer holds its parameters."""
+        model = self._model() if self._model is not None else None
+        if model is None or self._zero is not None:
+            return
+        now = dict(model.named_parameters())
+        stale = [e.name for e in self._entries(only_with_grad=False) if e.name in now and now[e.name] is not e.param]
+        if stale:
+            raise RuntimeError(f"{stale[0]}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''} is no longer "
+                               "the model's parameter: the model's parameters were replaced after the optimizer was "
+                               "built (fully_shard replaces them with DTensor parameters; so do to_empty and "
+                               "load_state_dict(assign=True)), and this optimizer would update tensors nothing uses. "
+                               "Build the optimizer after fully_shard. Nothing was updated")
+
+    def _check_params_are_own(self) -> None:
+        """The groups still hold the tensors the optimizer was built with: plain ``deepspeed.initialize``
+        (ZeRO) swaps them for flat partitions the optimizer has no map or state for."""
+        for g in self.param_groups:
+            foreign = len(g["params"]) != len(g["param_names"]) or any(
+                "step" not in self.state.get(p, {}) for p in g["params"])
+            if foreign:
+                shapes = [tuple(p.shape) for p in g["params"][:2]]
+                raise RuntimeError(f"param group {g.get('name', '?')!r} holds {len(g['params'])} tensor(s) (shapes "
+                                   f"{shapes}) in place of its {len(g['param_names'])} parameters "
+                                   f"({', '.join(g['param_names'][:2])}, ...): something replaced them, as DeepSpeed "
+                                   "ZeRO does with flat partitions. Pass the optimizer to DeepSpeed through "
+                                   "dist_spectral.deepspeed.initialize(model=model, optimizer=opt, config=ds_config) "
+                                   "instead of deepspeed.initialize. Nothing was updated")
+
     # ----- the step -----
     def _items(self, topo: Topology) -> list[_Item]:
         """This rank's share of every parameter with a gradient, as local views."""
         if self._zero is not None:
             return self._zero_items()
+        self._check_params_are_own()
         items = []
         for e in self._entries(only_with_grad=True):
             state = self.state[e.param]
@@ -365,9 +496,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t_start = time.perf_counter()
-        self.num_steps += 1
         topo = self.topology
         items = self._items(topo)
+        if not self._model_checked or not items:
+            self._check_model()  # raises before anything changes
+            self._model_checked = True
+        self.num_steps += 1
         stats = StepStats()
         if self._nonfinite(items, topo):
             stats.skipped = True

@@ -207,6 +207,67 @@ def check_polar_options(group: dict) -> None:
             raise ValueError(f"polar_form={group['polar_form']!r}: {e}") from None
 
 
+def _number(value) -> float | None:
+    """``value`` as a float when it is a real number (a 0-d tensor counts, as torch's lr may be one)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
+
+
+def _check_range(key: str, value, low: float, high: float | None = None, *, open_low: bool = False) -> None:
+    x = _number(value)
+    if x is None:
+        raise ValueError(f"{key}={value!r}: must be a number")
+    ok = (x > low if open_low else x >= low) and (high is None or x < high)
+    if not ok:
+        bound = f"in [{low:g}, {high:g})" if high is not None else f"{'>' if open_low else '≥'} {low:g}"
+        raise ValueError(f"{key}={value!r}: must be {bound}")
+
+
+#: Keys checked alike for every rule that has them, as torch's optimizers check theirs.
+_BOOLEAN_KEYS = ("nesterov", "per_head", "split_gate_up", "center", "normalize")
+
+
+def check_common(group: dict) -> None:
+    """``ValueError`` naming the first of the hyperparameters every rule shares that is out of range:
+    ``lr`` ≥ 0, ``weight_decay`` ≥ 0, ``beta`` and each of ``betas`` in [0, 1), ``eps`` > 0,
+    ``norm_eps`` / ``spectral_eps`` ≥ 0, ``steps`` an integer ≥ 0, the switches booleans. A
+    negative lr or weight decay would train uphill, a momentum of 1 or more diverges."""
+    _check_range("lr", group.get("lr"), 0.0)
+    _check_range("weight_decay", group.get("weight_decay", 0.0), 0.0)
+    if "beta" in group:
+        _check_range("beta", group["beta"], 0.0, 1.0)
+    if "betas" in group:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r}: give two numbers [beta1, beta2], e.g. [0.9, 0.95]")
+        for i, b in enumerate(betas):
+            _check_range(f"betas[{i}]", b, 0.0, 1.0)
+    if "eps" in group:
+        _check_range("eps", group["eps"], 0.0, open_low=True)
+    for key in ("norm_eps", "spectral_eps"):
+        if key in group:
+            _check_range(key, group[key], 0.0)
+    if "steps" in group:
+        steps = group["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps={steps!r}: must be an integer ≥ 0 (polar iterations)")
+    for key in _BOOLEAN_KEYS:
+        if key in group and not isinstance(group[key], bool):
+            raise ValueError(f"{key}={group[key]!r}: must be true or false")
+
+
+def check_group(group: dict) -> None:
+    """Every check of a param group's hyperparameters: its rule's own (:meth:`Rule.check`), the polar
+    options and :func:`check_common`. Raises ``ValueError`` naming the key and its value."""
+    rule = get_rule(group["rule"])
+    check_polar_options(group)
+    rule.check(group)
+    check_common(group)
+
+
 def adam_direction(local_state: dict, grad: Tensor, betas: tuple[float, float], eps: float, step: int) -> Tensor:
     """Adam's moments, updated in place (``exp_avg``, ``exp_avg_sq``), and its bias-corrected
     direction ``m̂ / (√v̂ + ε)`` at ``step`` (1 on the first): element-wise, on any shard."""

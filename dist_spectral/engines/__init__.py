@@ -14,17 +14,18 @@ from torch import Tensor
 from .base import Topology
 
 
-def topology_for(params: list[Tensor]) -> Topology:
-    """Pick the adapter from what the parameters are (DTensor → mesh layouts, else replicated)."""
+def topology_for(params: list[Tensor], process_group=None) -> Topology:
+    """Pick the adapter from what the parameters are (DTensor → mesh layouts, else replicated),
+    communicating over ``process_group`` (see :func:`~dist_spectral.engines.single.check_process_group`)."""
     from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in params):
         from .dtensor import DTensorTopology
 
-        return DTensorTopology()
+        return DTensorTopology(process_group)
     from .single import ReplicatedTopology
 
-    return ReplicatedTopology()
+    return ReplicatedTopology(process_group)
 
 
 __all__ = ["Topology", "topology_for"]

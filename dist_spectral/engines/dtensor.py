@@ -36,7 +36,21 @@ class DTensorTopology(ReplicatedTopology):
                                  f"{mesh.mesh_dim_names or tuple(mesh.shape)}: dist_spectral supports Shard(d) and "
                                  "Replicate() placements; reshard it (e.g. fully_shard without shard_placement_fn "
                                  "strides) or redistribute it before building the optimizer")
-        return _mesh_layout(tuple(param.shape), _ranks(mesh), tuple(placements), self.world_size)
+        ranks = _ranks(mesh)
+        if self.group is not dist.group.WORLD:  # layouts count ranks of the optimizer's group
+            ranks = self._in_group(ranks, param)
+        return _mesh_layout(tuple(param.shape), ranks, tuple(placements), self.world_size)
+
+    def _in_group(self, ranks, param: Tensor):
+        if isinstance(ranks, tuple):
+            return tuple(self._in_group(r, param) for r in ranks)
+        r = self.group_rank(ranks)
+        if r < 0:
+            raise ValueError(f"a parameter of shape {tuple(param.shape)} is a DTensor on a mesh of global ranks "
+                             f"{_ranks(param.device_mesh)}, but rank {ranks} is not in the optimizer's process group "
+                             f"({'this process only' if self.group is None else f'{self.world_size} ranks'}); "
+                             "pass process_group=None (the default group) or a group holding every rank of the mesh")
+        return r
 
     def local(self, tensor: Tensor) -> Tensor:
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
