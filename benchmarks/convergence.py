@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import machine_lines  # noqa: E402
+from common import machine_lines, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "convergence"
@@ -408,10 +408,9 @@ def main() -> None:
         results.update(run([s.with_seed(k) for s in chosen[m].values() for k in seeds]))
     done = [m for m in models if m in chosen]
     command = "python benchmarks/convergence.py " + shlex.join(sys.argv[1:])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "convergence.md").write_text(
-        report(done, results, chosen, seeds, cfg, command.strip(), started, machine, time.perf_counter() - t0)
-        + "\n![validation loss](convergence.png)\n")
+    write_results(str(RESULTS / "convergence.md"),  # keeps a "## Notes (by hand)" section
+                  [report(done, results, chosen, seeds, cfg, command.strip(), started, machine,
+                          time.perf_counter() - t0).rstrip("\n"), "", "![validation loss](convergence.png)"])
     plot(done, results, chosen, seeds, RESULTS / "convergence.png")
     print((RESULTS / "convergence.md").read_text())
 

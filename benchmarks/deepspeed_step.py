@@ -55,7 +55,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from common import machine_lines, summary  # noqa: E402
+from common import machine_lines, summary, write_results  # noqa: E402
 from step import MODEL, build_model, floor_jobs, grad_for  # noqa: E402
 
 KINDS = ("ours_muon", "ours_symmetric", "ds_muon", "ds_adamw")
@@ -607,11 +607,8 @@ def main(argv=None) -> None:
             check = f" ({measured[(stage, 'ds_muon')] / 1e9:.2f})" if w == W else ""
             cells += [f"{ds_max / 1e9:.2f}{check}", f"{ours_max / ds_max:.2f}"]
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print("wrote", args.out)
+    write_results(args.out, lines)  # keeps a "## Notes (by hand)" section
     for (stage, kind), ratio in ratios.items():
         print(f"ZeRO-{stage} {kind}: extra over AdamW = {ratio:.2f} x DeepSpeed Muon's (wall), "
               f"{cpu_ratios[(stage, kind)]:.2f} x (CPU time)")

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import machine_lines, run_world, summary  # noqa: E402
+from common import machine_lines, run_world, summary, write_results  # noqa: E402
 from step import MODEL, build_model, fsdp_model_with_grads  # noqa: E402
 
 from dist_spectral import build_optimizer  # noqa: E402
@@ -456,10 +456,7 @@ def main(argv=None) -> None:
     cpu_rows = [] if args.skip_cpu else measure_cpu([int(w) for w in args.worlds.split(",")], args.repeats)
     gpu = measure_gpu(args.repeats) if args.gpu else None
     text = report(args, cpu_rows, gpu, predicted, alt, machine, load)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
-    print("wrote", args.out)
+    write_results(os.path.abspath(args.out), [text])  # keeps a "## Notes (by hand)" section
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 
 from dist_spectral.functional import polar, polar_flops
 
-from common import machine_lines, summary
+from common import machine_lines, summary, write_results
 
 DEFAULT_SHAPES = "8x256x256,4x512x512,2x1024x1024,1x512x1536,8x256x1024,32x64x256"
 TARGET = 0.80
@@ -206,11 +206,8 @@ def main(argv=None) -> None:
         verdict(rows),
         "",
     ]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+    write_results(os.path.abspath(args.out), lines)  # keeps a "## Notes (by hand)" section
     print(verdict(rows))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
