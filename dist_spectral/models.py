@@ -11,12 +11,12 @@ A preset is a YAML file::
       hidden_size: 64
       ...
 
-Where presets live. The YAML files stay in ``configs/models/`` at the repository root, next to the
-other configs, and are located from this file (``<repo>/dist_spectral/../configs/models``); the
-environment variable ``DIST_SPECTRAL_CONFIG_DIR`` (a ``configs`` directory) overrides that, which is
-how a non-editable install finds them. A path to any YAML file always works. We chose this over
-package data because every other config (recipes, layouts, runs) is a repo file too, and a missing
-directory gives an error saying exactly where it looked.
+Where presets live. The YAML files ship inside the package, in ``dist_spectral/configs/models/``
+next to the recipes, parallel layouts and DeepSpeed configs, so a wheel install finds them as a
+checkout does (see :func:`dist_spectral.recipes.configs_dir`). The environment variable
+``DIST_SPECTRAL_CONFIG_DIR`` (a directory with a ``models/`` folder) is looked in first. A path to any
+YAML file always works. Only the run configs (``configs/runs``) stay at the repository root: they
+are examples of jobs, read by path.
 
 ``family`` is the transformers ``model_type``, so every causal LM that ``AutoModelForCausalLM`` knows
 works without a table here.
@@ -40,25 +40,26 @@ _PRESET_KEYS = {"family", "description", "published", "config"}
 
 
 def presets_dir() -> Path:
-    """Directory holding the model presets (``configs/models``).
+    """Directory holding the model presets (``dist_spectral/configs/models``).
 
     Raises:
-        FileNotFoundError: neither ``$DIST_SPECTRAL_CONFIG_DIR/models`` nor the repository copy exists.
+        FileNotFoundError: neither ``$DIST_SPECTRAL_CONFIG_DIR/models`` nor the package's copy exists.
     """
     candidates = []
     if os.environ.get(CONFIG_DIR_ENV):
         candidates.append(Path(os.environ[CONFIG_DIR_ENV]) / "models")
-    candidates.append(Path(__file__).resolve().parent.parent / "configs" / "models")
+    candidates.append(Path(__file__).resolve().parent / "configs" / "models")
     for path in candidates:
         if path.is_dir():
             return path
     raise FileNotFoundError(
-        f"model presets not found (looked in {', '.join(map(str, candidates))}). Run from a checkout of "
-        f"the repository, set {CONFIG_DIR_ENV} to its configs/ directory, or pass a path to a YAML file")
+        f"model presets not found (looked in {', '.join(map(str, candidates))}). Reinstall the package "
+        f"(its configs/models folder is missing), set {CONFIG_DIR_ENV} to a directory with a models/ folder, "
+        f"or pass a path to a YAML file")
 
 
 def list_presets() -> list[str]:
-    """Names of the presets in ``configs/models`` (file names without ``.yaml``), sorted."""
+    """Names of the presets in :func:`presets_dir` (file names without ``.yaml``), sorted."""
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
@@ -125,7 +126,7 @@ def load_model_config(name_or_path: str | os.PathLike, **overrides):
     """Build the transformers config of a preset.
 
     Args:
-        name_or_path (str | PathLike): preset name in ``configs/models`` or a path to a YAML file.
+        name_or_path (str | PathLike): preset name in ``dist_spectral/configs/models`` or a path to a YAML file.
         **overrides: config fields replacing the preset's (top-level only; a dict replaces a dict).
 
     Returns:

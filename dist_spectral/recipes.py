@@ -32,14 +32,21 @@ SCHEDULES = ("matrix", "vector", "constant")
 
 
 def configs_dir() -> Path:
-    """``configs/`` of the checkout, or ``$DIST_SPECTRAL_CONFIG_DIR`` (see :mod:`dist_spectral.models`)."""
+    """The directory of the configs the library reads by name: ``recipes/``, ``models/`` (presets),
+    ``parallel/`` (layouts) and ``deepspeed/``.
+
+    They ship inside the package (``dist_spectral/configs``), so a wheel install finds them as a
+    checkout does. ``$DIST_SPECTRAL_CONFIG_DIR``, when set, replaces the whole directory (see
+    :mod:`dist_spectral.models`); a YAML path given instead of a name is always read as is.
+    """
     from .models import CONFIG_DIR_ENV
 
     env = os.environ.get(CONFIG_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    return Path(env) if env else Path(__file__).resolve().parent / "configs"
 
 
 def list_recipes() -> list[str]:
+    """Names of the recipes in ``configs_dir() / "recipes"`` (file names without ``.yaml``), sorted."""
     return sorted(p.stem for p in (configs_dir() / "recipes").glob("*.yaml"))
 
 

@@ -1,18 +1,18 @@
 """Run configuration: dataclasses, YAML composition and ``key.sub=value`` overrides.
 
-A run config (``configs/runs/*.yaml``) has five sections and two top-level keys::
+A run config (``configs/runs/*.yaml`` in the repository) has five sections and two top-level keys::
 
     name: tiny-olmoe-fsdp       # output goes to runs/<name>/ unless out_dir is set
     base: other-run             # optional: start from another run config, then change keys
-    model:    {preset: tiny-olmoe, config: {...}}          # configs/models/<preset>.yaml
-    optim:    {recipe: symmetric, overrides: {...}, ...}   # configs/recipes/<recipe>.yaml
-    parallel: fsdp                                          # configs/parallel/fsdp.yaml, or a mapping
+    model:    {preset: tiny-olmoe, config: {...}}          # dist_spectral/configs/models/<preset>.yaml
+    optim:    {recipe: symmetric, overrides: {...}, ...}   # dist_spectral/configs/recipes/<recipe>.yaml
+    parallel: fsdp                                          # dist_spectral/configs/parallel/fsdp.yaml, or a mapping
     data:     {source: builtin, seq_len: 64, ...}
     train:    {steps: 300, eval_every: 25, ...}
 
 Overrides on the command line are ``key.sub=value`` with the value parsed as YAML
 (``train.steps=50``, ``optim.overrides.router.rule=centered_row_norm``, ``parallel=ddp``). A
-section given a string is loaded by name: ``parallel=hsdp`` reads ``configs/parallel/hsdp.yaml``
+section given a string is loaded by name: ``parallel=hsdp`` reads ``dist_spectral/configs/parallel/hsdp.yaml``
 and ``model=tiny-qwen3`` picks that preset. A key that no section has is an error naming it and
 listing the valid keys at that level; only the free-form mappings (``model.config``,
 ``optim.overrides``) accept any key, and those are checked by the model and recipe loaders.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -44,7 +45,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """Attributes:
-        preset (str): name in ``configs/models`` or a YAML path (default: ``tiny-olmoe``).
+        preset (str): name in ``dist_spectral/configs/models`` or a YAML path (default: ``tiny-olmoe``).
         dtype (str): parameter dtype (default: ``float32``).
         config (dict): fields replacing the preset's transformers config, e.g. ``{num_hidden_layers: 2}``.
         activation_checkpointing (bool): recompute each decoder layer in backward instead of storing
@@ -61,7 +62,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     """Attributes:
-        recipe (str): name in ``configs/recipes`` or a YAML path (default: ``symmetric``).
+        recipe (str): name in ``dist_spectral/configs/recipes`` or a YAML path (default: ``symmetric``).
         overrides (dict): ``build_optimizer`` overrides, e.g. ``{router: {rule: centered_row_norm}}``.
         nonfinite (str): ``skip`` or ``raise`` on a non-finite gradient (default: ``skip``).
         bucket_mb (float): exchange bucket bound in MiB (default: 256).
@@ -94,7 +95,7 @@ class DeepSpeedConfig:
     ``training/engines.py``).
 
     Attributes:
-        config (str | None): a name in ``configs/deepspeed`` (``zero2``) or a JSON path (default: none).
+        config (str | None): a name in ``dist_spectral/configs/deepspeed`` (``zero2``) or a JSON path (default: none).
         stage (int | None): ZeRO stage 1, 2 or 3 (default: the file's, else 2).
         bf16 (bool | None): bf16 compute with fp32 master weights in the optimizer (default: the
             file's, else off; slow on CPUs without AVX-512-BF16).
@@ -215,17 +216,34 @@ class RunConfig:
 
 # ----- files -----
 
-def _named_file(kind: str, name: str) -> Path:
-    """``configs/<kind>/<name>.yaml``, or ``name`` itself when it is a YAML path."""
+def runs_dir() -> Path:
+    """``configs/runs`` of the repository (or ``$DIST_SPECTRAL_CONFIG_DIR/runs``), where run names are
+    looked up. Run configs are examples of jobs, not part of the package: a wheel install reads them
+    by path."""
+    from ..models import CONFIG_DIR_ENV
+
+    env = os.environ.get(CONFIG_DIR_ENV)
+    return Path(env) / "runs" if env else Path(__file__).resolve().parents[2] / "configs" / "runs"
+
+
+def _named_file(kind: str, name: str, near: Path | None = None) -> Path:
+    """``<name>.yaml`` in ``near`` (the directory of the run file naming it as its ``base``) or in the
+    directory of ``kind`` (runs: :func:`runs_dir`; layouts: ``configs_dir() / kind``, inside the
+    package), or ``name`` itself when it is a YAML path."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"{kind} config file {name!r} does not exist")
         return path
-    path = configs_dir() / kind / f"{name}.yaml"
+    where = runs_dir() if kind == "runs" else configs_dir() / kind
+    if near is not None and (near / f"{name}.yaml").is_file():
+        where = near
+    path = where / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (configs_dir() / kind).glob("*.yaml"))
-        raise ConfigError(f"unknown {kind} config {name!r} (no {path}); available: {', '.join(known)}")
+        known = sorted(p.stem for p in where.glob("*.yaml"))
+        hint = " or a YAML path (the repository's configs/runs/<name>.yaml)" if kind == "runs" else ""
+        raise ConfigError(f"unknown {kind} config {name!r} (no {path}); available: "
+                          f"{', '.join(known) or 'none'}{hint}")
     return path
 
 
@@ -253,7 +271,7 @@ def _expand_section(key: str, value):
 
 def _raw_run(name_or_path: str, seen: tuple = ()) -> dict:
     """A run file as a dict with ``base`` and named sections resolved (base first, then this file)."""
-    path = _named_file("runs", name_or_path)
+    path = _named_file("runs", name_or_path, seen[-1].parent if seen else None)
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops ({' -> '.join(map(str, seen))})")
     data = _read_yaml(path)

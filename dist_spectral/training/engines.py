@@ -229,8 +229,8 @@ def _deepspeed_environment(use_cuda: bool) -> None:
 
 
 def deepspeed_json(name: str) -> dict:
-    """``configs/deepspeed/<name>.json``, or ``name`` itself when it is a ``.json`` path. Keys that
-    start with ``_`` (``_command``, ``_comment``: JSON has no comments) are dropped."""
+    """``<name>.json`` in the package's ``configs/deepspeed``, or ``name`` itself when it is a ``.json``
+    path. Keys that start with ``_`` (``_command``, ``_comment``: JSON has no comments) are dropped."""
     from ..recipes import configs_dir
 
     path = Path(name) if name.endswith(".json") else configs_dir() / "deepspeed" / f"{name}.json"

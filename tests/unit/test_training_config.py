@@ -9,9 +9,9 @@ import yaml
 
 from dist_spectral.recipes import configs_dir
 from dist_spectral.training import DEFAULT_RUN, parse_args, without_local_rank
-from dist_spectral.training.config import ConfigError, RunConfig, dump, load_config, parse_override
+from dist_spectral.training.config import ConfigError, RunConfig, dump, load_config, parse_override, runs_dir
 
-RUNS = sorted(p.stem for p in (configs_dir() / "runs").glob("*.yaml"))
+RUNS = sorted(p.stem for p in runs_dir().glob("*.yaml"))
 LAYOUTS = sorted(p.stem for p in (configs_dir() / "parallel").glob("*.yaml"))
 
 
@@ -24,7 +24,7 @@ def test_default_run_is_the_readme_job():
 
 @pytest.mark.parametrize("run", RUNS)
 def test_every_run_config_loads_and_names_its_command(run):
-    path = configs_dir() / "runs" / f"{run}.yaml"
+    path = runs_dir() / f"{run}.yaml"
     head = [line for line in path.read_text().splitlines() if line.startswith("#")]
     command = next((line for line in head if line.startswith("# Command:")), None)
     assert command is not None, f"{path} has no '# Command:' line at the top"
@@ -106,6 +106,16 @@ def test_base_composes_and_a_named_section_replaces(tmp_path):
     assert cfg.name == "child" and cfg.train.steps == 11 and cfg.data.batch_size == 2
     assert cfg.data.seq_len == base.data.seq_len and cfg.train.eval_every == base.train.eval_every  # kept from base
     assert cfg.parallel.engine == "ddp"
+
+
+def test_base_name_is_found_next_to_the_file_first(tmp_path):
+    # Run configs are not package data: a copy of configs/runs elsewhere (a wheel install, a user's
+    # own folder) must resolve `base: <name>` among its neighbours, not in the repository.
+    (tmp_path / DEFAULT_RUN).with_suffix(".yaml").write_text(yaml.safe_dump(
+        {"name": "local-base", "parallel": "ddp", "train": {"steps": 7}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": DEFAULT_RUN, "name": "child"}))
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.name, cfg.train.steps, cfg.parallel.engine) == ("child", 7, "ddp")
 
 
 def test_base_loop_is_an_error(tmp_path):
