@@ -1,6 +1,7 @@
 """``dist-spectral``: inspect a model's roles, print a communication plan, or train.
 
     dist-spectral inspect --model tiny-olmoe --recipe symmetric
+    dist-spectral inspect --module mypackage.model:build --module-arg layers=2
     dist-spectral plan --model qwen3-235b-a22b --world 256 --ep 8
     dist-spectral train --config configs/runs/tiny-olmoe-fsdp.yaml     (under torchrun)
 """
@@ -34,10 +35,52 @@ def _meta_model(name: str):
     return build_model(name, device="meta")
 
 
+def _user_model(spec: str, items: list[str]):
+    """The ``nn.Module`` that ``package.module:factory`` returns, called with the ``KEY=VALUE`` items
+    as keyword arguments (values parsed as YAML). Errors name the spec and what to fix."""
+    import importlib
+    import os
+
+    from torch import nn
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"--module {spec!r}: write package.module:factory, where factory() returns an nn.Module")
+    kwargs = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--module-arg {item!r}: write key=value (passed to {attr} as a keyword argument)")
+        key, raw = item.split("=", 1)
+        kwargs[key] = yaml.safe_load(raw)
+    # As with ``python -m``, a package in the current directory imports without being installed.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or anything the module raises while importing
+        raise SystemExit(f"--module {spec!r}: cannot import {module_name!r}: {type(err).__name__}: {err} "
+                         "(searched: the current directory, PYTHONPATH and installed packages)") from None
+    factory = target
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise SystemExit(f"--module {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise SystemExit(f"--module {spec!r}: {attr!r} is not callable ({type(factory).__name__}); name a function "
+                         "or class that returns an nn.Module")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"--module {spec!r}: {attr}({', '.join(items or [])}) returned a {type(model).__name__}, "
+                         "not a torch.nn.Module; return the model itself")
+    return model
+
+
 def cmd_inspect(args) -> int:
     from .build import resolve_groups
 
-    model = _meta_model(args.model)
+    if args.module_arg and not args.module:
+        raise SystemExit("--module-arg needs --module package.module:factory")
+    model = _user_model(args.module, args.module_arg) if args.module else _meta_model(args.model)
     groups, report, infos = resolve_groups(model, args.recipe, **parse_overrides(args.set))
     where = {i.name: g for g in groups for i in g.members}
     header = f"{'parameter':<56} {'shape':<16} {'role':<18} {'group':<12} {'rule':<18} {'lr':>9} {'wd':>8}"
@@ -117,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="table of parameter -> shape -> role -> rule (dry run)")
-    p.add_argument("--model", default="tiny-olmoe", help="preset name (in the package's configs/models) or a YAML path")
-    p.add_argument("--recipe", default="symmetric", help="recipe name (in the package's configs/recipes) or a YAML path")
+    p.add_argument("--model", default="tiny-olmoe", help="preset name in configs/models or a YAML path")
+    p.add_argument("--recipe", default="symmetric", help="recipe name in configs/recipes or a YAML path")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. router.rule=centered_row_norm")
+    p.add_argument("--module", metavar="PACKAGE.MODULE:FACTORY",
+                   help="your own model instead of --model: import PACKAGE.MODULE (the current directory is searched "
+                        "first) and call FACTORY, which returns an nn.Module")
+    p.add_argument("--module-arg", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="keyword arguments for FACTORY, values parsed as YAML, e.g. layers=2")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="the owner/bucket plan for a simulated world size (meta tensors)")
