@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="table of parameter -> shape -> role -> rule (dry run)")
-    p.add_argument("--model", default="tiny-olmoe", help="preset name in configs/models or a YAML path")
-    p.add_argument("--recipe", default="symmetric", help="recipe name in configs/recipes or a YAML path")
+    p.add_argument("--model", default="tiny-olmoe", help="preset name (in the package's configs/models) or a YAML path")
+    p.add_argument("--recipe", default="symmetric", help="recipe name (in the package's configs/recipes) or a YAML path")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. router.rule=centered_row_norm")
     p.add_argument("--module", metavar="PACKAGE.MODULE:FACTORY",
                    help="your own model instead of --model: import PACKAGE.MODULE (the current directory is searched "
