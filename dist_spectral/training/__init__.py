@@ -8,6 +8,7 @@
     config.py   run config dataclasses, YAML composition, key.sub=value overrides
     data.py     built-in corpus / memmap / text / datasets; deterministic (seed, step, rank) batches
     engines.py  process group and model wrapping per parallel.engine (none, ddp, fsdp, hsdp, ep)
+    names.py    recipe, preset, DeepSpeed config and data paths checked before anything starts
     loop.py     the step, validation, checkpoints
     metrics.py  metrics.jsonl and loss.png
 
@@ -22,6 +23,7 @@ import re
 import sys
 
 from .config import ConfigError, RunConfig, dump, load_config
+from .names import check_names
 
 DEFAULT_RUN = "tiny-olmoe-fsdp"
 
@@ -68,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(without_local_rank(list(sys.argv[1:] if argv is None else argv)))
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.print_config:
+            check_names(cfg)  # before any process group, model or data: one line, not a traceback per rank
     except (ConfigError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the other ranks exit with the same status quietly
             print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
