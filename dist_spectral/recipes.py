@@ -14,20 +14,21 @@ no group takes falls to AdamW and, when it is a matrix, is reported.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .roles import ROLES, ParamInfo
-from .rules import get_rule
-
-log = logging.getLogger(__name__)
+from .rules import check_group, get_rule
 
 GENERIC_KEYS = {"lr", "weight_decay", "schedule"}
+#: Keys a recipe may have at its top level, and in each group besides the rule's hyperparameters.
+RECIPE_KEYS = ("name", "description", "base", "groups")
+GROUP_KEYS = ("name", "match", "rule")
 SCHEDULES = ("matrix", "vector", "constant")
 
 
@@ -65,6 +66,13 @@ def load_recipe(recipe: str | dict | Path) -> dict:
         if not path.exists():
             raise ValueError(f"unknown recipe {str(recipe)!r}: no file {path}; known recipes: {', '.join(list_recipes())}")
         data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {str(recipe)!r} is a {type(data).__name__}, not a mapping with keys "
+                         f"{', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"recipe {data.get('name', str(recipe))!r} has unknown key(s) {unknown}; a recipe's keys "
+                         f"are {', '.join(RECIPE_KEYS)} (hyperparameters go inside a group)")
     if "base" in data:
         base = load_recipe(data.pop("base"))
         data["groups"] = merge_groups(base["groups"], data.get("groups", []), data.get("name", "recipe"))
@@ -145,11 +153,11 @@ def resolve_hyper(group: dict, where: str) -> tuple[str, dict]:
     hyper = dict(rule.defaults)
     allowed = GENERIC_KEYS | set(rule.defaults)
     for k, v in group.items():
-        if k in ("name", "match", "rule"):
+        if k in GROUP_KEYS:
             continue
         if k not in allowed:
             raise ValueError(f"{where}: group {group.get('name')!r} sets {k!r}, which rule {rule_name!r} does not take; "
-                             f"it takes {', '.join(sorted(allowed))}")
+                             f"it takes {', '.join(sorted(allowed))} (and a group's {', '.join(GROUP_KEYS)})")
         hyper[k] = v
     if "lr" not in hyper:
         raise ValueError(f"{where}: group {group.get('name')!r} has no lr")
@@ -162,7 +170,7 @@ def resolve_hyper(group: dict, where: str) -> tuple[str, dict]:
                              "give two numbers [beta1, beta2], e.g. [0.9, 0.95]")
         hyper["betas"] = tuple(hyper["betas"])
     try:
-        rule.check(hyper)
+        check_group({"rule": rule_name, **hyper})
     except ValueError as err:
         raise ValueError(f"{where}: group {group.get('name')!r} (rule {rule_name!r}): {err}") from None
     return rule_name, hyper
@@ -185,6 +193,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 raise ValueError(f"override {key}={value!r}: {key!r} is a group of {where}; pass a dict of fields")
             recipe["groups"] = merge_groups(recipe["groups"], [{"name": key, **value}], where)
         elif key == "lr_scale":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"override lr_scale={value!r}: it multiplies every lr of {where}; give a number >= 0")
             for g in recipe["groups"]:
                 g["lr"] = g["lr"] * value
         else:
@@ -237,6 +247,8 @@ def assign(infos: list[ParamInfo], recipe: dict, fallback_lr: float | None = Non
     for s in groups:
         s.hyper.setdefault("schedule", "vector" if all(len(i.shape) <= 1 or i.role == "vector" for i in s.members)
                            else "matrix")
-    for line in report:
-        log.warning(line)
+    if report:
+        # Said once per build: warnings.warn shows by default (logging needs a configured handler).
+        warnings.warn(f"{len(report)} parameter(s) matched no group of {where} and fell to the 'fallback' group "
+                      f"(rule adamw, lr {fallback.hyper['lr']:g}): " + "; ".join(report), stacklevel=4)
     return groups, report
