@@ -68,8 +68,9 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, model_setti
     checkpoint = full_run / "checkpoints" / f"step_{CKPT_AT:06d}"
     assert checkpoint.is_dir()
     assert (full_run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"  # saved at 12 and 24
-    torchrun(*SHORT, f"out_dir={tmp_path}", "name=e2e-resumed", *model_overrides(model_settings),
-             "--resume", str(checkpoint))
+    proc = torchrun(*SHORT, f"out_dir={tmp_path}", "name=e2e-resumed", *model_overrides(model_settings),
+                    "--resume", str(checkpoint))
+    assert "schedule changed" not in proc.stdout  # same train.steps: the saved lrs are the schedule's
     assert saved_model_settings(tmp_path, model_settings) == model_settings
     full = {r["step"]: r["loss"] for r in records(full_run, "train")}
     resumed = {r["step"]: r["loss"] for r in records(tmp_path, "train")}
