@@ -370,8 +370,8 @@ def test_recipes_put_conda_and_aro_on_hidden_matrices_and_experts():
 @pytest.mark.parametrize("recipe,overrides,names", [
     ("conda", {"update_proj_gap": 0}, "update_proj_gap=0"),
     ("conda", {"update_proj_gap": 2.5}, "update_proj_gap=2.5"),
-    ("conda", {"betas": (0.9, 1.0)}, "betas[1]=1.0"),
-    ("conda", {"eps": 0.0}, "eps=0.0"),
+    ("conda", {"attention": {"betas": (0.9, 1.0)}}, "betas[1]=1.0"),
+    ("conda", {"attention": {"eps": 0.0}}, "eps=0.0"),
     ("aro", {"base_rule": "adam"}, "base_rule='adam'"),
     ("aro", {"sinkhorn_steps": 0}, "sinkhorn_steps=0"),
     ("aro", {"beta": -0.1}, "beta=-0.1"),
