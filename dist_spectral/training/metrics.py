@@ -102,13 +102,14 @@ def plot_losses(metrics_path: Path | str, png_path: Path | str, title: str = "",
         ax.plot(*d["val"], "o-", color="tab:orange", lw=1.6, ms=4, label="validation")
     for step, label in d["resumes"]:
         ax.axvline(step, color="0.4", ls="--", lw=0.9)
-        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                    textcoords="offset points", va="top", fontsize=8, color="0.3", rotation=90)
+        # At the foot of the line: a loss curve and the legend take the top of the axes.
+        ax.annotate(label, (step, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                    textcoords="offset points", va="bottom", fontsize=8, color="0.3", rotation=90)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(", ".join([t for t in (title, " → ".join(d["layouts"])) if t]))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
