@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -242,8 +243,9 @@ def _named_file(kind: str, name: str, near: Path | None = None) -> Path:
     if not path.is_file():
         known = sorted(p.stem for p in where.glob("*.yaml"))
         hint = " or a YAML path (the repository's configs/runs/<name>.yaml)" if kind == "runs" else ""
-        raise ConfigError(f"unknown {kind} config {name!r} (no {path}); available: "
-                          f"{', '.join(known) or 'none'}{hint}")
+        close = difflib.get_close_matches(name, known, n=1)
+        raise ConfigError(f"unknown {kind} config {name!r}{f' (did you mean {close[0]!r}?)' if close else ''} "
+                          f"(no {path}); available: {', '.join(known) or 'none'}{hint}")
     return path
 
 

@@ -15,6 +15,7 @@ BAD = [
     (["optim.recipe=symetric"], ["optim.recipe='symetric'", "did you mean 'symmetric'?", "muon"]),
     (["model.preset=tiny-olmo"], ["model.preset='tiny-olmo'", "did you mean 'tiny-olmoe'?", "tiny-llama"]),
     (["model=tiny-lama"], ["model.preset='tiny-lama'", "did you mean 'tiny-llama'?"]),
+    (["parallel=fsdpp"], ["parallel config 'fsdpp'", "did you mean 'fsdp'?", "hsdp"]),
     (["optim.recipe=missing.yaml"], ["optim.recipe='missing.yaml'", "no file missing.yaml"]),
     (["optim.overrides.mlpp.lr=0.1"], ["optim.overrides", "'mlpp'", "attention"]),
     (["parallel.engine=deepspeed", "parallel.deepspeed.config=zero22"],
