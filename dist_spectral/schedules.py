@@ -3,7 +3,7 @@
 - ``matrix`` groups: no warmup, constant for the first ``constant_fraction`` of steps, then linear
   decay to 0: ``f(t) = 1`` for ``t < c·T``, else ``(T − t) / (T − c·T)``.
 - ``vector`` groups: linear warmup over ``warmup`` steps, then cosine to 0:
-  ``f(t) = t/w`` for ``t < w``, else ``½(1 + cos(π (t − w)/(T − w)))``.
+  ``f(t) = (t + 1)/w`` for ``t < w``, else ``½(1 + cos(π (t − w)/(T − w)))``.
 - ``constant`` groups: ``f(t) = 1``.
 
 Each shape is a function of the step and the run's total ``T``. A run resumed with another total
