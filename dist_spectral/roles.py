@@ -431,8 +431,8 @@ def _warn_fallbacks(infos: list[ParamInfo], modules: dict[str, nn.Module], has_c
         f"dist_spectral.classify: {len(unknown)} matri{'x has' if len(unknown) == 1 else 'ces have'} no recognised "
         f"role and fell back to 'hidden' (they get the recipe's rule for role hidden: whole-matrix Muon in most "
         f"built-in recipes): {shown}{more}. If they are attention or MLP projections, name them like a supported "
-        f"model (see dist_spectral.roles) or pass build_optimizer(..., infos=[ParamInfo, ...]); if 'hidden' is right, silence this with "
-        f"warnings.filterwarnings('ignore', category=dist_spectral.roles.FallbackRoleWarning)",
+        f"model (see dist_spectral.roles) or pass build_optimizer(..., infos=[ParamInfo, ...]); if 'hidden' is "
+        f"right, silence this with warnings.filterwarnings('ignore', category=dist_spectral.roles.FallbackRoleWarning)",
         FallbackRoleWarning, stacklevel=3)
 
 
