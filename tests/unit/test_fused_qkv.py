@@ -131,7 +131,8 @@ def test_optimizer_equals_reference_on_grouped_qkv(per_head):
         ref.step(grads)
     qkv = "transformer.h.0.self_attention.query_key_value.weight"
     assert next(g.name for g in groups if any(i.name == qkv for i in g.members)) == "attention"
-    assert len(unit_specs(infos[[i.name for i in infos].index(qkv)], per_head=per_head)) == (8 if per_head else 1)  # 4 q, 2 k, 2 v heads
+    units = unit_specs(next(i for i in infos if i.name == qkv), per_head=per_head)
+    assert len(units) == (8 if per_head else 1)  # per head: 4 q, 2 k, 2 v
     for n, p in model.named_parameters():
         # the same bound as test_optimizer's step-for-step comparison (batched vs looped fp32 polar)
         assert (ref_params[n] - p.detach()).abs().max() <= 5e-6 * max(float(ref_params[n].abs().max()), 1.0), n
