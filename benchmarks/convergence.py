@@ -4,7 +4,7 @@
     python benchmarks/convergence.py --report-only    # rebuild the report from finished runs
 
 Every run is one process (``parallel=none``, one thread) training a tiny model from
-``configs/models`` on the built-in corpus with a recipe from ``configs/recipes`` plus overrides;
+``dist_spectral/configs/models`` on the built-in corpus with a recipe from ``dist_spectral/configs/recipes`` plus overrides;
 ``train.seed`` fixes both the initial weights and the batch order, so two runs with the same seed
 differ only in the optimizer and the comparison is *paired*. Runs go to
 ``runs/convergence/<steps>steps/<id>/``

@@ -5,7 +5,7 @@
 The model and fixed gradients of ``benchmarks/step.py`` (OLMoE architecture, FSDP2 per layer,
 gloo, one thread per rank). Each recipe gets its own model copy; in every round each optimizer
 steps once, interleaved, a step timed as the slowest rank's (barriers before and after). Recipes
-(``configs/recipes``): ``muon`` (the baseline), ``symmetric``, ``spectra`` (soft spectral clipping
+(``dist_spectral/configs/recipes``): ``muon`` (the baseline), ``symmetric``, ``spectra`` (soft spectral clipping
 of the AdamW update), ``auon`` (cosh-normalised momentum: two scalar all-reduces per matrix, no
 gather), ``conda`` (Adam in the momentum's singular basis: the basis is refreshed at step 1 and
 then every ``update_proj_gap`` steps, so the first step is reported apart) and ``aro`` (a rotation
