@@ -7,6 +7,7 @@ every recipe, the console script: ``.ci/wheel_smoke.py``).
 """
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -70,5 +71,5 @@ def test_installed_wheel_builds_an_optimizer_away_from_the_checkout(wheel, tmp_p
     assert out.returncode == 0, out.stderr[-3000:]
     where, groups, layout = out.stdout.splitlines()[-3:]
     assert Path(where).resolve().is_relative_to(target.resolve()), f"imported from {where}, not the wheel"
-    assert {"attention", "router", "mlp", "embedding"} <= set(eval(groups))
+    assert {"attention", "router", "mlp", "embedding"} <= set(ast.literal_eval(groups))
     assert layout == "hsdp 2"
