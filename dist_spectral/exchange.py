@@ -120,12 +120,28 @@ class Exchange:
             if hi > lo:
                 yield lo, hi
 
+    def _wire_dtype(self, bucket, dtypes: dict[int, torch.dtype]) -> torch.dtype:
+        """One bucket's dtype on the wire: ``comm_dtype``, else the widest dtype of its parameters.
+
+        Every rank derives it from the plan and the parameters' dtypes (equal on all ranks: they
+        are in the plan's fingerprint), never from what it happens to hold, so all ranks agree with
+        no metadata; a bucket mixing bf16 and fp32 parameters (a router kept in fp32) travels in
+        fp32, which carries bf16 values exactly."""
+        if self.comm_dtype is not None:
+            return self.comm_dtype
+        wire = None
+        for uid in bucket.units:
+            dtype = dtypes[self.plan.units[uid].param]
+            wire = dtype if wire is None else torch.promote_types(wire, dtype)
+        return wire or torch.float32
+
     def _collective(self, phase: str, bucket_index: int, send: list[Tensor], recv_numel: int, send_sizes, recv_sizes,
-                    dtype: torch.dtype, device: torch.device, stats: ExchangeStats, replicated=(0, 0)):
-        """Start one all_to_all_single; ``replicated`` (elements sent, received) of the payload
-        belong to replicated units and are counted as the ``replicate`` phase."""
-        wire = self.comm_dtype or dtype
-        payload = torch.cat(send).to(wire) if send else torch.empty(0, dtype=wire, device=device)
+                    wire: torch.dtype, device: torch.device, stats: ExchangeStats, replicated=(0, 0)):
+        """Start one all_to_all_single in dtype ``wire``; ``replicated`` (elements sent, received) of
+        the payload belong to replicated units and are counted as the ``replicate`` phase."""
+        # cast piece by piece: no intermediate copy in the widest dtype before a narrower comm_dtype
+        payload = (torch.cat([t.to(wire) for t in send]) if send
+                   else torch.empty(0, dtype=wire, device=device))
         out = torch.empty(recv_numel, dtype=wire, device=device)
         size = payload.element_size()
         stats.bytes_sent[phase] += (payload.numel() - replicated[0]) * size
@@ -208,8 +224,12 @@ class Exchange:
                                  f"{plan.params[pos].channels[0]}")
         outputs = {pos: x.new_empty(plan.params[pos].channels[1], x.shape[1]) for pos, x in inputs.items()}
         first = next(iter(inputs.values()), None)
-        dtype = first.dtype if first is not None else torch.float32
         device = first.device if first is not None else torch.device("cpu")
+        # Parameters may differ in dtype (a bf16 model with its router kept in fp32): each unit is
+        # assembled and computed in its own parameter's dtype, as it is when whole on one rank, so
+        # the result does not depend on the number of ranks; only the wire is per bucket.
+        dtypes = {pos: x.dtype for pos, x in inputs.items()}
+        wires = [self._wire_dtype(bucket, dtypes) for bucket in plan.buckets]
         streams = _Streams(device)
         clock = time.perf_counter
 
@@ -225,8 +245,8 @@ class Exchange:
                         for p in v.gather_send]
                 replicated = sum(t.numel() for t, p in zip(send, v.gather_send) if plan.units[p.uid].replicated)
                 send_sizes, recv_sizes = v.gather_sizes
-                return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, dtype, device, stats,
-                                        (replicated, v.replicated_recv))
+                return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, wires[bi], device,
+                                        stats, (replicated, v.replicated_recv))
 
         def job(u: Unit) -> MatrixJob:
             j = make_job(u, mats[u.uid].view(channels(u, 0), u.spec.rows, -1))
@@ -261,7 +281,8 @@ class Exchange:
             whole = v.whole
             # a unit whole here in one piece is read in place; the others are assembled
             mats = {u.uid: (self._local_slice(inputs, u, u.start, u.stop) if u.uid in whole else
-                            torch.empty(channels(u, 0), u.stop - u.start, dtype=dtype, device=device)) for u in local}
+                            torch.empty(channels(u, 0), u.stop - u.start, dtype=dtypes[u.param], device=device))
+                    for u in local}
             for u in local:
                 if u.uid in whole:
                     continue
@@ -296,7 +317,7 @@ class Exchange:
                         streams.used_by_exchange(t)
                     send_sizes, recv_sizes = v.scatter_sizes
                     scatters.append((bi, *self._collective("scatter", bi, send, sum(recv_sizes), send_sizes,
-                                                           recv_sizes, dtype, device, stats)))
+                                                           recv_sizes, wires[bi], device, stats)))
             stats.exchange_seconds += clock() - t0
             compute(v.replicas_waiting, mats, {}, replicated=True)  # overlaps the scatter in flight
         t0 = clock()

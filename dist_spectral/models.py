@@ -160,7 +160,9 @@ def build_model(name_or_path: str | os.PathLike, device: str | torch.device = "c
         name_or_path (str | PathLike): preset name or YAML path (see ``load_model_config``).
         device (str | torch.device): where parameters are created; ``"meta"`` allocates nothing, for
             planning at 235B scale in seconds (default: ``"cpu"``).
-        dtype (torch.dtype | str | None): parameter dtype (default: ``None``, float32).
+        dtype (torch.dtype | str | None): parameter dtype (default: ``None``, float32). What
+            transformers keeps in fp32 at this dtype stays fp32 (see :func:`keep_in_fp32`), so a bf16
+            model can hold fp32 parameters (DeepSeek-V3's router).
         seed (int | None): ``torch.manual_seed`` before initialisation (default: ``None``, unseeded).
         **config_overrides: config fields replacing the preset's.
 
@@ -172,9 +174,60 @@ def build_model(name_or_path: str | os.PathLike, device: str | torch.device = "c
     config = load_model_config(name_or_path, **config_overrides)
     if seed is not None:
         torch.manual_seed(seed)
+    dtype = _as_dtype(dtype)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=_as_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    keep_in_fp32(model, dtype if dtype is not None else torch.get_default_dtype())
     return model.train()
+
+
+def _fp32_plan(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """transformers' keep-in-fp32 patterns for a model loaded in ``dtype``, as its ``from_pretrained``
+    decides them in the installed version.
+
+    transformers 5.x names modules to keep in fp32 on the model class: ``_keep_in_fp32_modules_strict``
+    under fp16 and bf16, ``_keep_in_fp32_modules`` under fp16 (newer 5.x, ``_get_dtype_plan``) or under
+    any dtype (5.0, the instance's ``dtype_plan``). ``from_config`` applies them only where a module
+    creates its tensors in fp32 itself, which depends on the version, so they are applied here.
+    """
+    if hasattr(model, "_get_dtype_plan"):
+        return [k for k, v in model._get_dtype_plan(dtype).items() if v == torch.float32]
+    if isinstance(getattr(model, "dtype_plan", None), dict):
+        return [k for k, v in model.dtype_plan.items() if v == torch.float32]
+    strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    loose = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return strict + loose if dtype == torch.float16 else strict if dtype == torch.bfloat16 else []
+
+
+def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to fp32 the parameters and buffers transformers keeps in fp32 when loading in ``dtype``
+    (a DeepSeek-V3 router's ``gate.weight`` and ``e_score_correction_bias`` under bf16), the same on
+    every device, ``meta`` included. A state-dict name matching any pattern (a regular expression
+    searched in the name, ``*`` for any text: transformers' own matching) is kept in fp32.
+
+    Args:
+        model (nn.Module): a transformers model built at ``dtype``.
+        dtype (torch.dtype): the dtype it was built at; fp32 changes nothing.
+
+    Returns:
+        nn.Module: ``model``, changed in place.
+    """
+    patterns = _fp32_plan(model, dtype) if dtype != torch.float32 else []
+    if not patterns:
+        return model
+    match = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    for module_name, module in model.named_modules():
+        prefix = module_name + "." if module_name else ""
+        skip = module._non_persistent_buffers_set  # not in the state dict: transformers leaves them
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or not t.is_floating_point() or t.dtype == torch.float32 or (
+                        store is module._buffers and name in skip):
+                    continue
+                if match.search(prefix + name):
+                    # .data keeps the Parameter object (and any reference to it) while its dtype changes
+                    t.data = t.data.to(torch.float32)
+    return model
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,6 +3,7 @@ their published parameter counts."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -87,12 +88,53 @@ def test_tiny_olmoe_default_shape():
             config.intermediate_size) == ("olmoe", 64, 8, 2, 64)
 
 
+def _kept_in_fp32(model, name: str, dtype: torch.dtype) -> bool:
+    """Whether transformers keeps ``name`` in fp32 when loading in ``dtype``: the strict list under
+    fp16 and bf16, the other one under fp16 too; its patterns are searched in the name."""
+    patterns = list(model._keep_in_fp32_modules_strict or []) if dtype in (torch.float16, torch.bfloat16) else []
+    if dtype == torch.float16:
+        patterns += list(model._keep_in_fp32_modules or [])
+    return any(re.search(p.replace("*", ".*"), name) for p in patterns)
+
+
 @pytest.mark.parametrize("name", LARGE)
 def test_large_preset_builds_on_meta(name):
     model = build_model(name, device="meta", dtype="bfloat16")
-    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    # bf16, except what transformers keeps in fp32 (DeepSeek-V3's router gate)
+    for n, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if _kept_in_fp32(model, n, torch.bfloat16) else torch.bfloat16), n
     assert not model.config.tie_word_embeddings
     assert "hidden" not in {i.role for i in classify(model)}
+
+
+def test_deepseek_v3_router_stays_fp32_on_every_device():
+    for device in ("meta", "cpu"):
+        model = build_model("tiny-deepseek-v3", device=device, dtype="bfloat16", seed=0)
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        gates = [n for n in dtypes if n.endswith("mlp.gate.weight")]
+        assert gates and all(dtypes.pop(n) == torch.float32 for n in gates)
+        assert set(dtypes.values()) == {torch.bfloat16}
+        biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        assert biases and all(b.dtype == torch.float32 for b in biases)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_keep_in_fp32_follows_transformers_lists(monkeypatch, dtype, device):
+    # A model whose modules create their tensors in the requested dtype, yet whose class asks for
+    # fp32 (what transformers 5.0 does with DeepSeek-V3's router): the lists decide, on every device.
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["input_layernorm"])
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules", ["mlp.down_proj"])
+    model = build_model("tiny-llama", device=device, dtype=dtype, seed=0)
+    want = {n: torch.float32 if _kept_in_fp32(model, n, dtype) else dtype for n, _ in model.named_parameters()}
+    assert {n: p.dtype for n, p in model.named_parameters()} == want
+    kept = {n for n, d in want.items() if d == torch.float32 and dtype != torch.float32}
+    strict = {n for n in want if "input_layernorm" in n}
+    loose = {n for n in want if "mlp.down_proj" in n}
+    assert kept == {torch.bfloat16: strict, torch.float16: strict | loose, torch.float32: set()}[dtype]
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
