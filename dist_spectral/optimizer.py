@@ -433,11 +433,21 @@ class SpectralOptimizer(torch.optim.Optimizer):
                                state["step"]))
         return items
 
-    # ----- DeepSpeed ZeRO -----
+    # ----- state_dict, DeepSpeed ZeRO -----
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` with the step counters ``num_steps`` and
+        ``skipped_steps`` beside ``state`` and ``param_groups``, so a trainer's resume keeps them."""
+        out = super().state_dict()
+        out["num_steps"], out["skipped_steps"] = self.num_steps, self.skipped_steps
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, keeping the param-group dicts DeepSpeed's
-        per-group ``step()`` calls refer to in sync with the loaded ones."""
+        """``torch.optim.Optimizer.load_state_dict``, restoring ``num_steps`` / ``skipped_steps`` when
+        saved and keeping the param-group dicts DeepSpeed's per-group ``step()`` calls refer to in
+        sync with the loaded ones."""
         super().load_state_dict(state_dict)
+        self.num_steps = int(state_dict.get("num_steps", self.num_steps))
+        self.skipped_steps = int(state_dict.get("skipped_steps", self.skipped_steps))
         if self._zero is not None:
             self._zero_groups = list(self.param_groups)
 

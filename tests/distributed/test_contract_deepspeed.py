@@ -1,7 +1,7 @@
 """What a DeepSpeed user does first: the optimizer passed to plain ``deepspeed.initialize`` (W = 2,
 gloo, CPU).
 
-- ZeRO-1/2 swap the optimizer's parameters for flat partitions it has no map for: the first step
+- ZeRO-1/2/3 swap the optimizer's parameters for flat partitions it has no map for: the first step
   must stop, naming ``dist_spectral.deepspeed.initialize``, with the model unchanged (it died in a
   bare ``KeyError: 'step'`` before).
 - ZeRO stage 0 steps the client optimizer on the real parameters: plain ``deepspeed.initialize``
@@ -58,7 +58,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
-    results = {stage: run(stage) for stage in (0, 1, 2)}
+    results = {stage: run(stage) for stage in (0, 1, 2, 3)}
     torch.save(results, Path(out_dir) / f"result{rank}.pt")
     leave_worker()
 
@@ -70,7 +70,7 @@ def results(tmp_path_factory):
     return [torch.load(d / f"result{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_plain_initialize_under_zero_names_dist_spectral_initialize(results, stage):
     for rank, r in enumerate(results):
         got = r[stage]

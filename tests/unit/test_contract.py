@@ -209,3 +209,14 @@ def test_local_process_group_steps_like_the_default():
         opt_b.step()
     for n, p in a.named_parameters():
         assert torch.equal(p, b.get_parameter(n)), n
+
+
+def test_state_dict_keeps_the_step_counters():
+    model = tiny_qwen3()
+    opt = build_optimizer(model, "symmetric")
+    for step in range(3):
+        set_grads(model, step)
+        opt.step()
+    fresh = build_optimizer(tiny_qwen3(), "symmetric")
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.num_steps == 3
