@@ -199,11 +199,33 @@ def _fp32_plan(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     return strict + loose if dtype == torch.float16 else strict if dtype == torch.bfloat16 else []
 
 
+def _fp32_matcher(model: torch.nn.Module, dtype: torch.dtype):
+    """``name -> bool``: whether transformers keeps the tensor named ``name`` in fp32 at ``dtype``
+    (a state-dict name matching any pattern, a regular expression searched in the name with ``*``
+    for any text: transformers' own matching)."""
+    patterns = _fp32_plan(model, dtype) if dtype != torch.float32 else []
+    if not patterns:
+        return lambda name: False
+    match = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    return lambda name: match.search(name) is not None
+
+
+def kept_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Names of the parameters transformers keeps in fp32 when the model runs in ``dtype``
+    (DeepSeek-V3's router ``gate.weight`` under bf16); empty for fp32 or a model without the lists.
+
+    Args:
+        model (nn.Module): a transformers model (anything else has no such parameters).
+        dtype (torch.dtype): the dtype the rest of the model is stored or computed in.
+    """
+    kept = _fp32_matcher(model, dtype)
+    return [n for n, p in model.named_parameters() if p.is_floating_point() and kept(n)]
+
+
 def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast to fp32 the parameters and buffers transformers keeps in fp32 when loading in ``dtype``
     (a DeepSeek-V3 router's ``gate.weight`` and ``e_score_correction_bias`` under bf16), the same on
-    every device, ``meta`` included. A state-dict name matching any pattern (a regular expression
-    searched in the name, ``*`` for any text: transformers' own matching) is kept in fp32.
+    every device, ``meta`` included (see :func:`kept_in_fp32`).
 
     Args:
         model (nn.Module): a transformers model built at ``dtype``.
@@ -212,10 +234,7 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     Returns:
         nn.Module: ``model``, changed in place.
     """
-    patterns = _fp32_plan(model, dtype) if dtype != torch.float32 else []
-    if not patterns:
-        return model
-    match = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    kept = _fp32_matcher(model, dtype)
     for module_name, module in model.named_modules():
         prefix = module_name + "." if module_name else ""
         skip = module._non_persistent_buffers_set  # not in the state dict: transformers leaves them
@@ -224,7 +243,7 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
                 if t is None or not t.is_floating_point() or t.dtype == torch.float32 or (
                         store is module._buffers and name in skip):
                     continue
-                if match.search(prefix + name):
+                if kept(prefix + name):
                     # .data keeps the Parameter object (and any reference to it) while its dtype changes
                     t.data = t.data.to(torch.float32)
     return model

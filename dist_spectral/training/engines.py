@@ -32,6 +32,7 @@ LOCAL_RANK, LOCAL_SIZE and passes ``--local_rank``) and ``torchrun`` both work, 
 """
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import json
@@ -126,6 +127,16 @@ def _fully_shard(model: nn.Module, mesh, cfg: ParallelConfig, shard_placement_fn
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
     if cfg.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_as_dtype(cfg.mixed_precision), reduce_dtype=torch.float32)
+    # What transformers keeps in fp32 (DeepSeek-V3's router) is a unit of its own: FSDP2 wants one
+    # dtype per unit, and under mixed precision it computes in fp32 as transformers intends.
+    from ..models import kept_in_fp32
+
+    dtype = (_as_dtype(cfg.mixed_precision) if cfg.mixed_precision else
+             collections.Counter(p.dtype for p in model.parameters()).most_common(1)[0][0])
+    fp32 = {**kwargs, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)}
+    for name in kept_in_fp32(model, dtype):
+        if "." in name:
+            fully_shard(model.get_submodule(name.rpartition(".")[0]), shard_placement_fn=shard_placement_fn, **fp32)
     for module in list(units) + _layers(model):
         fully_shard(module, shard_placement_fn=shard_placement_fn, **kwargs)
     fully_shard(model, **kwargs)
