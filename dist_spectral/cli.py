@@ -3,7 +3,7 @@
     dist-spectral inspect --model tiny-olmoe --recipe symmetric
     dist-spectral inspect --module mypackage.model:build --module-arg layers=2
     dist-spectral plan --model qwen3-235b-a22b --world 256 --ep 8
-    dist-spectral train --config configs/runs/tiny-olmoe-fsdp.yaml     (under torchrun)
+    dist-spectral train                       (under torchrun; the built-in default run, tiny-olmoe-fsdp)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training entry point for ``torchrun`` and the ``deepspeed`` launcher (see ``dist_spectral/training``).
 
-    .venv/bin/torchrun --standalone --nproc_per_node=2 launch/train.py --config configs/runs/tiny-olmoe-fsdp.yaml
+    .venv/bin/torchrun --standalone --nproc_per_node=2 launch/train.py      # the built-in default, tiny-olmoe-fsdp
     .venv/bin/torchrun --standalone --nproc_per_node=2 launch/train.py train.steps=50 optim.recipe=muon
     .venv/bin/deepspeed --num_gpus 2 launch/train.py --config configs/runs/tiny-olmoe-zero2.yaml
 

@@ -51,7 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="Overrides are key.sub=value (YAML values), e.g. train.steps=100 optim.recipe=muon parallel=ddp "
                "data.source=memmap data.path=data/train.bin. Unknown keys are errors listing the valid ones.")
     p.add_argument("--config", default=DEFAULT_RUN,
-                   help=f"run config: a name in configs/runs or a YAML path (default: {DEFAULT_RUN})")
+                   help=f"run config: a name in the repository's configs/runs or the package's built-in runs, "
+                        f"or a YAML path (default: {DEFAULT_RUN}, built in)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint directory, a run directory, or (no value) this run's latest")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

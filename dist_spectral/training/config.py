@@ -1,6 +1,7 @@
 """Run configuration: dataclasses, YAML composition and ``key.sub=value`` overrides.
 
-A run config (``configs/runs/*.yaml`` in the repository) has five sections and two top-level keys::
+A run config (``configs/runs/*.yaml`` in the repository; the built-in default ships in the package,
+``dist_spectral/configs/runs``) has five sections and two top-level keys::
 
     name: tiny-olmoe-fsdp       # output goes to runs/<name>/ unless out_dir is set
     base: other-run             # optional: start from another run config, then change keys
@@ -219,34 +220,47 @@ class RunConfig:
 
 def runs_dir() -> Path:
     """``configs/runs`` of the repository (or ``$DIST_SPECTRAL_CONFIG_DIR/runs``), where run names are
-    looked up. Run configs are examples of jobs, not part of the package: a wheel install reads them
-    by path."""
+    looked up first. These run configs are examples of jobs, not part of the package: a wheel install
+    reads them by path."""
     from ..models import CONFIG_DIR_ENV
 
     env = os.environ.get(CONFIG_DIR_ENV)
     return Path(env) / "runs" if env else Path(__file__).resolve().parents[2] / "configs" / "runs"
 
 
+def builtin_runs_dir() -> Path:
+    """``dist_spectral/configs/runs``: the run configs that ship in the package (the built-in default,
+    :data:`dist_spectral.training.DEFAULT_RUN`), looked up after :func:`runs_dir`, so a wheel install
+    runs its default and the repository's run configs name it as their ``base``."""
+    return Path(__file__).resolve().parents[1] / "configs" / "runs"
+
+
+def run_names() -> list[str]:
+    """Names of the run configs found by name: :func:`runs_dir`'s, then the package's, sorted."""
+    return sorted({p.stem for where in (runs_dir(), builtin_runs_dir()) for p in where.glob("*.yaml")})
+
+
 def _named_file(kind: str, name: str, near: Path | None = None) -> Path:
     """``<name>.yaml`` in ``near`` (the directory of the run file naming it as its ``base``) or in the
-    directory of ``kind`` (runs: :func:`runs_dir`; layouts: ``configs_dir() / kind``, inside the
-    package), or ``name`` itself when it is a YAML path."""
+    directories of ``kind`` (runs: :func:`runs_dir`, then :func:`builtin_runs_dir`; layouts:
+    ``configs_dir() / kind``, inside the package), or ``name`` itself when it is a YAML path."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"{kind} config file {name!r} does not exist")
         return path
-    where = runs_dir() if kind == "runs" else configs_dir() / kind
-    if near is not None and (near / f"{name}.yaml").is_file():
-        where = near
-    path = where / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in where.glob("*.yaml"))
-        hint = " or a YAML path (the repository's configs/runs/<name>.yaml)" if kind == "runs" else ""
-        close = difflib.get_close_matches(name, known, n=1)
-        raise ConfigError(f"unknown {kind} config {name!r}{f' (did you mean {close[0]!r}?)' if close else ''} "
-                          f"(no {path}); available: {', '.join(known) or 'none'}{hint}")
-    return path
+    dirs = [runs_dir(), builtin_runs_dir()] if kind == "runs" else [configs_dir() / kind]
+    if near is not None:
+        dirs.insert(0, near)
+    for where in dirs:
+        if (where / f"{name}.yaml").is_file():
+            return where / f"{name}.yaml"
+    known = run_names() if kind == "runs" else sorted(p.stem for p in dirs[-1].glob("*.yaml"))
+    hint = " or a YAML path (the repository's configs/runs/<name>.yaml)" if kind == "runs" else ""
+    close = difflib.get_close_matches(name, known, n=1)
+    tried = ", ".join(str(where) for where in dict.fromkeys(dirs))
+    raise ConfigError(f"unknown {kind} config {name!r}{f' (did you mean {close[0]!r}?)' if close else ''} "
+                      f"(no {name}.yaml in {tried}); available: {', '.join(known) or 'none'}{hint}")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -389,7 +403,8 @@ def parse_override(item: str) -> tuple[str, object]:
 
 
 def load_config(run: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """A run config from ``configs/runs/<run>.yaml`` (or a path), with ``key=value`` overrides applied.
+    """A run config by name (``configs/runs/<run>.yaml``, then the package's built-in runs) or path,
+    with ``key=value`` overrides applied.
 
     Args:
         run (str | None): run name or YAML path; ``None`` gives the defaults of :class:`RunConfig`.

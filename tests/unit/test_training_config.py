@@ -9,9 +9,11 @@ import yaml
 
 from dist_spectral.recipes import configs_dir
 from dist_spectral.training import DEFAULT_RUN, parse_args, without_local_rank
-from dist_spectral.training.config import ConfigError, RunConfig, dump, load_config, parse_override, runs_dir
+from dist_spectral.training import config as config_module
+from dist_spectral.training.config import (ConfigError, RunConfig, builtin_runs_dir, dump, load_config, parse_override,
+                                           run_names, runs_dir)
 
-RUNS = sorted(p.stem for p in runs_dir().glob("*.yaml"))
+RUNS = run_names()
 LAYOUTS = sorted(p.stem for p in (configs_dir() / "parallel").glob("*.yaml"))
 
 
@@ -22,9 +24,30 @@ def test_default_run_is_the_readme_job():
     assert cfg.output == Path("runs") / "tiny-olmoe-fsdp"
 
 
+def test_default_run_ships_in_the_package(tmp_path, monkeypatch):
+    # A wheel install has no repository configs/runs: the default resolves to the package's copy.
+    monkeypatch.setattr(config_module, "runs_dir", lambda: tmp_path)
+    assert not (runs_dir() / f"{DEFAULT_RUN}.yaml").exists()
+    cfg = load_config(parse_args([]).config)
+    assert (cfg.name, cfg.model.preset, cfg.parallel.engine) == (DEFAULT_RUN, "tiny-olmoe", "fsdp")
+    assert (builtin_runs_dir() / f"{DEFAULT_RUN}.yaml").is_file()
+
+
+def test_repository_runs_come_first_and_name_the_builtin_as_base(tmp_path, monkeypatch):
+    (tmp_path / f"{DEFAULT_RUN}.yaml").write_text(f"name: {DEFAULT_RUN}\ntrain: {{steps: 3}}\n")
+    (tmp_path / "child.yaml").write_text(f"name: child\nbase: {DEFAULT_RUN}\n")
+    monkeypatch.setattr(config_module, "runs_dir", lambda: tmp_path)
+    assert load_config(DEFAULT_RUN).train.steps == 3
+    assert load_config("child").train.steps == 3  # the base next to the file, before the built-in one
+    (tmp_path / f"{DEFAULT_RUN}.yaml").unlink()
+    assert load_config("child").train.steps == 300  # then by name, the built-in one
+    with pytest.raises(ConfigError, match=r"unknown runs config 'chlid' \(did you mean 'child'\?\)"):
+        load_config("chlid")
+
+
 @pytest.mark.parametrize("run", RUNS)
 def test_every_run_config_loads_and_names_its_command(run):
-    path = runs_dir() / f"{run}.yaml"
+    path = next(d / f"{run}.yaml" for d in (runs_dir(), builtin_runs_dir()) if (d / f"{run}.yaml").is_file())
     head = [line for line in path.read_text().splitlines() if line.startswith("#")]
     command = next((line for line in head if line.startswith("# Command:")), None)
     assert command is not None, f"{path} has no '# Command:' line at the top"
@@ -109,7 +132,7 @@ def test_base_composes_and_a_named_section_replaces(tmp_path):
 
 
 def test_base_name_is_found_next_to_the_file_first(tmp_path):
-    # Run configs are not package data: a copy of configs/runs elsewhere (a wheel install, a user's
+    # The repository's run configs are not package data: a copy of configs/runs elsewhere (a wheel install, a user's
     # own folder) must resolve `base: <name>` among its neighbours, not in the repository.
     (tmp_path / DEFAULT_RUN).with_suffix(".yaml").write_text(yaml.safe_dump(
         {"name": "local-base", "parallel": "ddp", "train": {"steps": 7}}))
