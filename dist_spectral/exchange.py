@@ -90,7 +90,8 @@ class Exchange:
         rank (int): this rank in ``group``.
         group: the process group the plan's ranks index (default: the world), or ``None`` on
             one process.
-        comm_dtype (torch.dtype | None): dtype on the wire (default: the data's dtype).
+        comm_dtype (torch.dtype | None): dtype on the wire (default: per bucket, the widest dtype of
+            its parameters: fp32 where a bf16 model keeps its router in fp32).
         timeout (timedelta | None): longest wait for one collective; past it, or when a peer dies,
             :class:`CollectiveError` names the step, bucket and collective (default: the process
             group's timeout).

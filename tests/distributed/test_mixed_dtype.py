@@ -3,7 +3,9 @@
 The exchange packs pieces of several parameters into one buffer per bucket; here a bucket holds
 bf16 attention and expert blocks and the fp32 router. The update must equal the one-process
 update of the same model (each unit computed in its own parameter's dtype, whatever W), and the
-reference's fp32 math to bf16 rounding; parameters and state keep their dtypes.
+reference's fp32 math to bf16 rounding; parameters and state keep their dtypes. The training
+entry's FSDP2 wrapping (fsdp, ep) shards the fp32 router as a unit of its own, in a bf16 model and
+under mixed precision.
 """
 from __future__ import annotations
 
