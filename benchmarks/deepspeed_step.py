@@ -206,8 +206,7 @@ def worker(out_dir: str, stages: list[int], repeats: int, micro: int, seq: int) 
 
     import dist_spectral
     import dist_spectral.deepspeed  # noqa: F401  (the submodule; not imported by the package)
-    from dist_spectral.training.loop import add_stats
-    from dist_spectral.optimizer import StepStats
+    from dist_spectral.stats import StepStats
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(minutes=20))
@@ -226,7 +225,7 @@ def worker(out_dir: str, stages: list[int], repeats: int, micro: int, seq: int) 
                 engine, _, _, _ = dist_spectral.deepspeed.initialize(model=model, optimizer=opt,
                                                                      config=ds_config(kind, stage, micro))
                 calls = {"stats": StepStats()}
-                opt.register_step_post_hook(lambda o, a, k, _c=calls: add_stats(_c["stats"], o.last_stats))
+                opt.register_step_post_hook(lambda o, a, k, _c=calls: _c["stats"].add(o.last_stats))
                 ours[(stage, kind)] = (opt, calls)
             else:
                 engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -336,7 +335,7 @@ def simulate(placement: dict, stage: int, W: int) -> list[int]:
 def our_units(kind: str) -> list[tuple[int, int]]:
     """(estimated cost, polar flops) of each unit of work (a matrix, an expert, a head block) of ours."""
     import dist_spectral
-    from dist_spectral.optimizer import SpectralOptimizer
+    from dist_spectral.route import plan_param
     from dist_spectral.rules import get_rule
 
     recipe, overrides = RECIPES[kind]
@@ -346,7 +345,7 @@ def our_units(kind: str) -> list[tuple[int, int]]:
         if get_rule(g["rule"]).locality != "matrix":
             continue
         for pos, name in enumerate(g["param_names"]):
-            pp = SpectralOptimizer.plan_param(pos, name, opt.infos[name], g, None)
+            pp = plan_param(pos, name, opt.infos[name], g, None)
             units += list(zip(pp.unit_costs, pp.unit_polar_flops))
     return units
 

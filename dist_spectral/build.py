@@ -1,12 +1,16 @@
 """``build_optimizer``: classify a model, load a recipe, and make the optimizer."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .optimizer import SpectralOptimizer
 from .recipes import GroupSpec, apply_overrides, assign, load_recipe
 from .roles import ParamInfo, classify
+
+if TYPE_CHECKING:
+    from .optimizer import SpectralOptimizer
 
 
 def resolve_groups(model: nn.Module, recipe="symmetric", infos: list[ParamInfo] | None = None,
@@ -57,6 +61,8 @@ def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "s
             multiplies every lr, ``key=value`` sets a hyperparameter on every group whose rule
             takes it (e.g. ``steps=8``).
     """
+    from .optimizer import SpectralOptimizer  # here: resolve_groups serves the simulator, which needs no optimizer
+
     check_model(model)
     groups, report, infos = resolve_groups(model, recipe, infos, **overrides)
     named = dict(model.named_parameters())

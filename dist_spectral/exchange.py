@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .compute import MatrixJob, run_jobs
 from .plan import Plan, Unit
+from .stats import StepStats
 
 
 class CollectiveError(RuntimeError):
@@ -67,19 +68,6 @@ def wait(work, timeout: timedelta | None) -> None:
         work.wait()
     else:
         work.wait(timeout)
-
-
-@dataclass
-class ExchangeStats:
-    """What one step moved and computed on this rank."""
-
-    bytes_sent: dict = field(default_factory=lambda: {"gather": 0, "replicate": 0, "scatter": 0})
-    bytes_received: dict = field(default_factory=lambda: {"gather": 0, "replicate": 0, "scatter": 0})
-    collectives: int = 0
-    polar_flops: int = 0
-    replicated_flops: int = 0
-    exchange_seconds: float = 0.0
-    compute_seconds: float = 0.0
 
 
 class Exchange:
@@ -137,7 +125,7 @@ class Exchange:
         return wire or torch.float32
 
     def _collective(self, phase: str, bucket_index: int, send: list[Tensor], recv_numel: int, send_sizes, recv_sizes,
-                    wire: torch.dtype, device: torch.device, stats: ExchangeStats, replicated=(0, 0)):
+                    wire: torch.dtype, device: torch.device, stats: StepStats, replicated=(0, 0)):
         """Start one all_to_all_single in dtype ``wire``; ``replicated`` (elements sent, received) of
         the payload belong to replicated units and are counted as the ``replicate`` phase."""
         # cast piece by piece: no intermediate copy in the widest dtype before a narrower comm_dtype
@@ -200,7 +188,7 @@ class Exchange:
 
     # ----- the step -----
     def run(self, inputs: dict[int, Tensor], make_job: Callable[[Unit, Tensor], MatrixJob],
-            stats: ExchangeStats | None = None) -> tuple[dict[int, Tensor], ExchangeStats]:
+            stats: StepStats) -> dict[int, Tensor]:
         """Directions for every whole-matrix parameter, as flat local tensors.
 
         Per bucket: units whose rows are all on this rank (``ready``) are computed while the
@@ -210,130 +198,169 @@ class Exchange:
             inputs: plan parameter position → flat local direction input, 1-D, or ``[C, local]``
                 with C the parameter's gather channels (its inputs, then its carried state).
             make_job: builds the compute job of a unit from its whole ``[C, rows, n]`` channels.
+            stats (StepStats): the step's counters; bytes, flops and seconds are added to them.
 
         Returns:
             position → the direction (1-D where the input was), or ``[C', local]`` with C' the
             scatter channels (the direction, then the new carried state).
         """
-        stats = stats or ExchangeStats()
-        plan, views = self.plan, self._views
+        for counts in (stats.bytes_sent, stats.bytes_received):
+            for phase in ("gather", "replicate", "scatter"):
+                counts.setdefault(phase, 0)
         flat_inputs = {pos for pos, x in inputs.items() if x.dim() == 1}
         inputs = {pos: x.view(1, -1) if x.dim() == 1 else x for pos, x in inputs.items()}
         for pos, x in inputs.items():
-            if x.shape[0] != plan.params[pos].channels[0]:
-                raise ValueError(f"{plan.params[pos].name}: {x.shape[0]} input channels, the plan expects "
-                                 f"{plan.params[pos].channels[0]}")
-        outputs = {pos: x.new_empty(plan.params[pos].channels[1], x.shape[1]) for pos, x in inputs.items()}
+            if x.shape[0] != self.plan.params[pos].channels[0]:
+                raise ValueError(f"{self.plan.params[pos].name}: {x.shape[0]} input channels, the plan expects "
+                                 f"{self.plan.params[pos].channels[0]}")
+        outputs = _Run(self, inputs, make_job, stats).all_buckets()
+        return {pos: (o[0] if pos in flat_inputs and o.shape[0] == 1 else o) for pos, o in outputs.items()}
+
+
+class _Run:
+    """One :meth:`Exchange.run`: the buffers of a step and its named phases, bucket by bucket."""
+
+    def __init__(self, exchange: Exchange, inputs: dict[int, Tensor], make_job: Callable[[Unit, Tensor], MatrixJob],
+                 stats: StepStats):
+        self.ex, self.plan, self.views = exchange, exchange.plan, exchange._views
+        self.inputs, self.make_job, self.stats = inputs, make_job, stats
+        self.outputs = {pos: x.new_empty(self.plan.params[pos].channels[1], x.shape[1]) for pos, x in inputs.items()}
         first = next(iter(inputs.values()), None)
-        device = first.device if first is not None else torch.device("cpu")
+        self.device = first.device if first is not None else torch.device("cpu")
         # Parameters may differ in dtype (a bf16 model with its router kept in fp32): each unit is
         # assembled and computed in its own parameter's dtype, as it is when whole on one rank, so
         # the result does not depend on the number of ranks; only the wire is per bucket.
-        dtypes = {pos: x.dtype for pos, x in inputs.items()}
-        wires = [self._wire_dtype(bucket, dtypes) for bucket in plan.buckets]
-        streams = _Streams(device)
-        clock = time.perf_counter
+        self.dtypes = {pos: x.dtype for pos, x in inputs.items()}
+        self.wires = [exchange._wire_dtype(bucket, self.dtypes) for bucket in self.plan.buckets]
+        self.streams = _Streams(self.device)
 
-        def channels(u: Unit, phase: int) -> int:
-            return plan.params[u.param].channels[phase]
+    def channels(self, u: Unit, phase: int) -> int:
+        return self.plan.params[u.param].channels[phase]
 
-        def start_gather(bi):
-            v = views[bi]
-            if not v.gather:
-                return None
-            with streams.exchange():  # not queued behind the compute of earlier buckets
-                send = [self._local_slice(inputs, plan.units[p.uid], p.start, p.stop).reshape(-1)
-                        for p in v.gather_send]
-                replicated = sum(t.numel() for t, p in zip(send, v.gather_send) if plan.units[p.uid].replicated)
-                send_sizes, recv_sizes = v.gather_sizes
-                return self._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, wires[bi], device,
-                                        stats, (replicated, v.replicated_recv))
-
-        def job(u: Unit) -> MatrixJob:
-            j = make_job(u, mats[u.uid].view(channels(u, 0), u.spec.rows, -1))
-            if u.uid in whole:  # write straight into this rank's output rows
-                out = self._local_slice(outputs, u, u.start, u.stop).view(channels(u, 1), u.spec.rows, -1)
-                j.out = out if j.rule.stateful else out[0]
-            return j
-
-        def compute(units, mats, flat, replicated=False):
-            if not units:
-                return
-            t = clock()
-            results, flops = run_jobs([job(u) for u in units])
-            if replicated:  # no polar iterations by construction (plan.replicable); counted apart
-                stats.replicated_flops += sum(u.cost for u in units)
-            else:
-                stats.polar_flops += flops
-            stats.compute_seconds += clock() - t
-            for u, r in zip(units, results):
-                flat[u.uid] = r.reshape(channels(u, 1), -1)
-                if u.uid in whole:
-                    continue  # already written in place
-                for a, b in self._owned_parts(u):
-                    self._local_slice(outputs, u, a, b).copy_(flat[u.uid][:, a - u.start:b - u.start])
-
-        streams.exchange_sees_compute()  # the inputs were written on the compute stream
-        pending = start_gather(0) if plan.buckets else None
+    def all_buckets(self) -> dict[int, Tensor]:
+        """Run every bucket, overlapping bucket k+1's gather and bucket k's scatter with compute."""
+        stats, clock = self.stats, time.perf_counter
+        self.streams.exchange_sees_compute()  # the inputs were written on the compute stream
+        pending = self.start_gather(0) if self.plan.buckets else None
         scatters = []
-        for bi, v in enumerate(views):
+        for bi, v in enumerate(self.views):
             t0 = clock()
-            local = v.ready + v.waiting + v.replicas_ready + v.replicas_waiting
-            whole = v.whole
-            # a unit whole here in one piece is read in place; the others are assembled
-            mats = {u.uid: (self._local_slice(inputs, u, u.start, u.stop) if u.uid in whole else
-                            torch.empty(channels(u, 0), u.stop - u.start, dtype=dtypes[u.param], device=device))
-                    for u in local}
-            for u in local:
-                if u.uid in whole:
-                    continue
-                for a, b in self._owned_parts(u):
-                    mats[u.uid][:, a - u.start:b - u.start].copy_(self._local_slice(inputs, u, a, b))
+            mats = self.assemble_local(v)
             stats.exchange_seconds += clock() - t0
-            flat: dict[int, Tensor] = {}
-            compute(v.ready, mats, flat)  # overlaps the gather in flight
-            compute(v.replicas_ready, mats, {}, replicated=True)
+            results: dict[int, Tensor] = {}
+            self.compute(v.ready, mats, v.whole, results)  # overlaps the gather in flight
+            self.compute(v.replicas_ready, mats, v.whole, {}, replicated=True)
             t0 = clock()
             if pending is not None:
-                work, received = pending
-                self._wait(work, "gather", bi)  # on CUDA: the compute stream waits for it
-                streams.used_by_compute(received)
-                offset = 0
-                for p in v.gather_recv:
-                    u = plan.units[p.uid]
-                    c = channels(u, 0)
-                    mats[u.uid][:, p.start - u.start:p.stop - u.start].copy_(
-                        received[offset:offset + c * p.numel].view(c, p.numel))
-                    offset += c * p.numel
-            pending = start_gather(bi + 1) if bi + 1 < len(views) else None
+                self.receive_gather(bi, pending, mats)
+            pending = self.start_gather(bi + 1) if bi + 1 < len(self.views) else None
             stats.exchange_seconds += clock() - t0
-            compute(v.waiting, mats, flat)
+            self.compute(v.waiting, mats, v.whole, results)
             t0 = clock()
             if v.scatter:
-                streams.exchange_sees_compute()  # the results to send
-                with streams.exchange():
-                    send = [flat[p.uid][:, p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start]
-                            .reshape(-1) for p in v.scatter_send]
-                    for t in flat.values():
-                        streams.used_by_exchange(t)
-                    send_sizes, recv_sizes = v.scatter_sizes
-                    scatters.append((bi, *self._collective("scatter", bi, send, sum(recv_sizes), send_sizes,
-                                                           recv_sizes, wires[bi], device, stats)))
+                scatters.append((bi, *self.start_scatter(bi, results)))
             stats.exchange_seconds += clock() - t0
-            compute(v.replicas_waiting, mats, {}, replicated=True)  # overlaps the scatter in flight
+            self.compute(v.replicas_waiting, mats, v.whole, {}, replicated=True)  # overlaps the scatter in flight
         t0 = clock()
         for bi, work, received in scatters:
-            self._wait(work, "scatter", bi)
-            streams.used_by_compute(received)
-            offset = 0
-            for p in views[bi].scatter_recv:
-                u = plan.units[p.uid]
-                c = channels(u, 1)
-                piece = received[offset:offset + c * p.numel].view(c, p.numel)
-                self._local_slice(outputs, u, p.start, p.stop).copy_(piece)
-                offset += c * p.numel
+            self.receive_scatter(bi, work, received)
         stats.exchange_seconds += clock() - t0
-        return {pos: (o[0] if pos in flat_inputs and o.shape[0] == 1 else o) for pos, o in outputs.items()}, stats
+        return self.outputs
+
+    def start_gather(self, bi: int):
+        """Send this rank's pieces of bucket ``bi`` to their owners (and replica holders)."""
+        v, plan = self.views[bi], self.plan
+        if not v.gather:
+            return None
+        with self.streams.exchange():  # not queued behind the compute of earlier buckets
+            send = [self.ex._local_slice(self.inputs, plan.units[p.uid], p.start, p.stop).reshape(-1)
+                    for p in v.gather_send]
+            replicated = sum(t.numel() for t, p in zip(send, v.gather_send) if plan.units[p.uid].replicated)
+            send_sizes, recv_sizes = v.gather_sizes
+            return self.ex._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, self.wires[bi],
+                                       self.device, self.stats, (replicated, v.replicated_recv))
+
+    def assemble_local(self, v: _BucketView) -> dict[int, Tensor]:
+        """Buffers ``[C, elements]`` of the units this rank computes in a bucket, with its own
+        pieces in place: a unit whole here in one piece is read in place, the others are assembled."""
+        ex = self.ex
+        local = v.ready + v.waiting + v.replicas_ready + v.replicas_waiting
+        mats = {u.uid: (ex._local_slice(self.inputs, u, u.start, u.stop) if u.uid in v.whole else
+                        torch.empty(self.channels(u, 0), u.stop - u.start, dtype=self.dtypes[u.param], device=self.device))
+                for u in local}
+        for u in local:
+            if u.uid in v.whole:
+                continue
+            for a, b in ex._owned_parts(u):
+                mats[u.uid][:, a - u.start:b - u.start].copy_(ex._local_slice(self.inputs, u, a, b))
+        return mats
+
+    def receive_gather(self, bi: int, pending, mats: dict[int, Tensor]) -> None:
+        """Wait for bucket ``bi``'s gather and copy the received pieces into ``mats``."""
+        work, received = pending
+        self.ex._wait(work, "gather", bi)  # on CUDA: the compute stream waits for it
+        self.streams.used_by_compute(received)
+        offset = 0
+        for p in self.views[bi].gather_recv:
+            u = self.plan.units[p.uid]
+            c = self.channels(u, 0)
+            mats[u.uid][:, p.start - u.start:p.stop - u.start].copy_(received[offset:offset + c * p.numel].view(c, p.numel))
+            offset += c * p.numel
+
+    def job(self, u: Unit, mat: Tensor, whole: set) -> MatrixJob:
+        """The compute job of unit ``u`` from its whole buffer ``mat``; a unit this rank holds whole
+        (in ``whole``) writes straight into this rank's output rows."""
+        j = self.make_job(u, mat.view(self.channels(u, 0), u.spec.rows, -1))
+        if u.uid in whole:
+            out = self.ex._local_slice(self.outputs, u, u.start, u.stop).view(self.channels(u, 1), u.spec.rows, -1)
+            j.out = out if j.rule.stateful else out[0]
+        return j
+
+    def compute(self, units: list[Unit], mats: dict[int, Tensor], whole: set, results: dict[int, Tensor],
+                replicated: bool = False) -> None:
+        """Run the rules of ``units``; each result goes into ``results`` (by unit id, for the
+        scatter) and this rank's own rows of it into the outputs."""
+        if not units:
+            return
+        stats, clock = self.stats, time.perf_counter
+        t = clock()
+        out, flops = run_jobs([self.job(u, mats[u.uid], whole) for u in units])
+        if replicated:  # no polar iterations by construction (plan.replicable); counted apart
+            stats.replicated_flops += sum(u.cost for u in units)
+        else:
+            stats.polar_flops += flops
+        stats.compute_seconds += clock() - t
+        for u, r in zip(units, out):
+            results[u.uid] = r.reshape(self.channels(u, 1), -1)
+            if u.uid in whole:
+                continue  # already written in place
+            for a, b in self.ex._owned_parts(u):
+                self.ex._local_slice(self.outputs, u, a, b).copy_(results[u.uid][:, a - u.start:b - u.start])
+
+    def start_scatter(self, bi: int, results: dict[int, Tensor]):
+        """Send bucket ``bi``'s results to the ranks holding their rows."""
+        v, plan, streams = self.views[bi], self.plan, self.streams
+        streams.exchange_sees_compute()  # the results to send
+        with streams.exchange():
+            send = [results[p.uid][:, p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start].reshape(-1)
+                    for p in v.scatter_send]
+            for t in results.values():
+                streams.used_by_exchange(t)
+            send_sizes, recv_sizes = v.scatter_sizes
+            return self.ex._collective("scatter", bi, send, sum(recv_sizes), send_sizes, recv_sizes, self.wires[bi],
+                                       self.device, self.stats)
+
+    def receive_scatter(self, bi: int, work, received: Tensor) -> None:
+        """Wait for bucket ``bi``'s scatter and copy this rank's rows into the outputs."""
+        self.ex._wait(work, "scatter", bi)
+        self.streams.used_by_compute(received)
+        offset = 0
+        for p in self.views[bi].scatter_recv:
+            u = self.plan.units[p.uid]
+            c = self.channels(u, 1)
+            self.ex._local_slice(self.outputs, u, p.start, p.stop).copy_(received[offset:offset + c * p.numel]
+                                                                         .view(c, p.numel))
+            offset += c * p.numel
 
 
 class _Streams:

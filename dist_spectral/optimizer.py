@@ -21,73 +21,28 @@ import hashlib
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from torch import Tensor
 
-from .blocks import group_unit_specs, permuted_axis, unit_specs
+from .blocks import group_unit_specs, permuted_axis
 from .compute import MatrixJob
-from .engines import Topology, topology_for
-from .engines.single import check_process_group
-from .exchange import CollectiveError, Exchange, ExchangeStats
-from .layout import Layout
-from .plan import Plan, PlanParam, build_plan, check_replicate_below
+from .engines import EngineAdapter, StepItem, check_engine, topology_for
+from .engines.collectives import check_process_group
+from .exchange import CollectiveError, Exchange
+from .plan import Plan, Unit, build_plan, check_replicate_below
 from .roles import ParamInfo
+from .route import REPLICATE_BELOW, plan_param, runs_on_rows
 from .rules import RULES, RowStats, check_group, get_rule
+from .stats import StepStats
 
 log = logging.getLogger(__name__)
 
 
-#: Default ``replicate_below``, in elements (see :class:`SpectralOptimizer`): where replicating
-#: stopped being faster in ``benchmarks/results/router_path.md``.
-REPLICATE_BELOW = 8192
-
-
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf and the policy is ``"raise"``."""
-
-
-@dataclass
-class StepStats:
-    """Counters of the last step on this rank (bytes are on the wire, flops are polar iterations).
-
-    Attributes:
-        bytes_sent (dict): per collective (``gather``, ``scatter``, ``colsum``) bytes this rank sent;
-            ``replicate``: the part of the gather collective that carries replicated units.
-        bytes_received (dict): the same, received.
-        polar_flops (int): flops of polar iterations run on this rank (each unit on one rank).
-        replicated_flops (int): estimated flops of the replicated units computed on this rank
-            (each also computed on the other ranks holding part of it).
-        exchange_seconds (float): time in packing, collectives and unpacking.
-        compute_seconds (float): time in whole-matrix rule computation.
-        step_seconds (float): the whole ``step()``.
-        skipped (bool): the step was skipped for a non-finite gradient.
-    """
-
-    bytes_sent: dict = field(default_factory=dict)
-    bytes_received: dict = field(default_factory=dict)
-    polar_flops: int = 0
-    replicated_flops: int = 0
-    exchange_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    step_seconds: float = 0.0
-    skipped: bool = False
-
-
-@dataclass
-class _Item:
-    """This rank's share of one parameter in a step: local views of it, its gradient and state."""
-
-    group: dict
-    name: str
-    info: ParamInfo
-    layout: Layout
-    param: Tensor
-    grad: Tensor
-    state: dict
-    step: Tensor  # the step counter (shared by every parameter of a DeepSpeed flat partition)
 
 
 @dataclass
@@ -103,25 +58,6 @@ def _all_finite(t: Tensor) -> bool:
     of ``isfinite(t).all()`` (no bool tensor); only when the sum is not finite (or overflowed)
     is the exact test run."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def runs_on_rows(rule_name: str, info: ParamInfo, layout: Layout) -> bool:
-    """Whether a row rule runs on the shard, with only small all-reduces for statistics: its
-    parameter is one matrix (statistics span exactly that matrix), or its rows are whole and it
-    needs no statistics over rows (:meth:`~dist_spectral.rules.Rule.needs_matrix_statistics`).
-    Rows cut by partition boundaries (ZeRO) are fine for a 2-D parameter when no element is held
-    twice. Everything else (per-expert statistics of a 3-D tensor, a 2-D tensor holding several
-    blocks) goes per matrix through the owner exchange."""
-    rule = get_rule(rule_name)
-    if rule.locality != "rows":
-        return False
-    if rule.needs_matrix_statistics(permuted_axis(info)):
-        specs = unit_specs(info, per_head=False)
-        if len(info.shape) != 2 or len(specs) != 1 or len(specs[0].blocks) != 1:
-            return False
-    if len(info.shape) == 2:
-        return layout.whole_rows() or layout.each_element_once()
-    return layout.whole_rows()
 
 
 class SpectralOptimizer(torch.optim.Optimizer):
@@ -141,7 +77,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
             learning rate follows the updates actually applied (as if that batch never came).
         bucket_bytes (int): most unit bytes gathered at once per bucket (default: 256 MiB).
         comm_dtype (torch.dtype | None): dtype of exchanged matrices (default: the state dtype).
-        topology (Topology | None): engine adapter (default: chosen from the parameters).
+        topology (EngineAdapter | None): engine adapter, an implementation of
+            :class:`~dist_spectral.engines.Engine` (default: chosen from the parameters; see
+            :mod:`dist_spectral.engines`).
         process_group (ProcessGroup | str | None): the ranks this optimizer talks to: ``None`` the
             default process group (every rank of it must build the optimizer and step it), a
             ``ProcessGroup`` its ranks only, ``"local"`` none at all (a model that lives on this
@@ -179,11 +117,13 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], infos: dict[str, ParamInfo], *, nonfinite: str = "skip",
                  bucket_bytes: int = 256 << 20, comm_dtype: torch.dtype | None = None,
-                 topology: Topology | None = None, timeout: float | timedelta | None = None,
+                 topology: EngineAdapter | None = None, timeout: float | timedelta | None = None,
                  replicate_below: int | None = None, process_group=None, model=None):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
         replicate_below = check_replicate_below(REPLICATE_BELOW if replicate_below is None else replicate_below)
+        if topology is not None:
+            check_engine(topology)
         for g in param_groups:
             if "rule" not in g:
                 raise ValueError(f"param group {g.get('name', '?')!r} names no 'rule'; give one of {', '.join(RULES)}")
@@ -201,9 +141,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self._topology = topology
         self._model = weakref.ref(model) if model is not None else None
         self._model_checked = False  # whether the first step checked the parameters are the model's
+        self._attached = False  # whether attach() moved the optimizer onto an engine's own storage
         self._plans: dict[tuple, tuple[Plan, Exchange]] = {}
-        self._zero = None  # a ZeroMap once attached to DeepSpeed (see dist_spectral.deepspeed)
-        self._zero_groups = list(self.param_groups)  # DeepSpeed later shows only some groups per step() call
         self.timeout = timeout
         self.skipped_steps = 0
         self.total_polar_flops = 0  # over all step() calls on this rank (DeepSpeed calls step() per group)
@@ -212,11 +151,13 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self._check_hyperparameters()
         self._check_shapes()
         self._check_ranks_agree()
-        self._init_state()
+        self.topology.bind_groups(self.param_groups)
+        self.topology.init_state(self.param_groups, self.infos, self.state)
 
     # ----- construction -----
     @property
-    def topology(self) -> Topology:
+    def topology(self) -> EngineAdapter:
+        """The engine adapter: layouts, local views, this rank's items and the collectives."""
         if self._topology is None:
             self._topology = topology_for([p for g in self.param_groups for p in g["params"]], self._process_group)
             self._topology.timeout = self.timeout
@@ -283,7 +224,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         mine = self.fingerprint()  # also raises on layouts the engine adapter does not support
         if topo.world_size == 1:
             return
-        prints = self._guard("fingerprint all_gather_object", lambda: topo.all_gather_object(mine))
+        prints = self._guard("fingerprint all_gather_object", lambda: topo.collectives.all_gather_object(mine))
         if len(set(prints)) > 1:
             groups: dict[str, list[int]] = {}
             for r, fp in enumerate(prints):
@@ -300,13 +241,6 @@ class SpectralOptimizer(torch.optim.Optimizer):
             raise
         except RuntimeError as e:  # gloo/NCCL errors and timeouts (DistBackendError is a RuntimeError)
             raise CollectiveError(self.num_steps or None, what, e, self.timeout) from e
-
-    def _init_state(self) -> None:
-        for e in self._entries(only_with_grad=False):
-            state = self.state[e.param]
-            if not state:
-                state.update(get_rule(e.group["rule"]).init_state(e.param, e.group))
-                state["step"] = torch.tensor(0.0)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group, as ``torch.optim.Optimizer.add_param_group`` (e.g. layers unfrozen
@@ -326,9 +260,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "infos"):  # torch.optim.Optimizer.__init__ adding the constructor's groups
             super().add_param_group(param_group)
             return
-        if self._zero is not None:
-            raise RuntimeError("add_param_group after dist_spectral.deepspeed.initialize: DeepSpeed has already "
-                               "partitioned the param groups; add the group before initialising DeepSpeed")
+        if self._attached:
+            raise RuntimeError(f"add_param_group after the optimizer was attached to {type(self.topology).__name__} "
+                               "(dist_spectral.deepspeed.initialize does it): the engine has already partitioned the "
+                               "param groups; add the group before initialising the engine")
         if not isinstance(param_group, dict):
             raise TypeError(f"add_param_group takes a dict, got {type(param_group).__name__}")
         group = dict(param_group)
@@ -386,14 +321,13 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 del self.infos[n]
             self._topology = topology
             raise
-        if self._zero_groups is not self.param_groups:
-            self._zero_groups.append(added)
-        self._init_state()
+        self.topology.bind_groups(self.param_groups)
+        self.topology.init_state(self.param_groups, self.infos, self.state)
 
     def _check_model(self) -> None:
         """Raise if the model the optimizer was built from no longer holds its parameters."""
         model = self._model() if self._model is not None else None
-        if model is None or self._zero is not None:
+        if model is None or self._attached:  # an attached engine steps its own storage, not the model's tensors
             return
         now = dict(model.named_parameters())
         stale = [e.name for e in self._entries(only_with_grad=False) if e.name in now and now[e.name] is not e.param]
@@ -404,36 +338,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
                                "load_state_dict(assign=True)), and this optimizer would update tensors nothing uses. "
                                "Build the optimizer after fully_shard. Nothing was updated")
 
-    def _check_params_are_own(self) -> None:
-        """The groups still hold the tensors the optimizer was built with: plain ``deepspeed.initialize``
-        (ZeRO) swaps them for flat partitions the optimizer has no map or state for."""
-        for g in self.param_groups:
-            foreign = len(g["params"]) != len(g["param_names"]) or any(
-                "step" not in self.state.get(p, {}) for p in g["params"])
-            if foreign:
-                shapes = [tuple(p.shape) for p in g["params"][:2]]
-                raise RuntimeError(f"param group {g.get('name', '?')!r} holds {len(g['params'])} tensor(s) (shapes "
-                                   f"{shapes}) in place of its {len(g['param_names'])} parameters "
-                                   f"({', '.join(g['param_names'][:2])}, ...): something replaced them, as DeepSpeed "
-                                   "ZeRO does with flat partitions. Pass the optimizer to DeepSpeed through "
-                                   "dist_spectral.deepspeed.initialize(model=model, optimizer=opt, config=ds_config) "
-                                   "instead of deepspeed.initialize. Nothing was updated")
-
-    # ----- the step -----
-    def _items(self, topo: Topology) -> list[_Item]:
-        """This rank's share of every parameter with a gradient, as local views."""
-        if self._zero is not None:
-            return self._zero_items()
-        self._check_params_are_own()
-        items = []
-        for e in self._entries(only_with_grad=True):
-            state = self.state[e.param]
-            items.append(_Item(e.group, e.name, e.info, topo.layout(e.param), topo.local(e.param),
-                               topo.local(e.param.grad), {k: topo.local(v) for k, v in state.items() if k != "step"},
-                               state["step"]))
-        return items
-
-    # ----- state_dict, DeepSpeed ZeRO -----
+    # ----- state_dict, engines -----
     def state_dict(self) -> dict:
         """``torch.optim.Optimizer.state_dict`` with the step counters ``num_steps`` and
         ``skipped_steps`` beside ``state`` and ``param_groups``, so a trainer's resume keeps them."""
@@ -443,60 +348,31 @@ class SpectralOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, restoring ``num_steps`` / ``skipped_steps`` when
-        saved and keeping the param-group dicts DeepSpeed's per-group ``step()`` calls refer to in
-        sync with the loaded ones."""
+        saved; the engine adapter then sees the loaded param-group dicts (DeepSpeed's per-group
+        ``step()`` calls refer to them)."""
         super().load_state_dict(state_dict)
         self.num_steps = int(state_dict.get("num_steps", self.num_steps))
         self.skipped_steps = int(state_dict.get("skipped_steps", self.skipped_steps))
-        if self._zero is not None:
-            self._zero_groups = list(self.param_groups)
+        self.topology.bind_groups(self.param_groups)
 
-    def attach_zero(self, zero_map, flats: list[Tensor], topology: Topology) -> None:
-        """Switch to DeepSpeed's flat partitions (called by :func:`dist_spectral.deepspeed.initialize`).
+    def attach(self, engine: EngineAdapter) -> None:
+        """Step through another engine adapter from now on; it creates its state afresh.
 
-        DeepSpeed hands the optimizer one flat fp32 slice per group (ZeRO-1/2) or sub-group
-        (ZeRO-3); ``zero_map`` says which element range of which parameter each rank's slice
-        holds. State moves to the flats (shaped like them, as DeepSpeed checkpoints expect); the
-        rules, plans and exchange run unchanged on the parameters' pieces.
+        :func:`dist_spectral.deepspeed.initialize` does this to move the optimizer onto DeepSpeed's
+        flat partitions (:class:`~dist_spectral.engines.deepspeed.ZeroEngine`).
         """
-        self.state.clear()
-        for meta, flat in zip(zero_map.flats, flats):
-            group = self._zero_group(meta.group_index)
-            state = self.state[flat]
-            state.update(get_rule(group["rule"]).init_state(flat, group))
-            state["step"] = torch.tensor(0.0)
-            for pi in meta.param_indices:
-                if zero_map.names[pi] not in self.infos:
-                    raise ValueError(f"DeepSpeed partitions parameter {zero_map.names[pi]!r}, which this optimizer "
-                                     "was not built with: build it from the same model you pass to deepspeed")
-        self._zero = zero_map
-        self._zero_layouts: dict[int, Layout] = {}
-        self._topology = topology
-        self._topology.timeout = self.timeout
+        check_engine(engine)
+        engine.timeout = self.timeout
+        engine.bind_groups(self.param_groups)
+        engine.init_state(self.param_groups, self.infos, self.state)
+        self._topology = engine
+        self._attached = True
         self._plans.clear()
 
-    def _zero_group(self, group_index: int) -> dict:
-        """The param group dict of a flat (its rule and hyperparameters), by the group's name order."""
-        return self._zero_groups[group_index]
-
-    def _zero_items(self) -> list[_Item]:
-        zmap, rank = self._zero, self._zero.rank
-        items = []
-        for _, meta, flat in zmap.stepping(self.param_groups):
-            if flat.grad is None:
-                continue
-            group = self._zero_group(meta.group_index)
-            state = self.state[flat]
-            segments = {seg.param_index: seg for seg in meta.partitions[rank].segments}
-            for pi in meta.param_indices:
-                seg = segments.get(pi)
-                view = slice(seg.local_offset, seg.local_stop) if seg else slice(0, 0)
-                name = zmap.names[pi]
-                if pi not in self._zero_layouts:
-                    self._zero_layouts[pi] = zmap.layout(pi)
-                items.append(_Item(group, name, self.infos[name], self._zero_layouts[pi], flat.data[view], flat.grad[view],
-                                   {k: v[view] for k, v in state.items() if k != "step"}, state["step"]))
-        return items
+    # ----- the step -----
+    def _items(self) -> list[StepItem]:
+        """This rank's share of every parameter with a gradient in this ``step()`` call."""
+        return self.topology.step_items(self.param_groups, self.infos, self.state)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -506,95 +382,113 @@ class SpectralOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t_start = time.perf_counter()
-        topo = self.topology
-        items = self._items(topo)
+        items = self._items()
         if not self._model_checked or not items:
             self._check_model()  # raises before anything changes
             self._model_checked = True
         self.num_steps += 1
         stats = StepStats()
-        if self._nonfinite(items, topo):
+        if self._nonfinite(items):
             stats.skipped = True
             self.last_stats = stats
             return loss
-        counters = {id(it.step): it.step for it in items}
-        for counter in counters.values():
-            counter += 1
-        steps = {key: int(counter.item()) for key, counter in counters.items()}
-
-        element, rows, matrix = [], [], []
-        inputs: dict[int, Tensor] = {}
-        for i, it in enumerate(items):
-            rule = get_rule(it.group["rule"])
-            inputs[i] = rule.direction_input(it.state, it.grad, it.group, step=steps[id(it.step)])
-            if rule.locality == "element":
-                element.append(i)
-            elif runs_on_rows(it.group["rule"], it.info, it.layout):
-                rows.append(i)
-            else:
-                matrix.append(i)
-
-        updates: dict[int, Tensor] = {}
-        for i in element:
-            updates[i] = inputs[i]  # element-wise rules return the direction itself
-        reduced_bytes = 0
-        for i in rows:
-            it = items[i]
-            x, row_stats, back = topo.row_view(it.layout, inputs[i].reshape(-1))
-            calls = []
-
-            def counted(fn, what, _calls=calls, _name=it.name):
-                def run(t):
-                    out = self._guard(f"{what} all_reduce of {_name}", lambda: fn(t))
-                    _calls.append(out.numel())
-                    return out
-                return run
-
-            if topo.world_size > 1 and not it.layout.is_replicated():
-                row_stats = RowStats(colsum=counted(row_stats.colsum, "column-statistics"),
-                                     rowsum=None if row_stats.rows_whole else counted(row_stats.rowsum, "row-statistics"),
-                                     total_rows=row_stats.total_rows, mask=row_stats.mask,
-                                     total=counted(row_stats.total, "matrix-statistics"))
-            rule = get_rule(it.group["rule"])
-            updates[i] = back(rule.direction(x, axis=permuted_axis(it.info), transposed=it.info.transposed,
-                                             group=it.group, stats=row_stats))
-            reduced_bytes += 4 * sum(calls)
-        if matrix:
-            plan, exchange = self._plan_for([items[i] for i in matrix], topo)
-            flat = {pos: self._channels(items[i], inputs[i]) for pos, i in enumerate(matrix)}
-
-            def make_job(unit, mat, _items=items, _matrix=matrix):
-                it = _items[_matrix[unit.param]]
-                rule = get_rule(it.group["rule"])
-                return MatrixJob(mat if rule.stateful else mat[0], unit.spec, rule, it.group, permuted_axis(it.info),
-                                 it.info.transposed, int(it.step.item()))
-
-            ex = ExchangeStats()
-            exchange.step = self.num_steps
-            out, ex = exchange.run(flat, make_job, ex)
-            for pos, i in enumerate(matrix):
-                updates[i] = self._take_state(items[i], out[pos])
-            stats.bytes_sent.update(ex.bytes_sent)
-            stats.bytes_received.update(ex.bytes_received)
-            stats.polar_flops = ex.polar_flops
-            stats.replicated_flops = ex.replicated_flops
-            stats.exchange_seconds = ex.exchange_seconds
-            stats.compute_seconds = ex.compute_seconds
-        stats.bytes_sent["colsum"] = reduced_bytes
-        stats.bytes_received["colsum"] = reduced_bytes
-
-        for i, it in enumerate(items):
-            lr, wd = it.group["lr"], it.group["weight_decay"]
-            if wd:
-                it.param.mul_(1 - lr * wd)
-            it.param.add_(updates[i].reshape(it.param.shape).to(it.param.dtype), alpha=-lr)
+        steps = self._advance_counters(items)
+        inputs = [get_rule(it.group["rule"]).direction_input(it.state, it.grad, it.group, step=steps[id(it.step)])
+                  for it in items]
+        element, rows, matrix = self._route(items)
+        updates = {i: inputs[i] for i in element}  # element-wise rules return the direction itself
+        reduced = self._row_directions(items, rows, inputs, updates)
+        self._matrix_directions(items, matrix, inputs, updates, stats)
+        stats.bytes_sent["colsum"] = stats.bytes_received["colsum"] = reduced
+        self._apply(items, updates)
         stats.step_seconds = time.perf_counter() - t_start
         self.last_stats = stats
         self.total_polar_flops += stats.polar_flops
         return loss
 
     @staticmethod
-    def _channels(it: _Item, x) -> Tensor:
+    def _advance_counters(items: list[StepItem]) -> dict[int, int]:
+        """Count this step once per counter (a DeepSpeed flat's counter is shared by its
+        parameters); returns counter id → the new step."""
+        counters = {id(it.step): it.step for it in items}
+        for counter in counters.values():
+            counter += 1
+        return {key: int(counter.item()) for key, counter in counters.items()}
+
+    @staticmethod
+    def _route(items: list[StepItem]) -> tuple[list[int], list[int], list[int]]:
+        """Positions of the items whose rule runs element-wise, on local rows, or on whole matrices."""
+        element, rows, matrix = [], [], []
+        for i, it in enumerate(items):
+            if get_rule(it.group["rule"]).locality == "element":
+                element.append(i)
+            elif runs_on_rows(it.group["rule"], it.info, it.layout):
+                rows.append(i)
+            else:
+                matrix.append(i)
+        return element, rows, matrix
+
+    def _row_directions(self, items: list[StepItem], rows: list[int], inputs: list, updates: dict) -> int:
+        """Directions of the row-rule items into ``updates``; returns the bytes all-reduced."""
+        topo, reduced = self.topology, 0
+        for i in rows:
+            it = items[i]
+            x, row_stats, back = topo.row_view(it.layout, inputs[i].reshape(-1))
+            sizes: list[int] = []
+            if topo.world_size > 1 and not it.layout.is_replicated():
+                row_stats = self._counted_stats(row_stats, it.name, sizes)
+            rule = get_rule(it.group["rule"])
+            updates[i] = back(rule.direction(x, axis=permuted_axis(it.info), transposed=it.info.transposed,
+                                             group=it.group, stats=row_stats))
+            reduced += 4 * sum(sizes)
+        return reduced
+
+    def _counted_stats(self, row_stats: RowStats, name: str, sizes: list[int]) -> RowStats:
+        """``row_stats`` whose all-reduces are guarded (a failure names the parameter) and append
+        the elements they reduce to ``sizes``."""
+        def counted(fn, what):
+            def run(t):
+                out = self._guard(f"{what} all_reduce of {name}", lambda: fn(t))
+                sizes.append(out.numel())
+                return out
+            return run
+
+        return RowStats(colsum=counted(row_stats.colsum, "column-statistics"),
+                        rowsum=None if row_stats.rows_whole else counted(row_stats.rowsum, "row-statistics"),
+                        total_rows=row_stats.total_rows, mask=row_stats.mask,
+                        total=counted(row_stats.total, "matrix-statistics"))
+
+    def _matrix_directions(self, items: list[StepItem], matrix: list[int], inputs: list, updates: dict,
+                           stats: StepStats) -> None:
+        """Directions of the whole-matrix items into ``updates``, through the owner exchange."""
+        if not matrix:
+            return
+        members = [items[i] for i in matrix]
+        _, exchange = self._plan_for(members)
+        flat = {pos: self._channels(it, inputs[i]) for pos, (i, it) in enumerate(zip(matrix, members))}
+        exchange.step = self.num_steps
+        out = exchange.run(flat, lambda unit, mat: self._matrix_job(members[unit.param], unit, mat), stats)
+        for pos, i in enumerate(matrix):
+            updates[i] = self._take_state(items[i], out[pos])
+
+    @staticmethod
+    def _matrix_job(it: StepItem, unit: Unit, mat: Tensor) -> MatrixJob:
+        """The compute job of one unit of ``it`` from its whole ``[C, rows, n]`` channels."""
+        rule = get_rule(it.group["rule"])
+        return MatrixJob(mat if rule.stateful else mat[0], unit.spec, rule, it.group, permuted_axis(it.info),
+                         it.info.transposed, int(it.step.item()))
+
+    @staticmethod
+    def _apply(items: list[StepItem], updates: dict) -> None:
+        """``W ← W · (1 − lr · wd) − lr · U`` on each local piece."""
+        for i, it in enumerate(items):
+            lr, wd = it.group["lr"], it.group["weight_decay"]
+            if wd:
+                it.param.mul_(1 - lr * wd)
+            it.param.add_(updates[i].reshape(it.param.shape).to(it.param.dtype), alpha=-lr)
+
+    @staticmethod
+    def _channels(it: StepItem, x) -> Tensor:
         """What the exchange moves for one parameter: its direction input (flat), or for a rule with
         carried state ``[inputs + carried, local]``: its inputs, then its carried state."""
         rule = get_rule(it.group["rule"])
@@ -607,7 +501,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return torch.stack([t.reshape(-1) for t in parts] + [it.state[k].reshape(-1) for k in rule.carried])
 
     @staticmethod
-    def _take_state(it: _Item, out: Tensor) -> Tensor:
+    def _take_state(it: StepItem, out: Tensor) -> Tensor:
         """Store the new carried state the owner sent back (in place, into the local shards of the
         state) and return the direction."""
         rule = get_rule(it.group["rule"])
@@ -617,12 +511,14 @@ class SpectralOptimizer(torch.optim.Optimizer):
             it.state[key].copy_(out[1 + c].view_as(it.state[key]))
         return out[0]
 
-    def _plan_for(self, items: list[_Item], topo: Topology) -> tuple[Plan, Exchange]:
+    def _plan_for(self, items: list[StepItem]) -> tuple[Plan, Exchange]:
+        topo = self.topology
         key = tuple(it.name for it in items)
         if key not in self._plans:
-            params = [self.plan_param(pos, it.name, it.info, it.group, it.layout) for pos, it in enumerate(items)]
+            params = [plan_param(pos, it.name, it.info, it.group, it.layout) for pos, it in enumerate(items)]
             plan = build_plan(params, topo.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
-            prints = self._guard("plan fingerprint all_gather_object", lambda: topo.all_gather_object(plan.fingerprint))
+            prints = self._guard("plan fingerprint all_gather_object",
+                                 lambda: topo.collectives.all_gather_object(plan.fingerprint))
             if len(set(prints)) > 1:
                 raise RuntimeError(f"ranks disagree on the parameters to optimize (plan fingerprints {prints}): every "
                                    "rank must build the optimizer from the same model, with the same shapes and recipe")
@@ -632,33 +528,24 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def _element_bytes(self) -> int:
         return torch.finfo(self.comm_dtype).bits // 8 if self.comm_dtype else 4
 
-    @staticmethod
-    def plan_param(pos: int, name: str, info: ParamInfo, group: dict, layout) -> PlanParam:
-        """The planner's view of one whole-matrix parameter."""
-        rule = get_rule(group["rule"])
-        specs = group_unit_specs(info, group)
-        costs = tuple(sum(rule.cost(*b.shape, group) for b in s.blocks) for s in specs)
-        polar = tuple(sum(rule.polar_flops(*b.shape, group) for b in s.blocks) for s in specs)
-        channels = (rule.inputs + len(rule.carried), 1 + len(rule.carried)) if rule.stateful else (1, 1)
-        return PlanParam(pos, name, layout, specs, costs, polar, rule.key(group), channels)
-
     def plan(self) -> Plan:
         """The plan for a step in which every parameter has a gradient (for printing and tests)."""
         topo = self.topology
         entries = self._entries(only_with_grad=False)
         matrix = [i for i, e in enumerate(entries) if get_rule(e.group["rule"]).locality != "element"
                   and not runs_on_rows(e.group["rule"], e.info, topo.layout(e.param))]
-        params = [self.plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
+        params = [plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
                   for pos, i in enumerate(matrix)]
         return build_plan(params, topo.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
 
-    def _nonfinite(self, items: list[_Item], topo: Topology) -> bool:
+    def _nonfinite(self, items: list[StepItem]) -> bool:
+        collectives = self.topology.collectives
         bad_names = [it.name for it in items if not _all_finite(it.grad)]
         bad = self._first_in_model_order(bad_names) if bad_names else None
-        if not self._guard("non-finite check all_reduce", lambda: topo.any_true(bad is not None)):
+        if not self._guard("non-finite check all_reduce", lambda: collectives.any_true(bad is not None)):
             return False
         if self.nonfinite == "raise":
-            names = self._guard("non-finite names all_gather_object", lambda: topo.all_gather_object(bad))
+            names = self._guard("non-finite names all_gather_object", lambda: collectives.all_gather_object(bad))
             first = self._first_in_model_order([n for n in names if n])
             raise NonFiniteGradientError(f"non-finite gradient in {first} (the first parameter with one, on any rank; "
                                          f"step {self.num_steps}); nothing was updated. Use nonfinite='skip' to skip "

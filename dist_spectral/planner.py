@@ -24,8 +24,8 @@ from torch import nn
 from .blocks import permuted_axis, view_2d_shape
 from .build import resolve_groups
 from .layout import Layout, chunk_range
-from .optimizer import REPLICATE_BELOW, SpectralOptimizer, runs_on_rows
 from .plan import Plan, build_plan
+from .route import REPLICATE_BELOW, plan_param, runs_on_rows
 from .rules import get_rule
 
 
@@ -204,7 +204,7 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
             # Units and costs depend on the rule and the parameter's structure, not its name.
             key = (id(g), dataclasses.replace(info, name=""))
             if key not in protos:
-                protos[key] = SpectralOptimizer.plan_param(0, info.name, info, group, layout)
+                protos[key] = plan_param(0, info.name, info, group, layout)
             params.append(dataclasses.replace(protos[key], index=len(params), name=info.name, layout=layout))
     plan = build_plan(params, W, int(bucket_mb * (1 << 20)), element_bytes,
                       REPLICATE_BELOW if replicate_below is None else replicate_below)

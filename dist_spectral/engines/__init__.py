@@ -1,31 +1,49 @@
-"""Engine adapters: turn an engine's storage into :class:`~dist_spectral.layout.Layout` values.
+"""Engine adapters: the one boundary between the optimizer and an engine's storage.
 
-One small module per engine; only these and :mod:`dist_spectral.exchange` touch
-``torch.distributed``::
+The optimizer talks to every engine through the :class:`Engine` protocol (``base.py``); each
+adapter is a small class composed with a :class:`Collectives` over its process group, and only
+these modules and :mod:`dist_spectral.exchange` touch ``torch.distributed``::
 
-    single.py    one process, or DDP / any replicated tensors (every rank holds everything)
-    dtensor.py   FSDP2 ``fully_shard``, HSDP, expert parallel: DTensor params on a device mesh
-    deepspeed.py DeepSpeed ZeRO flat partitions
+                        SpectralOptimizer.step
+                                 │ layout(p), local(t), step_items(...), row_view(...)
+                                 ▼
+       ┌──────────────────┬──────────────────┬────────────────────────┐
+       │ ReplicatedEngine │ DTensorEngine    │ ZeroEngine             │  one adapter per engine
+       │ single.py        │ dtensor.py       │ deepspeed.py           │  (EngineAdapter: every
+       │ one process, DDP │ FSDP2, HSDP, EP  │ ZeRO-1/2/3 flats,      │   method abstract)
+       │                  │                  │ zero_map.py            │
+       └────────┬─────────┴────────┬─────────┴───────────┬────────────┘
+                └── rows.py (row rules on local pieces) ─┘
+                                   │ all_reduce_sum, any_true, all_gather_object, barrier
+                                   ▼
+                    Collectives (collectives.py): one process group
+
+An adapter says what a rank holds (a :class:`~dist_spectral.layout.Layout` per parameter), gives
+its local view of a tensor, creates the state for what it steps and hands the optimizer this rank's
+items for a step (:class:`StepItem`: local parameter, gradient, state views and step counter). A
+new layout (tensor or pipeline parallel) is a new adapter; ``SpectralOptimizer.step`` does not change.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Topology
+from .base import PROTOCOL_METHODS, Engine, EngineAdapter, StepItem, check_engine
+from .collectives import Collectives
 
 
-def topology_for(params: list[Tensor], process_group=None) -> Topology:
+def topology_for(params: list[Tensor], process_group=None) -> EngineAdapter:
     """Pick the adapter from what the parameters are (DTensor → mesh layouts, else replicated),
-    communicating over ``process_group`` (see :func:`~dist_spectral.engines.single.check_process_group`)."""
+    with collectives over ``process_group`` (see :func:`~dist_spectral.engines.collectives.check_process_group`)."""
     from torch.distributed.tensor import DTensor
 
+    collectives = Collectives(process_group)
     if any(isinstance(p, DTensor) for p in params):
-        from .dtensor import DTensorTopology
+        from .dtensor import DTensorEngine
 
-        return DTensorTopology(process_group)
-    from .single import ReplicatedTopology
+        return DTensorEngine(collectives)
+    from .single import ReplicatedEngine
 
-    return ReplicatedTopology(process_group)
+    return ReplicatedEngine(collectives)
 
 
-__all__ = ["Topology", "topology_for"]
+__all__ = ["Engine", "EngineAdapter", "StepItem", "Collectives", "PROTOCOL_METHODS", "check_engine", "topology_for"]

@@ -1,142 +1,192 @@
-"""The interface every engine adapter implements."""
+"""The boundary between the optimizer and an engine: the :class:`Engine` protocol.
+
+The optimizer asks its adapter four things and never looks at the engine itself: which layout a
+parameter has, this rank's items to step (local views of parameters, gradients, state and step
+counters), a row rule's view of a local piece, and the small collectives (:class:`Collectives`).
+:class:`EngineAdapter` declares every method abstract, so an adapter that forgets one cannot be
+instantiated: a silent single-process fallback would let ranks desynchronise.
+"""
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from datetime import timedelta
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ..layout import Layout
-from ..rules import RowStats
+from ..roles import ParamInfo
+from ..rules import RowStats, get_rule
+from .collectives import Collectives
 
 
-class Topology:
-    """How parameters are stored across ranks, and the few collectives rules outside the exchange need.
+@dataclass
+class StepItem:
+    """This rank's share of one parameter in a step: local views of it, its gradient and state.
 
     Attributes:
-        world_size (int): ranks taking part in the plan.
-        rank (int): this rank.
-        group: process group for collectives (``None`` on one process).
-        timeout (timedelta | None): longest wait for one collective (``None``: the process
-            group's own timeout); the optimizer sets it from its ``timeout`` option.
+        group (dict): the param group (rule and hyperparameters).
+        name (str): parameter name.
+        info (ParamInfo): its role and structure.
+        layout (Layout): where every rank's elements are.
+        param (Tensor): this rank's elements, updated in place.
+        grad (Tensor): their gradient.
+        state (dict): local views of the state tensors (``step`` excluded).
+        step (Tensor): the step counter (shared by every parameter of a DeepSpeed flat partition).
     """
 
-    world_size: int = 1
-    rank: int = 0
-    group = None
-    timeout = None
+    group: dict
+    name: str
+    info: ParamInfo
+    layout: Layout
+    param: Tensor
+    grad: Tensor
+    state: dict
+    step: Tensor
 
+
+RowView = tuple[Tensor, RowStats, Callable[[Tensor], Tensor]]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the optimizer needs from an engine adapter (see :class:`EngineAdapter`)."""
+
+    collectives: Collectives
+
+    def layout(self, param: Tensor) -> Layout: ...
+
+    def local(self, tensor: Tensor) -> Tensor: ...
+
+    def bind_groups(self, param_groups: list[dict]) -> None: ...
+
+    def init_state(self, param_groups: list[dict], infos: dict[str, ParamInfo], state: dict) -> None: ...
+
+    def step_items(self, param_groups: list[dict], infos: dict[str, ParamInfo], state: dict) -> list[StepItem]: ...
+
+    def row_view(self, layout: Layout, flat: Tensor) -> RowView: ...
+
+
+#: Methods every adapter implements (the protocol's, less its attribute).
+PROTOCOL_METHODS = ("layout", "local", "bind_groups", "init_state", "step_items", "row_view")
+
+
+class EngineAdapter(abc.ABC):
+    """Base of engine adapters: each protocol method is abstract; the group, rank, world size and
+    timeout are those of :attr:`collectives`.
+
+    Attributes:
+        collectives (Collectives): the process group this engine's ranks form, and its collectives.
+    """
+
+    collectives: Collectives
+
+    @abc.abstractmethod
     def layout(self, param: Tensor) -> Layout:
-        raise NotImplementedError
+        """Where every rank's elements of ``param`` are."""
 
+    @abc.abstractmethod
     def local(self, tensor: Tensor) -> Tensor:
-        """The tensor this rank stores (a DTensor's local shard, or the tensor itself)."""
-        return tensor
+        """The part of ``tensor`` (a parameter or a state tensor shaped like it) this rank stores."""
 
-    def colsum(self, layout: Layout) -> Callable[[Tensor], Tensor]:
-        """Sum of a per-row tensor ``[local_rows, n]`` over every row of the matrix → ``[1, n]``."""
-        return lambda x: x.sum(-2, keepdim=True)
+    @abc.abstractmethod
+    def bind_groups(self, param_groups: list[dict]) -> None:
+        """The optimizer's full list of param groups, at construction and after ``load_state_dict``
+        (an engine that shows the optimizer only some groups per ``step()`` looks them up here)."""
 
-    def all_reduce_sum(self, tensor: Tensor, what: str) -> Tensor:
-        """Sum ``tensor`` over ranks in place (identity on one process)."""
-        return tensor
+    @abc.abstractmethod
+    def init_state(self, param_groups: list[dict], infos: dict[str, ParamInfo], state: dict) -> None:
+        """Create the optimizer ``state`` for what this engine steps (every rule's buffers and ``step``)."""
 
-    def row_view(self, layout: Layout, flat: Tensor) -> tuple[Tensor, RowStats, Callable[[Tensor], Tensor]]:
-        """This rank's part of a 2-D parameter as dense rows, the :class:`RowStats` that complete
-        it, and the map from a dense result back to the flat local layout.
+    @abc.abstractmethod
+    def step_items(self, param_groups: list[dict], infos: dict[str, ParamInfo], state: dict) -> list[StepItem]:
+        """This rank's items for this ``step()`` call: those with a gradient, in group order."""
 
-        Whole rows: a view, column sums all-reduced (:meth:`colsum`). Rows cut by partition
-        boundaries (DeepSpeed ZeRO): the touched rows zero-filled with a mask; column sums are one
-        all-reduce of a length-n vector, row sums of the cut rows one all-reduce of a vector with one
-        entry per cut row of the matrix. Either way a sum over the whole matrix (``total``) is one
-        all-reduce of one number.
-        """
-        rows, n = layout.shape[0], layout.cols
-        if layout.whole_rows():
-            colsum = self.colsum(layout)
-            return flat.reshape(-1, n), RowStats(colsum=colsum, total_rows=rows,
-                                                 total=lambda x: colsum(x.sum(-1, keepdim=True))), \
-                lambda u: u.reshape(-1)
-        if not layout.each_element_once():
-            raise ValueError(f"a {layout.kind or 'sharded'} layout of shape {layout.shape} both cuts rows and repeats "
-                             "elements across ranks; row rules cannot run on it")
-        index = _fragment_index(layout, self.rank)
-        dense = flat.new_zeros(len(index.rows), n)
-        dense[index.row_pos, index.col] = flat
-        mask = torch.zeros_like(dense)
-        mask[index.row_pos, index.col] = 1
+    @abc.abstractmethod
+    def row_view(self, layout: Layout, flat: Tensor) -> RowView:
+        """This rank's part of a 2-D parameter as dense rows ``[local_rows, n]``, the
+        :class:`~dist_spectral.rules.RowStats` that complete it over every rank, and the map from
+        a dense result back to the flat local layout."""
 
-        def colsum(x: Tensor) -> Tensor:
-            return self.all_reduce_sum((x * mask).sum(-2, keepdim=True).contiguous(), "column sums")
+    @property
+    def world_size(self) -> int:
+        return self.collectives.world_size
 
-        def rowsum(x: Tensor) -> Tensor:
-            partial = (x * mask).sum(-1, keepdim=True)
-            if index.cut:
-                shared = partial.new_zeros(len(index.cut))
-                shared[index.cut_slots] = partial[index.cut_local, 0]
-                shared = self.all_reduce_sum(shared, "row sums of cut rows")
-                partial = partial.clone()
-                partial[index.cut_local, 0] = shared[index.cut_slots]
-            return partial
+    @property
+    def rank(self) -> int:
+        return self.collectives.rank
 
-        def total(x: Tensor) -> Tensor:
-            return self.all_reduce_sum((x * mask).sum((-2, -1), keepdim=True).contiguous(), "matrix sums")
+    @property
+    def group(self):
+        return self.collectives.group
 
-        return dense, RowStats(colsum=colsum, rowsum=rowsum, total_rows=rows, mask=mask, total=total), \
-            lambda u: u[index.row_pos, index.col]
+    @property
+    def timeout(self) -> timedelta | None:
+        return self.collectives.timeout
 
-    def any_true(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (used to skip a step everywhere at once)."""
-        return flag
-
-    def all_gather_object(self, obj) -> list:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
+    @timeout.setter
+    def timeout(self, value: timedelta | None) -> None:
+        self.collectives.timeout = value
 
     def describe(self) -> str:
         return f"{type(self).__name__}(world_size={self.world_size}, rank={self.rank})"
 
 
-@dataclass(frozen=True)
-class _Fragments:
-    rows: Tensor        # global rows this rank touches, increasing
-    row_pos: Tensor     # per local element: its row's position in ``rows``
-    col: Tensor         # per local element: its column
-    cut: tuple          # every cut row of the matrix (all ranks agree)
-    cut_slots: Tensor   # for the touched cut rows: slot in ``cut``
-    cut_local: Tensor   # ... and position in ``rows``
+def check_engine(engine) -> None:
+    """Raise ``TypeError`` naming what an adapter lacks, before any collective can run."""
+    if isinstance(engine, EngineAdapter):
+        return  # abstract methods were checked when it was instantiated
+    missing = [m for m in PROTOCOL_METHODS if not callable(getattr(engine, m, None))]
+    if not isinstance(getattr(engine, "collectives", None), Collectives):
+        missing.append("collectives (a Collectives)")
+    if missing:
+        raise TypeError(f"engine adapter {type(engine).__name__} lacks {', '.join(missing)}: implement the "
+                        "dist_spectral.engines.Engine protocol (subclass EngineAdapter)")
 
 
-@lru_cache(maxsize=1024)
-def _fragment_index(layout: Layout, rank: int) -> _Fragments:
-    n = layout.cols
-    elems = torch.cat([torch.arange(a, b) for a, b in layout.holdings[rank]] or [torch.zeros(0, dtype=torch.long)])
-    rows, row_pos = torch.unique(elems // n, sorted=True, return_inverse=True)
-    cut = layout.cut_rows()
-    slot = {r: i for i, r in enumerate(cut)}
-    touched = [(slot[int(r)], i) for i, r in enumerate(rows.tolist()) if int(r) in slot]
-    return _Fragments(rows, row_pos, elems % n, cut, torch.tensor([s for s, _ in touched], dtype=torch.long),
-                      torch.tensor([i for _, i in touched], dtype=torch.long))
+# ----- shared by the adapters whose items are the optimizer's own parameters -----
+def init_parameter_state(param_groups: list[dict], state: dict) -> None:
+    """Rule state for every parameter without state, shaped (and sharded) like the parameter."""
+    for g in param_groups:
+        rule = get_rule(g["rule"])
+        for p in g["params"]:
+            if not state[p]:
+                state[p].update(rule.init_state(p, g))
+                state[p]["step"] = torch.tensor(0.0)
 
 
-def masked_rows(layout: Layout, rank: int, local_rows: int) -> Tensor | None:
-    """A ``[local_rows, 1]`` 0/1 mask of the local rows this rank counts in a sum over ranks
-    (``None`` when it counts all of them)."""
-    canonical = layout.canonical_rows(rank)
-    n = layout.cols
-    held = [(a // n, b // n) for a, b in layout.holdings[rank]]
-    if canonical == held:
-        return None
-    mask = torch.zeros(local_rows, 1)
-    offset = 0
-    for a, b in held:
-        for ca, cb in canonical:
-            lo, hi = max(a, ca), min(b, cb)
-            if hi > lo:
-                mask[offset + lo - a:offset + hi - a] = 1
-        offset += b - a
-    return mask
+def check_params_are_own(param_groups: list[dict], state: dict) -> None:
+    """The groups still hold the tensors the optimizer was built with: plain ``deepspeed.initialize``
+    (ZeRO) swaps them for flat partitions the optimizer has no map or state for."""
+    for g in param_groups:
+        foreign = len(g["params"]) != len(g["param_names"]) or any("step" not in state.get(p, {}) for p in g["params"])
+        if foreign:
+            shapes = [tuple(p.shape) for p in g["params"][:2]]
+            raise RuntimeError(f"param group {g.get('name', '?')!r} holds {len(g['params'])} tensor(s) (shapes "
+                               f"{shapes}) in place of its {len(g['param_names'])} parameters "
+                               f"({', '.join(g['param_names'][:2])}, ...): something replaced them, as DeepSpeed "
+                               "ZeRO does with flat partitions. Pass the optimizer to DeepSpeed through "
+                               "dist_spectral.deepspeed.initialize(model=model, optimizer=opt, config=ds_config) "
+                               "instead of deepspeed.initialize. Nothing was updated")
+
+
+def parameter_items(engine: EngineAdapter, param_groups: list[dict], infos: dict[str, ParamInfo],
+                    state: dict) -> list[StepItem]:
+    """Items of every parameter with a gradient, as the engine's local views."""
+    check_params_are_own(param_groups, state)
+    local = engine.local
+    items = []
+    for g in param_groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            if p.grad is None:
+                continue
+            s = state[p]
+            items.append(StepItem(g, name, infos[name], engine.layout(p), local(p), local(p.grad),
+                                  {k: local(v) for k, v in s.items() if k != "step"}, s["step"]))
+    return items
+
+
+__all__ = ["Engine", "EngineAdapter", "StepItem", "PROTOCOL_METHODS", "check_engine", "check_params_are_own",
+           "init_parameter_state", "parameter_items"]

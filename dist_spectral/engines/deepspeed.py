@@ -20,25 +20,88 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from .dtensor import DTensorTopology
-from .zero_map import build_zero_map, flat_tensors
+from ..layout import Layout
+from ..rules import get_rule
+from .base import EngineAdapter, StepItem
+from .collectives import Collectives
+from .rows import row_view
+from .zero_map import ZeroMap, build_zero_map, flat_tensors
 
 
-class ZeroTopology(DTensorTopology):
-    """Collectives over DeepSpeed's data-parallel group; layouts come from the ZeRO map."""
+class ZeroEngine(EngineAdapter):
+    """DeepSpeed's flat partitions: the optimizer's state lives on the flats, items are their pieces.
 
-    def __init__(self, zero_map):
-        super().__init__()
+    DeepSpeed hands the optimizer one flat fp32 slice per group (ZeRO-1/2) or sub-group (ZeRO-3)
+    and calls ``step()`` with only some of them; ``zero_map`` says which element range of which
+    parameter each rank's slice holds. State is shaped like the flats (as DeepSpeed checkpoints
+    expect); the rules, plans and exchange run unchanged on the parameters' pieces.
+
+    Args:
+        zero_map (ZeroMap): from :func:`~dist_spectral.engines.zero_map.build_zero_map`.
+        flats (list[Tensor]): this rank's flat tensors, in ``zero_map.flats`` order.
+        collectives (Collectives): over DeepSpeed's data-parallel group (default: the world).
+    """
+
+    def __init__(self, zero_map: ZeroMap, flats: list[Tensor], collectives: Collectives | None = None):
+        self.collectives = collectives or Collectives()
         self.zero_map = zero_map
+        self.flats = list(flats)
+        self._groups: list[dict] = []
+        self._layouts: dict[int, Layout] = {}
         if self.world_size != zero_map.world_size:
             raise ValueError(f"DeepSpeed partitions over {zero_map.world_size} ranks but the world has "
                              f"{self.world_size}: dist_spectral supports ZeRO over the whole data-parallel world "
                              "(no model/pipeline/expert parallel groups inside DeepSpeed)")
 
-    def layout(self, param):
-        raise RuntimeError("under DeepSpeed ZeRO, layouts come from the ZeRO map (SpectralOptimizer.attach_zero)")
+    def layout(self, param: Tensor) -> Layout:
+        raise RuntimeError("under DeepSpeed ZeRO, layouts come from the ZeRO map (ZeroEngine.step_items)")
+
+    def local(self, tensor: Tensor) -> Tensor:
+        return tensor  # flats are this rank's own already
+
+    def bind_groups(self, param_groups: list[dict]) -> None:
+        # DeepSpeed later shows only some groups per step() call: a flat finds its group by index here
+        self._groups = list(param_groups)
+
+    def init_state(self, param_groups, infos, state) -> None:
+        """Move the state onto the flats: the parameters' state is dropped, each flat gets its group's."""
+        zmap = self.zero_map
+        for meta in zmap.flats:
+            for pi in meta.param_indices:
+                if zmap.names[pi] not in infos:
+                    raise ValueError(f"DeepSpeed partitions parameter {zmap.names[pi]!r}, which this optimizer "
+                                     "was not built with: build it from the same model you pass to deepspeed")
+        state.clear()
+        for meta, flat in zip(zmap.flats, self.flats):
+            group = self._groups[meta.group_index]
+            state[flat].update(get_rule(group["rule"]).init_state(flat, group))
+            state[flat]["step"] = torch.tensor(0.0)
+
+    def step_items(self, param_groups, infos, state) -> list[StepItem]:
+        zmap, rank = self.zero_map, self.zero_map.rank  # the rank inside the partitioning group
+        items = []
+        for _, meta, flat in zmap.stepping(param_groups):
+            if flat.grad is None:
+                continue
+            group = self._groups[meta.group_index]
+            s = state[flat]
+            segments = {seg.param_index: seg for seg in meta.partitions[rank].segments}
+            for pi in meta.param_indices:
+                seg = segments.get(pi)
+                view = slice(seg.local_offset, seg.local_stop) if seg else slice(0, 0)
+                name = zmap.names[pi]
+                if pi not in self._layouts:
+                    self._layouts[pi] = zmap.layout(pi)
+                items.append(StepItem(group, name, infos[name], self._layouts[pi], flat.data[view], flat.grad[view],
+                                      {k: v[view] for k, v in s.items() if k != "step"}, s["step"]))
+        return items
+
+    def row_view(self, layout, flat):
+        return row_view(layout, flat, self.collectives)
 
 
 def prepare_config(config: dict) -> dict:
@@ -72,5 +135,5 @@ def initialize(model, optimizer, config: dict, **kwargs):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("DeepSpeed ZeRO needs torch.distributed initialised (deepspeed.init_distributed)")
     zero_map = build_zero_map(engine, named)
-    optimizer.attach_zero(zero_map, flat_tensors(engine), ZeroTopology(zero_map))
+    optimizer.attach(ZeroEngine(zero_map, flat_tensors(engine)))
     return engine, ds_optimizer, loader, scheduler

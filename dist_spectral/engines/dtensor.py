@@ -4,7 +4,7 @@ A DTensor's placements say how its global tensor is cut over each mesh dimension
 with ``torch.chunk`` semantics, so every rank's piece is known from (shape, mesh, placements)
 alone and the layout of every rank is computed locally. Row rules that need column statistics
 sum their local rows (each row counted by one holder only, so HSDP replicas do not double count)
-and all-reduce a length-n vector over the world.
+and all-reduce a length-n vector over the group (``rows.py``).
 """
 from __future__ import annotations
 
@@ -14,13 +14,19 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..exchange import wait
 from ..layout import Layout, mesh_layout, replicated
-from .base import masked_rows
-from .single import ReplicatedTopology
+from .base import EngineAdapter, init_parameter_state, parameter_items
+from .collectives import Collectives
+from .rows import row_view
 
 
-class DTensorTopology(ReplicatedTopology):
+class DTensorEngine(EngineAdapter):
+    """DTensor parameters (``Shard(d)`` / ``Replicate()`` placements); plain tensors count as
+    replicated on every rank of ``collectives`` (default: the world)."""
+
+    def __init__(self, collectives: Collectives | None = None):
+        self.collectives = collectives or Collectives()
+
     def layout(self, param: Tensor) -> Layout:
         if not isinstance(param, DTensor):
             return replicated(tuple(param.shape), self.world_size)
@@ -44,7 +50,7 @@ class DTensorTopology(ReplicatedTopology):
     def _in_group(self, ranks, param: Tensor):
         if isinstance(ranks, tuple):
             return tuple(self._in_group(r, param) for r in ranks)
-        r = self.group_rank(ranks)
+        r = self.collectives.group_rank(ranks)
         if r < 0:
             raise ValueError(f"a parameter of shape {tuple(param.shape)} is a DTensor on a mesh of global ranks "
                              f"{_ranks(param.device_mesh)}, but rank {ranks} is not in the optimizer's process group "
@@ -55,18 +61,17 @@ class DTensorTopology(ReplicatedTopology):
     def local(self, tensor: Tensor) -> Tensor:
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-    def colsum(self, layout: Layout):
-        if layout.is_replicated() or self.world_size == 1:
-            return super().colsum(layout)
-        group, rank, timeout = self.group, self.rank, self.timeout
+    def bind_groups(self, param_groups):
+        pass  # steps read the groups they are given
 
-        def colsum(x: Tensor) -> Tensor:
-            mask = masked_rows(layout, rank, x.shape[-2])
-            partial = (x if mask is None else x * mask.to(x)).sum(-2, keepdim=True).contiguous()
-            wait(dist.all_reduce(partial, group=group, async_op=True), timeout)
-            return partial
+    def init_state(self, param_groups, infos, state):
+        init_parameter_state(param_groups, state)
 
-        return colsum
+    def step_items(self, param_groups, infos, state):
+        return parameter_items(self, param_groups, infos, state)
+
+    def row_view(self, layout, flat):
+        return row_view(layout, flat, self.collectives)
 
 
 def _ranks(mesh) -> tuple:
@@ -81,4 +86,4 @@ def _mesh_layout(shape, ranks, placements, world_size) -> Layout:
     return mesh_layout(shape, list(ranks), placements, world_size)
 
 
-__all__ = ["DTensorTopology"]
+__all__ = ["DTensorEngine"]

@@ -7,84 +7,37 @@ routers, see plan.py) are the exception: every rank computes them, and nothing m
 """
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..exchange import wait
 from ..layout import Layout, replicated
-from .base import Topology
+from .base import EngineAdapter, init_parameter_state, parameter_items
+from .collectives import Collectives
+from .rows import row_view
 
 
-#: ``process_group`` value for an optimizer that talks to no other rank (see :func:`check_process_group`).
-LOCAL = "local"
+class ReplicatedEngine(EngineAdapter):
+    """Parameters held whole on every rank of ``collectives`` (default: the world, or one process)."""
 
-
-def check_process_group(process_group):
-    """``process_group`` as given to the optimizer: ``None`` (the default group when
-    ``torch.distributed`` is initialised, else none), ``"local"`` (this process only: no collective,
-    for a model that lives on one rank) or a ``ProcessGroup`` this rank belongs to."""
-    if process_group is None or process_group == LOCAL:
-        return process_group
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group={process_group!r}: give None (the default process group), 'local' (no "
-                        "collectives: a model on this rank only) or a torch.distributed.ProcessGroup")
-    if dist.get_rank(process_group) < 0:
-        raise ValueError(f"process_group: rank {dist.get_rank()} is not a member of the group it was given; build the "
-                         "optimizer only on the group's ranks, or pass process_group='local'")
-    return process_group
-
-
-class ReplicatedTopology(Topology):
-    def __init__(self, process_group=None):
-        process_group = check_process_group(process_group)
-        if process_group != LOCAL and dist.is_available() and dist.is_initialized():
-            self.group = dist.group.WORLD if process_group is None else process_group
-            self.world_size = dist.get_world_size(self.group)
-            self.rank = dist.get_rank(self.group)
-        else:
-            self.world_size, self.rank, self.group = 1, 0, None
-
-    def group_rank(self, global_rank: int) -> int:
-        """A global rank's rank in this topology's group (``-1``: not in it)."""
-        if self.group is None:
-            return 0 if global_rank == (dist.get_rank() if dist.is_initialized() else 0) else -1
-        if self.group is dist.group.WORLD:
-            return global_rank
-        try:
-            return dist.get_group_rank(self.group, global_rank)
-        except (ValueError, RuntimeError):
-            return -1
+    def __init__(self, collectives: Collectives | None = None):
+        self.collectives = collectives or Collectives()
 
     def layout(self, param: Tensor) -> Layout:
         return replicated(tuple(param.shape), self.world_size)
 
-    def all_reduce_sum(self, tensor, what: str):
-        if self.world_size > 1:
-            wait(dist.all_reduce(tensor, group=self.group, async_op=True), self.timeout)
+    def local(self, tensor: Tensor) -> Tensor:
         return tensor
 
-    def any_true(self, flag: bool) -> bool:
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=collective_device(self.group))
-        wait(dist.all_reduce(t, group=self.group, async_op=True), self.timeout)
-        return bool(t.item() > 0)
+    def bind_groups(self, param_groups):
+        pass  # steps read the groups they are given
 
-    def all_gather_object(self, obj) -> list:
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+    def init_state(self, param_groups, infos, state):
+        init_parameter_state(param_groups, state)
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
+    def step_items(self, param_groups, infos, state):
+        return parameter_items(self, param_groups, infos, state)
+
+    def row_view(self, layout, flat):
+        return row_view(layout, flat, self.collectives)
 
 
-def collective_device(group) -> torch.device:
-    """Where a small tensor for a collective on ``group`` must live: NCCL takes only CUDA tensors."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+__all__ = ["ReplicatedEngine"]

@@ -94,7 +94,7 @@ class DeepSpeedConfig:
 
     The DeepSpeed config is the JSON file ``config`` names, then the fields below that are not
     null, then ``overrides`` (deep-merged); batch sizes come from ``data`` (see
-    ``training/engines.py``).
+    ``training/launchers.py``).
 
     Attributes:
         config (str | None): a name in ``dist_spectral/configs/deepspeed`` (``zero2``) or a JSON path (default: none).

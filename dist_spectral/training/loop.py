@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from .. import checkpoint
 from .config import RunConfig, dump
 from .data import TokenData, load_tokens
-from ..optimizer import StepStats
 from ..schedules import apply_schedule
-from .engines import DistEnv, deepspeed_config, deepspeed_initialize, deepspeed_load, init_distributed, wrap_model
+from ..stats import StepStats
+from .launchers import DistEnv, deepspeed_config, deepspeed_initialize, deepspeed_load, init_distributed, wrap_model
 from .metrics import MetricsLog, plot_losses, read_metrics
 
 
@@ -90,7 +90,7 @@ class Trainer:
             self.engine = deepspeed_initialize(self.model, self.opt, self.sched, self.ds_config)
             self.model = self.engine
             self._calls = StepStats()
-            self.opt.register_step_post_hook(lambda opt, args, kwargs: add_stats(self._calls, opt.last_stats))
+            self.opt.register_step_post_hook(lambda opt, args, kwargs: self._calls.add(opt.last_stats))
         self.schedule_note = None  # set by load() when the resumed run's schedule differs from the saved one
         self.val = ([x.to(env.device) for x in self.data.val_batches(env.rank, cfg.train.eval_batches)]
                     if cfg.train.eval_every else [])
@@ -354,19 +354,6 @@ def remove_deepspeed_shm_buffer() -> None:
     addr, port, rank = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
         path.unlink(missing_ok=True)
-
-
-def add_stats(total: StepStats, s: StepStats) -> None:
-    """Add one step() call's statistics to ``total`` (DeepSpeed calls step() several times per step)."""
-    for mine, theirs in ((total.bytes_sent, s.bytes_sent), (total.bytes_received, s.bytes_received)):
-        for key, value in theirs.items():
-            mine[key] = mine.get(key, 0) + value
-    total.polar_flops += s.polar_flops
-    total.replicated_flops += s.replicated_flops
-    total.exchange_seconds += s.exchange_seconds
-    total.compute_seconds += s.compute_seconds
-    total.step_seconds += s.step_seconds
-    total.skipped |= s.skipped
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> dict:

@@ -51,7 +51,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
     model = tiny_olmoe(seed=0)
     opt = dist_spectral.build_optimizer(model, case.get("recipe", "symmetric"), **case.get("overrides", {}))
     engine, _, _, _ = initialize(model=model, optimizer=opt, config=ds_config(case))
-    shapes = dict(zip(opt._zero.names, opt._zero.shapes))
+    shapes = dict(zip(opt.topology.zero_map.names, opt.topology.zero_map.shapes))
     current: dict[str, torch.Tensor] = {}
     step_calls = []
     original_step = opt.step
@@ -60,7 +60,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
 
     def recording_step(closure=None):
         step_calls.append(len(opt.param_groups))
-        for it in opt._zero_items():  # this rank's pieces of each parameter's gradient
+        for it in opt._items():  # this rank's pieces of each parameter's gradient
             if it.group["rule"] in ("row_norm", "centered_row_norm", "auon") and not it.layout.whole_rows():
                 cut_row_params.add(it.name)
             full = current.setdefault(it.name, torch.zeros(shapes[it.name]).reshape(-1))

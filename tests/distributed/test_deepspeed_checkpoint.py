@@ -9,7 +9,7 @@ row-norm, left-spectral, per-head and per-expert Muon, AdamW); and rules with ca
 ``conda`` at ZeRO-2 (basis refreshed every 2 steps), ``aro`` at ZeRO-3. ``paper_schedule`` passed to
 ``deepspeed.initialize`` (DeepSpeed steps it and checkpoints it), different data on each rank.
 
-Loading goes through ``dist_spectral.training.engines.deepspeed_load`` (what ``--resume`` does),
+Loading goes through ``dist_spectral.training.launchers.deepspeed_load`` (what ``--resume`` does),
 and, in case ``zero2_bare``, through a plain ``engine.load_checkpoint``: the optimizer keeps its
 ZeRO param-group dicts in sync across ``load_state_dict`` itself.
 
@@ -58,7 +58,7 @@ def _run(name: str, rank: int, seed: int, start: int, stop: int, ckpt: Path, sav
     import dist_spectral
     from dist_spectral.deepspeed import initialize
     from dist_spectral.engines.zero_map import flat_tensors
-    from dist_spectral.training.engines import deepspeed_load
+    from dist_spectral.training.launchers import deepspeed_load
     from tests.tiny import tiny_olmoe
 
     case = CASES[name]

@@ -45,17 +45,17 @@ def run_case(name: str, rank: int) -> dict:
     model = tiny_olmoe(seed=0)
     opt = dist_spectral.build_optimizer(model, recipe, **overrides)
     engine, _, _, _ = initialize(model=model, optimizer=opt, config=ds_config(case))
-    shapes = dict(zip(opt._zero.names, opt._zero.shapes))
+    shapes = dict(zip(opt.topology.zero_map.names, opt.topology.zero_map.shapes))
     grads, state = {}, {}
     original_step = opt.step
 
     def recording_step(closure=None):
-        for it in opt._zero_items():  # this rank's pieces of each gradient
+        for it in opt._items():  # this rank's pieces of each gradient
             full = grads.setdefault(it.name, torch.zeros(shapes[it.name]).reshape(-1))
             for a, b in it.layout.holdings[rank]:
                 full[a:b] = it.grad
         loss = original_step(closure)
-        for it in opt._zero_items():  # ... and of each state tensor, after the step
+        for it in opt._items():  # ... and of each state tensor, after the step
             if get_rule(it.group["rule"]).stateful:
                 for key, value in it.state.items():
                     full = state.setdefault((it.name, key), torch.zeros(shapes[it.name]).reshape(-1))

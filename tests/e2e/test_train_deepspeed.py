@@ -41,7 +41,7 @@ def _free_port() -> int:
 def deepspeed_launch(*args: str) -> str:
     """Run the entry point under the deepspeed launcher; returns its output."""
     bindir = Path(sys.executable).parent
-    # The venv's bin first: its ninja builds DeepSpeed's op (see training/engines.py), and the
+    # The venv's bin first: its ninja builds DeepSpeed's op (see training/launchers.py), and the
     # launcher starts the ranks with the interpreter it runs under.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")])}

@@ -12,9 +12,10 @@ import dist_spectral
 from dist_spectral import functional as F
 from dist_spectral import reference
 from dist_spectral.build import resolve_groups
-from dist_spectral.engines.base import Topology
+from dist_spectral.engines import Collectives
+from dist_spectral.engines.rows import row_view
 from dist_spectral.layout import Layout
-from dist_spectral.optimizer import runs_on_rows
+from dist_spectral.route import runs_on_rows
 from dist_spectral.recipes import list_recipes
 from dist_spectral.roles import ParamInfo
 from dist_spectral.rules import LOCAL, get_rule
@@ -424,12 +425,13 @@ def test_auon_zero_and_degenerate_inputs_are_finite():
                                              group=group)).all()
 
 
-class _ThreadRanks(Topology):
-    """W ranks as threads of one process; all-reduce through a barrier. Exercises the engine's own
-    ``row_view`` (whole rows and rows cut by a DeepSpeed-style partition, zero-filled and masked)."""
+class _ThreadRanks(Collectives):
+    """W ranks as threads of one process; all-reduce through a barrier. Exercises the adapters'
+    shared ``row_view`` (whole rows and rows cut by a DeepSpeed-style partition, zero-filled and masked)."""
 
     def __init__(self, rank: int, world_size: int, barrier: threading.Barrier, slots: list):
         self.rank, self.world_size, self._barrier, self._slots = rank, world_size, barrier, slots
+        self.group, self.timeout = None, None
 
     def all_reduce_sum(self, tensor, what):
         self._slots[self.rank] = tensor.clone()
@@ -437,9 +439,6 @@ class _ThreadRanks(Topology):
         total = sum(self._slots)
         self._barrier.wait()
         return tensor.copy_(total)
-
-    def colsum(self, layout):
-        return lambda x: self.all_reduce_sum(x.sum(-2, keepdim=True).contiguous(), "column sums")
 
 
 def _row_path(layout: Layout, full: torch.Tensor, group: dict, transposed: bool) -> torch.Tensor:
@@ -450,9 +449,8 @@ def _row_path(layout: Layout, full: torch.Tensor, group: dict, transposed: bool)
 
     def rank_main(r):
         try:
-            topo = _ThreadRanks(r, W, barrier, slots)
             local = torch.cat([full.reshape(-1)[a:b] for a, b in layout.holdings[r]] or [torch.zeros(0)])
-            x, stats, back = topo.row_view(layout, local)
+            x, stats, back = row_view(layout, local, _ThreadRanks(r, W, barrier, slots))
             u = back(get_rule("auon").direction(x, axis="rows", transposed=transposed, group=group, stats=stats))
             offset = 0
             for a, b in layout.holdings[r]:

@@ -49,9 +49,9 @@ def test_mesh_layout_tiles_every_element_once_per_replica():
 
 
 def _param(info, layout, group):
-    from dist_spectral.optimizer import SpectralOptimizer
+    from dist_spectral.route import plan_param
 
-    return SpectralOptimizer.plan_param(0, info.name, info, group, layout)
+    return plan_param(0, info.name, info, group, layout)
 
 
 MUON = {"rule": "muon", "steps": 5, "coefficients": "polar_express", "safety": 1.01, "polar_dtype": "auto",

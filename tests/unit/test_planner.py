@@ -254,14 +254,14 @@ MUON = {"rule": "muon", "steps": 5, "coefficients": "polar_express", "safety": 1
 
 
 def _one_matrix_plan(W: int, rows: int = 8, cols: int = 16, units: int = 1):
-    from dist_spectral.optimizer import SpectralOptimizer
+    from dist_spectral.route import plan_param
     from dist_spectral.roles import ParamInfo
 
     params = []
     for i in range(units):
         info = ParamInfo(f"w{i}", (rows, cols), "hidden")
         layout = mesh_layout(info.shape, list(range(W)), (("shard", 0),), W)
-        params.append(SpectralOptimizer.plan_param(i, info.name, info, MUON, layout))
+        params.append(plan_param(i, info.name, info, MUON, layout))
     return build_plan(params, W, bucket_bytes=rows * cols * 4)
 
 

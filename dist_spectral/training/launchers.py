@@ -314,7 +314,7 @@ def deepspeed_initialize(model: nn.Module, optimizer, scheduler, config: dict):
 
 def deepspeed_load(engine, optimizer, load_dir: str, tag: str) -> dict:
     """``engine.load_checkpoint`` (module, optimizer partitions, scheduler); returns the client state.
-    (``SpectralOptimizer.load_state_dict`` keeps its ZeRO group dicts in sync with the loaded ones.)"""
+    (``SpectralOptimizer.load_state_dict`` hands the loaded group dicts to its ZeRO adapter.)"""
     loaded, client = engine.load_checkpoint(load_dir, tag=tag)
     if loaded is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
