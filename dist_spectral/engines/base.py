@@ -130,9 +130,6 @@ class EngineAdapter(abc.ABC):
     def timeout(self, value: timedelta | None) -> None:
         self.collectives.timeout = value
 
-    def describe(self) -> str:
-        return f"{type(self).__name__}(world_size={self.world_size}, rank={self.rank})"
-
 
 def check_engine(engine) -> None:
     """Raise ``TypeError`` naming what an adapter lacks, before any collective can run."""
