@@ -97,7 +97,7 @@ def check_configs() -> list[str]:
     from dist_spectral.models import list_presets, load_model_config
     from dist_spectral.recipes import configs_dir
     from dist_spectral.training.config import load_config
-    from dist_spectral.training.engines import deepspeed_json
+    from dist_spectral.training.launchers import deepspeed_json
 
     problems = []
     checks = [("models", "*.yaml", load_model_config),

@@ -5,12 +5,12 @@
 
 ::
 
-    config.py   run config dataclasses, YAML composition, key.sub=value overrides
-    data.py     built-in corpus / memmap / text / datasets; deterministic (seed, step, rank) batches
-    engines.py  process group and model wrapping per parallel.engine (none, ddp, fsdp, hsdp, ep)
-    names.py    recipe, preset, DeepSpeed config and data paths checked before anything starts
-    loop.py     the step, validation, checkpoints
-    metrics.py  metrics.jsonl and loss.png
+    config.py     run config dataclasses, YAML composition, key.sub=value overrides
+    data.py       built-in corpus / memmap / text / datasets; deterministic (seed, step, rank) batches
+    launchers.py  process group and model wrapping per parallel.engine (none, ddp, fsdp, hsdp, ep)
+    names.py      recipe, preset, DeepSpeed config and data paths checked before anything starts
+    loop.py       the step, validation, checkpoints
+    metrics.py    metrics.jsonl and loss.png
 
 Outputs go to ``runs/<name>/``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``loss.png`` and
 ``checkpoints/step_NNNNNN`` with a ``checkpoints/latest`` pointer.

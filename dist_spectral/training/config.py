@@ -421,7 +421,7 @@ def load_config(run: str | None = None, overrides: list[str] | tuple = ()) -> Ru
 
 
 def validate(cfg: RunConfig) -> None:
-    """Value checks that need no processes (world-size checks happen in :mod:`.engines`)."""
+    """Value checks that need no processes (world-size checks happen in :mod:`.launchers`)."""
     checks = [
         (cfg.parallel.engine in ENGINES, f"parallel.engine={cfg.parallel.engine!r}: use one of {', '.join(ENGINES)}"),
         (cfg.data.source in SOURCES, f"data.source={cfg.data.source!r}: use one of {', '.join(SOURCES)}"),

@@ -61,7 +61,7 @@ def check_preset(preset: str) -> None:
 def check_deepspeed(cfg: RunConfig) -> None:
     """``parallel.deepspeed.config`` (engine ``deepspeed``) names a DeepSpeed JSON (or a readable path)."""
     from ..recipes import configs_dir
-    from .engines import deepspeed_json
+    from .launchers import deepspeed_json
 
     name = cfg.parallel.deepspeed.config
     if cfg.parallel.engine != "deepspeed" or not name:

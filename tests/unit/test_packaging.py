@@ -58,7 +58,7 @@ def test_installed_wheel_builds_an_optimizer_away_from_the_checkout(wheel, tmp_p
         "import dist_spectral, torch\n"
         "from dist_spectral.models import build_model\n"
         "from dist_spectral.training.config import load_config\n"
-        "from dist_spectral.training.engines import deepspeed_json\n"
+        "from dist_spectral.training.launchers import deepspeed_json\n"
         "print(dist_spectral.__file__)\n"
         "model = build_model('tiny-olmoe', seed=0)\n"
         "opt = dist_spectral.build_optimizer(model)\n"
