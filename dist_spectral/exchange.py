@@ -304,7 +304,8 @@ class _Run:
         for p in self.views[bi].gather_recv:
             u = self.plan.units[p.uid]
             c = self.channels(u, 0)
-            mats[u.uid][:, p.start - u.start:p.stop - u.start].copy_(received[offset:offset + c * p.numel].view(c, p.numel))
+            piece = received[offset:offset + c * p.numel].view(c, p.numel)
+            mats[u.uid][:, p.start - u.start:p.stop - u.start].copy_(piece)
             offset += c * p.numel
 
     def job(self, u: Unit, mat: Tensor, whole: set) -> MatrixJob:
@@ -358,8 +359,8 @@ class _Run:
         for p in self.views[bi].scatter_recv:
             u = self.plan.units[p.uid]
             c = self.channels(u, 1)
-            self.ex._local_slice(self.outputs, u, p.start, p.stop).copy_(received[offset:offset + c * p.numel]
-                                                                         .view(c, p.numel))
+            piece = received[offset:offset + c * p.numel].view(c, p.numel)
+            self.ex._local_slice(self.outputs, u, p.start, p.stop).copy_(piece)
             offset += c * p.numel
 
 

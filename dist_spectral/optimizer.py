@@ -160,7 +160,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         """The engine adapter: layouts, local views, this rank's items and the collectives."""
         if self._topology is None:
             self._topology = topology_for([p for g in self.param_groups for p in g["params"]], self._process_group)
-            self._topology.timeout = self.timeout
+            self._topology.collectives.timeout = self.timeout
         return self._topology
 
     @property
@@ -172,7 +172,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def timeout(self, value: float | timedelta | None) -> None:
         self._timeout = timedelta(seconds=value) if isinstance(value, (int, float)) else value
         if self._topology is not None:
-            self._topology.timeout = self._timeout
+            self._topology.collectives.timeout = self._timeout
         for _, exchange in self._plans.values():
             exchange.timeout = self._timeout
 
@@ -222,7 +222,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
     def _check_ranks_agree(self) -> None:
         topo = self.topology
         mine = self.fingerprint()  # also raises on layouts the engine adapter does not support
-        if topo.world_size == 1:
+        if topo.collectives.world_size == 1:
             return
         prints = self._guard("fingerprint all_gather_object", lambda: topo.collectives.all_gather_object(mine))
         if len(set(prints)) > 1:
@@ -362,7 +362,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         flat partitions (:class:`~dist_spectral.engines.deepspeed.ZeroEngine`).
         """
         check_engine(engine)
-        engine.timeout = self.timeout
+        engine.collectives.timeout = self.timeout
         engine.bind_groups(self.param_groups)
         engine.init_state(self.param_groups, self.infos, self.state)
         self._topology = engine
@@ -435,7 +435,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             it = items[i]
             x, row_stats, back = topo.row_view(it.layout, inputs[i].reshape(-1))
             sizes: list[int] = []
-            if topo.world_size > 1 and not it.layout.is_replicated():
+            if topo.collectives.world_size > 1 and not it.layout.is_replicated():
                 row_stats = self._counted_stats(row_stats, it.name, sizes)
             rule = get_rule(it.group["rule"])
             updates[i] = back(rule.direction(x, axis=permuted_axis(it.info), transposed=it.info.transposed,
@@ -512,17 +512,16 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return out[0]
 
     def _plan_for(self, items: list[StepItem]) -> tuple[Plan, Exchange]:
-        topo = self.topology
+        coll = self.topology.collectives
         key = tuple(it.name for it in items)
         if key not in self._plans:
             params = [plan_param(pos, it.name, it.info, it.group, it.layout) for pos, it in enumerate(items)]
-            plan = build_plan(params, topo.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
-            prints = self._guard("plan fingerprint all_gather_object",
-                                 lambda: topo.collectives.all_gather_object(plan.fingerprint))
+            plan = build_plan(params, coll.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
+            prints = self._guard("plan fingerprint all_gather_object", lambda: coll.all_gather_object(plan.fingerprint))
             if len(set(prints)) > 1:
                 raise RuntimeError(f"ranks disagree on the parameters to optimize (plan fingerprints {prints}): every "
                                    "rank must build the optimizer from the same model, with the same shapes and recipe")
-            self._plans[key] = (plan, Exchange(plan, topo.rank, topo.group, self.comm_dtype, self.timeout))
+            self._plans[key] = (plan, Exchange(plan, coll.rank, coll.group, self.comm_dtype, self.timeout))
         return self._plans[key]
 
     def _element_bytes(self) -> int:
@@ -536,7 +535,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
                   and not runs_on_rows(e.group["rule"], e.info, topo.layout(e.param))]
         params = [plan_param(pos, entries[i].name, entries[i].info, entries[i].group, topo.layout(entries[i].param))
                   for pos, i in enumerate(matrix)]
-        return build_plan(params, topo.world_size, self.bucket_bytes, self._element_bytes(), self.replicate_below)
+        return build_plan(params, topo.collectives.world_size, self.bucket_bytes, self._element_bytes(),
+                          self.replicate_below)
 
     def _nonfinite(self, items: list[StepItem]) -> bool:
         collectives = self.topology.collectives
