@@ -158,7 +158,7 @@ WRAPS = [("fsdp", "bfloat16", None), ("fsdp", "float32", "bfloat16"), ("ep", "bf
 def _wrap_worker(rank: int, world_size: int) -> dict:
     from dist_spectral.models import build_model
     from dist_spectral.training.config import ParallelConfig
-    from dist_spectral.training.engines import DistEnv, wrap_model
+    from dist_spectral.training.launchers import DistEnv, wrap_model
 
     env = DistEnv(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
     out = {}
