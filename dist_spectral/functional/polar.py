@@ -104,7 +104,9 @@ def polar(
     run on the orientation where ``X Xᵀ`` is the smaller Gram (tall inputs are transposed and the
     result transposed back), so ``polar(Xᵀ) = polar(X)ᵀ``. Each step maps the singular values by
     ``σ ↦ a σ + b σ³ + c σ⁵`` and keeps the singular vectors; the iteration is exactly equivariant:
-    ``polar(Q₁ X Q₂ᵀ) = Q₁ polar(X) Q₂ᵀ`` for orthogonal Q₁, Q₂.
+    ``polar(Q₁ X Q₂ᵀ) = Q₁ polar(X) Q₂ᵀ`` for orthogonal Q₁, Q₂. The result depends on the values
+    of ``x`` only, not on its strides: it runs on a contiguous copy (on a strided view the norm and
+    the GEMMs round differently, which the steps amplify to ~1e-6 in fp32).
 
     Accuracy (fp32, safety 1.01; singular values of the output against float64 SVD):
     Polar Express on 64×256 Gaussians gives [0.870, 1.124] after 5 steps and 1 ± 2.5e-7 after 8
@@ -149,7 +151,11 @@ def polar(
     m, n = x.shape[-2], x.shape[-1]
     tall = m > n
     X = x.mT if tall else x
-    X = X.reshape(math.prod(X.shape[:-2]), *X.shape[-2:])  # [batch, s, l] with s <= l
+    # Contiguous whatever the input's strides: the norm's sum and the GEMMs of a step round
+    # differently on a strided view (another summation order, a transposed BLAS kernel), and the
+    # quintic steps amplify one fp32 ulp to ~1e-6, so the same values in another layout (a tall
+    # block, the transpose of a wide one) would get another polar factor. One copy of the input.
+    X = X.reshape(math.prod(X.shape[:-2]), *X.shape[-2:]).contiguous()  # [batch, s, l], s <= l
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
     X = (X.to(norm_dtype) / (scale * norm + 1e-7)).to(work)
 
