@@ -32,6 +32,7 @@ from .compute import MatrixJob
 from .engines import EngineAdapter, StepItem, check_engine, topology_for
 from .engines.collectives import check_process_group
 from .exchange import CollectiveError, Exchange
+from .kernels import choice as kernel_choice
 from .plan import Plan, Unit, build_plan, check_replicate_below
 from .roles import ParamInfo
 from .route import REPLICATE_BELOW, plan_param, runs_on_rows
@@ -148,6 +149,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.total_polar_flops = 0  # over all step() calls on this rank (DeepSpeed calls step() per group)
         self.num_steps = 0  # step() calls, skipped ones included (saved by dist_spectral.checkpoint)
         self.last_stats = StepStats()
+        self.kernel_choices: dict = {}  # (op, s, l, dtype) -> "torch" / "triton:i", as every rank runs them
         self._check_hyperparameters()
         self._check_shapes()
         self._check_ranks_agree()
@@ -522,6 +524,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"ranks disagree on the parameters to optimize (plan fingerprints {prints}): every "
                                    "rank must build the optimizer from the same model, with the same shapes and recipe")
             self._plans[key] = (plan, Exchange(plan, coll.rank, coll.group, self.comm_dtype, self.timeout))
+            # One Triton/torch choice per polar shape, rank 0's, on every rank: a per-rank timing
+            # could run other kernels (other bf16 rounding) on the same matrices (kernels/choice.py).
+            device = items[0].grad.device if items else torch.device("cpu")
+            self.kernel_choices.update(self._guard("kernel choice all_gather_object", lambda: kernel_choice.decide(
+                plan, [it.group for it in items], device, coll)))
         return self._plans[key]
 
     def _element_bytes(self) -> int:

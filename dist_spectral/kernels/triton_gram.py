@@ -18,8 +18,12 @@ Dispatch (:func:`syrk`):
 - no Triton, or a CPU tensor: ``torch.baddbmm`` / ``torch.bmm`` (unless ``backend="triton"``,
   which runs the kernel anyway: on CPU tensors with ``TRITON_INTERPRET=1`` set before the first
   call, which is how the tests check it);
-- CUDA: the first call for a given (batch, s, l, dtype, device) times torch and two kernel tile
-  configurations (median of 5 after a warm-up) and remembers the fastest;
+- a choice table installed by :mod:`dist_spectral.kernels.choice` (the optimizer installs one,
+  decided on rank 0 and the same on every rank): its entry for the product and ``(s, l, dtype)``,
+  and torch for a shape it lacks;
+- otherwise, on CUDA: the first call for a given (batch, s, l, dtype, device) times torch and two
+  kernel tile configurations (median of 5 after a warm-up) and remembers the fastest, on this
+  process alone;
 - ``DIST_SPECTRAL_TRITON=0`` / ``=1`` forces torch / the kernel.
 
 The kernel accumulates in fp32 and rounds once to the output dtype (bf16 on GPU). ``C`` must be
@@ -34,6 +38,8 @@ import time
 
 import torch
 from torch import Tensor
+
+from . import choice as _choice
 
 _CONFIGS = (  # (BLOCK_M, BLOCK_K, num_warps, num_stages)
     (64, 64, 4, 3),
@@ -136,28 +142,56 @@ def _timed(fn, device) -> float:
     return statistics.median(times)
 
 
-def _backend(x: Tensor, alpha: float, beta: float, c: Tensor | None, backend: str, fallback):
+def _time_candidate(name: str, fn, device) -> float:
+    """Seconds of one candidate (``"torch"`` or ``"triton:i"``); a seam the tests replace to give
+    ranks different local timings."""
+    return _timed(fn, device)
+
+
+def _fastest(x: Tensor, alpha: float, beta: float, c: Tensor | None, fallback) -> str:
+    """``"torch"`` or ``"triton:i"`` (``_CONFIGS[i]``): the fastest on this device, measured now."""
+    candidates = {"torch": lambda: fallback(x, alpha, beta, c)}
+    for i, cfg in enumerate(_CONFIGS):
+        candidates[f"triton:{i}"] = functools.partial(syrk_triton, x, alpha, beta, c, cfg)
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = _time_candidate(name, fn, x.device)
+        except Exception:  # a configuration that does not compile on this GPU: skip it
+            continue
+    return min(times, key=times.get)
+
+
+def decode(choice: str):
+    """``"torch"``, or the kernel configuration that ``"triton:i"`` names."""
+    if choice == "torch":
+        return "torch"
+    kind, _, index = choice.partition(":")
+    if kind != "triton" or not index.isdigit() or int(index) >= len(_CONFIGS):
+        raise ValueError(f"kernel choice {choice!r}: use 'torch' or 'triton:i' with i < {len(_CONFIGS)}")
+    return _CONFIGS[int(index)]
+
+
+def _backend(x: Tensor, alpha: float, beta: float, c: Tensor | None, backend: str, fallback, op: str):
     """``"torch"`` or the kernel configuration to use."""
     if backend == "auto":
         backend = {"0": "torch", "1": "triton"}.get(os.environ.get("DIST_SPECTRAL_TRITON", ""), "auto")
-    if backend == "torch" or (backend == "auto" and not (x.is_cuda and triton_available())):
+    if backend == "torch":
         return "torch"
     if backend == "triton":
         return _CONFIGS[0]
     if backend != "auto":
         raise ValueError(f"syrk: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if (x.is_cuda or interpret) and triton_available():
+        agreed = _choice.lookup(op, x.shape[1], x.shape[2], x.dtype)
+        if agreed is not None:  # decided once for every rank (see dist_spectral.kernels.choice)
+            return decode(agreed)
+    if not (x.is_cuda and triton_available()) or _choice.strict():
+        return "torch"  # strict: an optimizer installed a table; a shape outside it never times locally
     key = (*x.shape, x.dtype, x.device, c is not None, fallback)
     if key not in _CHOICE:
-        candidates = {"torch": lambda: fallback(x, alpha, beta, c)}
-        for cfg in _CONFIGS:
-            candidates[cfg] = functools.partial(syrk_triton, x, alpha, beta, c, cfg)
-        times = {}
-        for name, fn in candidates.items():
-            try:
-                times[name] = _timed(fn, x.device)
-            except Exception:  # a configuration that does not compile on this GPU: skip it
-                continue
-        _CHOICE[key] = min(times, key=times.get)
+        _CHOICE[key] = decode(_fastest(x, alpha, beta, c, fallback))
     return _CHOICE[key]
 
 
@@ -178,14 +212,14 @@ def syrk(x: Tensor, alpha: float = 1.0, beta: float = 0.0, c: Tensor | None = No
     Returns:
         Tensor: ``[B, s, s]`` in ``x``'s dtype.
     """
-    return _syrk(x, alpha, beta, c, backend, syrk_torch)
+    return _syrk(x, alpha, beta, c, backend, syrk_torch, "syrk" if c is not None else "gram")
 
 
-def _syrk(x, alpha, beta, c, backend, fallback) -> Tensor:
+def _syrk(x, alpha, beta, c, backend, fallback, op) -> Tensor:
     if x.ndim != 3 or (c is not None and tuple(c.shape) != (x.shape[0], x.shape[1], x.shape[1])):
         raise ValueError(f"syrk: x must be [B, s, l] and c [B, s, s]; got {tuple(x.shape)} and "
                          f"{None if c is None else tuple(c.shape)}")
-    choice = _backend(x, alpha, beta, c, backend, fallback)
+    choice = _backend(x, alpha, beta, c, backend, fallback, op)
     return fallback(x, alpha, beta, c) if choice == "torch" else syrk_triton(x, alpha, beta, c, choice)
 
 
@@ -195,13 +229,13 @@ def _square_torch(a: Tensor, alpha: float, beta: float, c: Tensor) -> Tensor:
 
 def gram(x: Tensor, backend: str = "auto") -> Tensor:
     """``x xᵀ`` for a batch ``[B, s, l]``: the ``A`` of a quintic step (torch: ``bmm(x, x.mT)``)."""
-    return _syrk(x, 1.0, 0.0, None, backend, syrk_torch)
+    return _syrk(x, 1.0, 0.0, None, backend, syrk_torch, "gram")
 
 
 def symmetric_polynomial(a: Tensor, b: float, c: float, backend: str = "auto") -> Tensor:
     """``b · a + c · a a`` for a batch of symmetric ``a``: the ``B`` of a quintic step (``a a = a aᵀ``;
     torch: ``baddbmm(a, a, a, beta=b, alpha=c)``, bit for bit what polar runs today)."""
-    return _syrk(a, c, b, a, backend, _square_torch)
+    return _syrk(a, c, b, a, backend, _square_torch, "square")
 
 
 __all__ = ["gram", "symmetric_polynomial", "syrk", "syrk_torch", "syrk_triton", "triton_available"]

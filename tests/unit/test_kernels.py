@@ -130,3 +130,59 @@ def test_cuda_bf16_and_dispatch():
     assert _rel(got, want) <= TOL[torch.bfloat16]
     key = next(k for k in triton_gram._CHOICE if tuple(k[:3]) == (4, 1024, 4096))
     assert triton_gram._CHOICE[key] == "torch" or triton_gram._CHOICE[key] in _CONFIGS
+
+
+@pytest.fixture
+def no_choices():
+    from dist_spectral.kernels import choice
+
+    choice.clear()
+    yield choice
+    choice.clear()
+
+
+@needs_triton
+def test_installed_choice_is_honoured(interpret, no_choices, monkeypatch):
+    """An installed table decides the kernel per (product, s, l, dtype) whatever the batch; a shape
+    it lacks runs torch, bit for bit."""
+    from dist_spectral.kernels import triton_gram
+
+    calls = []
+    real = triton_gram.syrk_triton
+    monkeypatch.setattr(triton_gram, "syrk_triton", lambda *a: calls.append(a[-1]) or real(*a))
+    no_choices.install({no_choices.key("gram", 24, 40, torch.float32): "triton:1",
+                        no_choices.key("square", 24, 24, torch.float32): "torch"})
+    assert no_choices.strict()
+    for batch in (1, 3):
+        x = torch.randn(batch, 24, 40, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
+        assert _rel(gram(x), x.double() @ x.double().mT) <= TOL[torch.float32]
+        a = torch.bmm(x, x.mT)
+        assert torch.equal(symmetric_polynomial(a, -1.5, 0.25), torch.baddbmm(a, a, a, beta=-1.5, alpha=0.25))
+    assert calls == [_CONFIGS[1]] * 2
+    other = torch.randn(2, 24, 41, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    assert torch.equal(gram(other), torch.bmm(other, other.mT))
+    assert len(calls) == 2
+
+
+def test_choice_keys_cover_the_plans_polar_shapes(no_choices):
+    """Both products of every block shape with polar flops, each with the largest batch one owner
+    runs; bf16 on CUDA by default, the group's polar_dtype where set."""
+    from types import SimpleNamespace as NS
+
+    from dist_spectral.blocks import Block, UnitSpec
+
+    def unit(owner, shapes, param=0, flops=1):
+        blocks = tuple(Block(0, m, 0, n) for m, n in shapes)
+        return NS(owner=owner, polar_flops=flops, param=param, spec=UnitSpec(0, 1, blocks))
+
+    plan = NS(units=(unit(0, [(32, 96)] * 2), unit(1, [(96, 32)]), unit(1, [(8, 8)], flops=0),
+                     unit(0, [(16, 64)], param=1)))
+    keys = no_choices.polar_keys(plan, [{}, {"polar_dtype": "float32"}], torch.device("cuda"))
+    assert keys == {("gram", 32, 96, "bfloat16"): 2, ("square", 32, 32, "bfloat16"): 2,
+                    ("gram", 16, 64, "float32"): 1, ("square", 16, 16, "float32"): 1}
+
+
+def test_bad_choice_is_refused_before_anything_is_installed(no_choices):
+    with pytest.raises(ValueError, match="triton:i"):
+        no_choices.install({("gram", 8, 8, "float32"): "torch", ("gram", 8, 16, "float32"): "cutlass"})
+    assert no_choices.installed() == {} and not no_choices.strict()
