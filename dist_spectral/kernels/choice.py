@@ -133,7 +133,8 @@ def measure(keys: dict[Key, int], device: torch.device) -> dict[Key, str]:
 
 
 def agree(keys: dict[Key, int], device: torch.device, collectives) -> dict[Key, str]:
-    """Rank 0's :func:`measure` of ``keys``, on every rank (one ``all_gather_object``).
+    """Rank 0's choices for ``keys``, on every rank (one ``all_gather_object``): its installed
+    entry where it has one (a plan built earlier in this process), else its :func:`measure`.
 
     Args:
         keys (dict): key → batch, the same on every rank (from :func:`polar_keys` of the shared plan).
@@ -144,7 +145,10 @@ def agree(keys: dict[Key, int], device: torch.device, collectives) -> dict[Key, 
     Returns:
         dict: key → ``"torch"`` or ``"triton:i"``, identical on every rank.
     """
-    mine = measure(keys, device) if collectives.rank == 0 else None
+    mine = None
+    if collectives.rank == 0:  # a key decided before (an earlier plan) keeps its choice
+        mine = {k: _TABLE[k] for k in keys if k in _TABLE}
+        mine.update(measure({k: b for k, b in keys.items() if k not in _TABLE}, device))
     return collectives.all_gather_object(mine)[0]
 
 

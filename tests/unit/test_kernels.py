@@ -186,3 +186,22 @@ def test_bad_choice_is_refused_before_anything_is_installed(no_choices):
     with pytest.raises(ValueError, match="triton:i"):
         no_choices.install({("gram", 8, 8, "float32"): "torch", ("gram", 8, 16, "float32"): "cutlass"})
     assert no_choices.installed() == {} and not no_choices.strict()
+
+
+@needs_triton
+def test_agree_keeps_a_decided_choice_and_measures_the_rest(no_choices, monkeypatch):
+    """A later plan (another optimizer in the process) reuses what an earlier one decided, so the
+    same shape never changes kernel mid-run; only new keys are timed."""
+    from types import SimpleNamespace as NS
+
+    from dist_spectral.kernels import triton_gram
+
+    timed = []
+    monkeypatch.setattr(triton_gram, "_time_candidate",
+                        lambda name, fn, device: timed.append(name) or (0.5 if name == "triton:0" else 1.0))
+    old = no_choices.key("gram", 8, 16, torch.float32)
+    new = no_choices.key("gram", 8, 24, torch.float32)
+    no_choices.install({old: "torch"})
+    table = no_choices.agree({old: 1, new: 2}, torch.device("cpu"), NS(rank=0, all_gather_object=lambda o: [o]))
+    assert table == {old: "torch", new: "triton:0"}
+    assert sorted(timed) == ["torch", "triton:0", "triton:1"]
