@@ -12,7 +12,7 @@ import os
 import pytest
 
 #: Importable names of everything README command 1 installs for the tests (extras ``dev`` and ``deepspeed``).
-TEST_DEPENDENCIES = ("transformers", "deepspeed", "triton", "hypothesis", "matplotlib", "expecttest")
+TEST_DEPENDENCIES = ("transformers", "accelerate", "deepspeed", "triton", "hypothesis", "matplotlib", "expecttest")
 
 #: Set to 1 to run what the installed packages allow, skipping the rest (not what CI does).
 ALLOW_MISSING = "DIST_SPECTRAL_ALLOW_MISSING_TEST_DEPS"
