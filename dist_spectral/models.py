@@ -163,7 +163,8 @@ def build_model(name_or_path: str | os.PathLike, device: str | torch.device = "c
         dtype (torch.dtype | str | None): parameter dtype (default: ``None``, float32). What
             transformers keeps in fp32 at this dtype stays fp32 (see :func:`keep_in_fp32`), so a bf16
             model can hold fp32 parameters (DeepSeek-V3's router).
-        seed (int | None): ``torch.manual_seed`` before initialisation (default: ``None``, unseeded).
+        seed (int | None): the seed of :func:`init_weights` (default: ``None``: one drawn from torch's
+            global generator). Ignored on ``meta``, where nothing is initialised.
         **config_overrides: config fields replacing the preset's.
 
     Returns:
@@ -172,12 +173,16 @@ def build_model(name_or_path: str | os.PathLike, device: str | torch.device = "c
     from transformers import AutoModelForCausalLM
 
     config = load_model_config(name_or_path, **config_overrides)
-    if seed is not None:
-        torch.manual_seed(seed)
     dtype = _as_dtype(dtype)
-    with torch.device(device):
+    # Always built on meta, then allocated and initialised by init_weights: the weights a host build
+    # gets are the ones a sharded meta build gets (see materialize), whatever the layout.
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     keep_in_fp32(model, dtype if dtype is not None else torch.get_default_dtype())
+    if torch.device(device).type != "meta":
+        if seed is None:
+            seed = int(torch.randint(2 ** 62, ()))  # unseeded: from torch's global generator, as before
+        materialize(model, device, seed)
     return model.train()
 
 
@@ -247,6 +252,149 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
                     # .data keeps the Parameter object (and any reference to it) while its dtype changes
                     t.data = t.data.to(torch.float32)
     return model
+
+
+# ----- initialisation: the same weights on the host, on meta + shards, at any world size -----
+
+_RNG_INITS = ("normal_", "uniform_", "trunc_normal_")
+
+
+def _row_seed(base: int, row: int) -> int:
+    """A 63-bit seed per row: the parameter's hash mixed with the row index (splitmix64's constant)."""
+    return (base ^ ((row + 1) * 0x9E3779B97F4A7C15)) & (2 ** 63 - 1)
+
+
+def _param_seed(seed: int, name: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little")
+
+
+def _local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """``(local tensor, its global offset, the global shape)``: a DTensor's shard (any mesh, any
+    ``Shard``/``Replicate`` placements) or a whole tensor at offset 0."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        return tensor.to_local(), tuple(offset), tuple(tensor.shape)
+    return tensor, (0,) * tensor.ndim, tuple(tensor.shape)
+
+
+@torch.no_grad()
+def _draw_rows(tensor: torch.Tensor, base: int, kind: str, kwargs: dict) -> None:
+    """Fill ``tensor`` (or its local shard) row by row, each row (the last dimension) from its own
+    generator seeded by ``(base, global row index)``: a shard draws only its rows, and a row has the
+    same values whatever the layout. 0-D and 1-D tensors are one row. Drawn in fp32, then cast, so a
+    bf16 model holds the fp32 model's weights rounded."""
+    local, offset, shape = _local_box(tensor)
+    if local.numel() == 0:
+        return
+    width = shape[-1] if shape else 1
+    lead_shape, lead_offset = shape[:-1], offset[:-1]
+    cols = slice(offset[-1], offset[-1] + local.shape[-1]) if shape else slice(0, 1)
+    rows = local.reshape(-1, local.shape[-1] if shape else 1)
+    local_lead = local.shape[:-1]
+    gen = torch.Generator(device="cpu")
+    buf = torch.empty(width, dtype=torch.float32)
+    for i in range(rows.shape[0]):
+        # global index of local row i: unravel in the local box, shift by the offset, ravel globally
+        g, rem = 0, i
+        idx = []
+        for size in reversed(local_lead):
+            idx.append(rem % size)
+            rem //= size
+        for d, j in enumerate(reversed(idx)):
+            g = g * lead_shape[d] + lead_offset[d] + j
+        gen.manual_seed(_row_seed(base, g))
+        if kind == "normal_":
+            buf.normal_(kwargs.get("mean", 0.0), kwargs.get("std", 1.0), generator=gen)
+        elif kind == "uniform_":
+            buf.uniform_(kwargs.get("a", 0.0), kwargs.get("b", 1.0), generator=gen)
+        else:
+            torch.nn.init.trunc_normal_(buf, kwargs.get("mean", 0.0), kwargs.get("std", 1.0),
+                                        kwargs.get("a", -2.0), kwargs.get("b", 2.0), generator=gen)
+        rows[i].copy_(buf[cols])
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Initialise ``model``'s parameters and buffers in place, the same values whatever its layout.
+
+    transformers' own ``_init_weights`` decides what each tensor gets (``normal_(0, initializer_range)``
+    for matrices, ones for norms, zeros for biases, the rotary frequencies, ...); only its random
+    draws are replaced: every row of a parameter (its last dimension) comes from a generator seeded
+    by ``(seed, parameter name, global row index)``. A shard (a DTensor under FSDP2, HSDP or expert
+    parallel) therefore draws only its own rows, and the weights equal, to the bit, those of the same
+    model built whole on one host, at any world size. This is the only initialisation
+    :func:`build_model` and the training entry use, on the host and after sharding on ``meta``.
+
+    Args:
+        model (nn.Module): a transformers model, materialised (``to_empty``) but not initialised; its
+            parameters may be DTensors. Not wrapped in DDP (names are the model's own).
+        seed (int): the run's seed.
+
+    Returns:
+        nn.Module: ``model``.
+
+    Raises:
+        ValueError: the model's initialisation draws random values into a tensor that is not one of
+            its parameters (a slice or a buffer), which would not be the same across layouts.
+    """
+    from transformers import initialization as hf_init
+
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+
+    def seeded(kind):
+        def draw(tensor, *args, **kwargs):
+            name = names.get(id(tensor))
+            if name is None:
+                raise ValueError(f"{type(model).__name__}'s initialisation draws {kind} into a tensor of shape "
+                                 f"{tuple(tensor.shape)} that is not one of its parameters: init_weights cannot make "
+                                 "it independent of the layout; build this model on the host (device='cpu')")
+            params = dict(zip(("mean", "std") if kind != "uniform_" else ("a", "b"), args), **kwargs)
+            params.pop("generator", None)
+            _draw_rows(tensor, _param_seed(seed, name), kind, params)
+            return tensor
+        return draw
+
+    saved = dict(hf_init.TORCH_INIT_FUNCTIONS)
+    hf_init.TORCH_INIT_FUNCTIONS.update({k: seeded(k) for k in _RNG_INITS})
+    try:
+        for module in model.modules():
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if hasattr(t, "_is_hf_initialized"):
+                    del t._is_hf_initialized  # transformers' "loaded, do not touch" flag: everything is new here
+            if hasattr(module, "_is_hf_initialized"):
+                del module._is_hf_initialized
+        init = getattr(model, "_init_weights", None)
+        if init is None:
+            raise ValueError(f"init_weights needs a transformers model (one with _init_weights); got {type(model).__name__}")
+        for module in model.modules():
+            init(module)
+    finally:
+        hf_init.TORCH_INIT_FUNCTIONS.clear()
+        hf_init.TORCH_INIT_FUNCTIONS.update(saved)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def materialize(model: torch.nn.Module, device: str | torch.device, seed: int) -> torch.nn.Module:
+    """Allocate a model built on ``meta`` (whole, or sharded by FSDP2: then only the local shards)
+    on ``device`` and initialise it with :func:`init_weights`.
+
+    Args:
+        model (nn.Module): a transformers model on ``meta``, possibly ``fully_shard``-ed.
+        device (str | torch.device): where its tensors go.
+        seed (int): the run's seed.
+    """
+    model.to_empty(device=device)
+    return init_weights(model, seed)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:

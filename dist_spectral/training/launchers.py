@@ -206,10 +206,27 @@ def _deepspeed(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module
 WRAPPERS = {"none": _none, "ddp": _ddp, "fsdp": _fsdp, "hsdp": _hsdp, "ep": _ep, "deepspeed": _deepspeed}
 
 
-def wrap_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
-    """``model`` (on ``env.device``) wrapped by the engine ``cfg.engine`` names (see the module docstring)."""
+SHARDED = ("fsdp", "hsdp", "ep")  # engines that shard a model built on meta before it is allocated
+
+
+def wrap_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv, seed: int | None = None) -> nn.Module:
+    """``model`` wrapped by the engine ``cfg.engine`` names (see the module docstring), on ``env.device``.
+
+    A model built on ``meta`` is allocated and initialised here (``models.materialize``, with
+    ``seed``): after sharding under fsdp, hsdp and ep, so a rank allocates and draws only its shards;
+    before wrapping under the engines that replicate it. The weights are the same either way.
+    """
     if cfg.engine not in WRAPPERS:
         raise ValueError(f"parallel.engine={cfg.engine!r}: engines available here are {', '.join(WRAPPERS)}")
+    from ..models import materialize
+
+    on_meta = any(t.is_meta for t in model.parameters())
+    if on_meta and seed is None:
+        raise ValueError("wrap_model: the model is on meta; pass seed= to initialise it after sharding")
+    if on_meta and cfg.engine in SHARDED:
+        return materialize(WRAPPERS[cfg.engine](model, cfg, env), env.device, seed)
+    if on_meta:
+        model = materialize(model, env.device, seed)
     return WRAPPERS[cfg.engine](model.to(env.device), cfg, env)
 
 

@@ -69,7 +69,8 @@ class Trainer:
         self.out = cfg.output
         self.is_main = env.rank == 0
         train, val, tok_vocab = load_tokens(cfg.data)
-        model = build_model(cfg.model.preset, seed=cfg.train.seed, dtype=cfg.model.dtype, **cfg.model.config)
+        # On meta: wrap_model allocates and initialises only this rank's shards (models.init_weights).
+        model = build_model(cfg.model.preset, device="meta", dtype=cfg.model.dtype, **cfg.model.config)
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.vocab = model.config.get_text_config().vocab_size
@@ -79,7 +80,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         self.data = TokenData(train, val, cfg.data.seq_len, cfg.data.batch_size, env.world_size, cfg.train.seed,
                               self.vocab)
-        self.model = wrap_model(model, cfg.parallel, env)
+        self.model = wrap_model(model, cfg.parallel, env, seed=cfg.train.seed)
         o = cfg.optim
         self.opt = build_optimizer(self.model, o.recipe, nonfinite=o.nonfinite, bucket_mb=o.bucket_mb,
                                    comm_dtype=o.comm_dtype, replicate_below=o.replicate_below, **o.overrides)
