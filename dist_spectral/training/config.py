@@ -128,6 +128,9 @@ class ParallelConfig:
         reshard_after_forward (bool): FSDP2 frees gathered parameters after forward (default: true).
         mixed_precision (str | None): FSDP2 compute dtype, e.g. ``bfloat16`` (parameters, optimizer
             state and gradient reduction stay fp32); ``null`` computes in the parameter dtype.
+        expert_dispatch (str): engine ``ep`` only: ``all_gather`` (FSDP2 gathers the experts, every rank
+            computes its own tokens' experts) or ``all_to_all`` (tokens travel to the rank holding their
+            expert and back: see ``training/expert_parallel.py``) (default: ``all_gather``).
         deepspeed (DeepSpeedConfig): engine ``deepspeed`` only.
     """
 
@@ -138,6 +141,7 @@ class ParallelConfig:
     threads: int = 0
     reshard_after_forward: bool = True
     mixed_precision: typing.Optional[str] = None
+    expert_dispatch: str = "all_gather"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -428,6 +432,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.parallel.backend in ("auto", "gloo", "nccl"), f"parallel.backend={cfg.parallel.backend!r}: use auto, gloo or nccl"),
         (cfg.parallel.device in ("auto", "cpu", "cuda"), f"parallel.device={cfg.parallel.device!r}: use auto, cpu or cuda"),
         (cfg.parallel.replicas >= 1, f"parallel.replicas={cfg.parallel.replicas}: must be >= 1"),
+        (cfg.parallel.expert_dispatch in ("all_gather", "all_to_all"),
+         f"parallel.expert_dispatch={cfg.parallel.expert_dispatch!r}: use all_gather or all_to_all"),
+        (cfg.parallel.expert_dispatch == "all_gather" or cfg.parallel.engine == "ep",
+         f"parallel.expert_dispatch=all_to_all routes tokens to experts under parallel.engine=ep, "
+         f"not {cfg.parallel.engine!r}: use parallel=ep"),
         (cfg.data.dtype in ("uint16", "uint32"), f"data.dtype={cfg.data.dtype!r}: use uint16 or uint32"),
         (0 <= cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)"),
         (cfg.data.seq_len >= 2, f"data.seq_len={cfg.data.seq_len}: needs at least 2 tokens"),

@@ -8,10 +8,9 @@ hsdp       FSDP2 on a 2-D mesh ``(replicate, shard) = (replicas, world / replica
 ep         FSDP2 with expert-dim sharding: 3-D expert weights ``[E, ., .]`` placed ``Shard(0)``
            explicitly (``shard_placement_fn``) and each experts module its own FSDP unit, so every
            rank stores ``E / W`` whole experts and the optimizer orthogonalises them without moving
-           them. This is sharding of expert *storage*: forward still all-gathers the experts.
-           Real expert parallelism (tokens routed to the rank owning the expert, all-to-all) needs a
-           model rewritten for it and is out of scope of this entry point; the optimizer itself
-           handles such models (DTensor experts on an EP mesh, see tests/distributed).
+           them. With ``expert_dispatch: all_gather`` (default) forward all-gathers the experts;
+           with ``all_to_all`` the experts stay put, FSDP2 ignores them, and tokens travel to the
+           rank holding their expert and back (``expert_parallel.py``).
 deepspeed  DeepSpeed ZeRO-1/2/3 (``parallel.deepspeed``): the plain module here; the optimizer and
            scheduler are built on it, then :func:`deepspeed_initialize` wraps all three in one
            engine and attaches the optimizer to DeepSpeed's flat partitions. The loop then calls
@@ -121,10 +120,13 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def _fully_shard(model: nn.Module, mesh, cfg: ParallelConfig, shard_placement_fn=None, units=()) -> nn.Module:
+def _fully_shard(model: nn.Module, mesh, cfg: ParallelConfig, shard_placement_fn=None, units=(),
+                 ignored=()) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
+    if ignored:
+        kwargs["ignored_params"] = set(ignored)
     if cfg.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_as_dtype(cfg.mixed_precision), reduce_dtype=torch.float32)
     # What transformers keeps in fp32 (DeepSeek-V3's router) is a unit of its own: FSDP2 wants one
@@ -185,6 +187,14 @@ def _ep(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
 
     from ..roles import expert_containers
 
+    if cfg.expert_dispatch == "all_to_all":
+        from .expert_parallel import shard_experts
+
+        if cfg.mixed_precision:
+            raise ValueError("parallel.expert_dispatch=all_to_all computes experts in their parameter dtype; "
+                             "unset parallel.mixed_precision or use expert_dispatch=all_gather")
+        mesh = _mesh(env, (env.world_size,), ("ep",))
+        return _fully_shard(model, mesh, cfg, ignored=shard_experts(model, mesh))
     containers = expert_containers(model)
     if not containers:
         raise ValueError(f"parallel.engine=ep but {type(model).__name__} has no routed experts; use fsdp")
