@@ -47,11 +47,12 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _exchange(x: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group) -> torch.Tensor:
     """``all_to_all_single`` of rows with variable splits, differentiable (its backward is the
-    exchange the other way)."""
-    from torch.distributed.nn.functional import all_to_all_single
+    exchange the other way). torch's functional collective (``torch.distributed.nn.functional``'s
+    is deprecated in its favour), waited on at once: the experts need the rows."""
+    from torch.distributed import _functional_collectives as funcol
 
-    out = x.new_empty((sum(recv_sizes),) + tuple(x.shape[1:]))
-    return all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=group)
+    out = funcol.all_to_all_single_autograd(x.contiguous(), recv_sizes, send_sizes, group)
+    return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
 @contextlib.contextmanager
