@@ -165,6 +165,43 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     _dcp(dcp.save, state, path)
 
 
+def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
+               extra: dict | None = None, process_group=None):
+    """:func:`save` in the background (``torch.distributed.checkpoint.async_save``, collective).
+
+    The state is copied to CPU memory before this returns, so training may change the model and
+    optimizer at once; the files are written by a thread. The checkpoint is complete (loadable) once
+    the returned future's ``result()`` has returned on every rank: wait for it before saving again,
+    before pointing anything at ``path``, and before exiting.
+
+    Args:
+        path, model, optimizer, scheduler, extra: as in :func:`save`.
+        process_group (ProcessGroup | None): the group of the writer's collectives (planning, the
+            final metadata). They run on the writer thread, so under training they need a group of
+            their own (``dist.new_group(backend="gloo")``), or they would interleave with the
+            training's collectives on the default group (default: ``None``, the default group).
+
+    Returns:
+        concurrent.futures.Future: resolves when this rank's part is written (rank 0's: with the metadata).
+    """
+    msd, osd = get_state_dict(model, optimizer)
+    osd = _groups_without_names(osd)
+    state = {"model": msd, "optim": osd}
+    if _rank() == 0:
+        world = dist.get_world_size() if _distributed() else 1
+        state[META_KEY] = pickle.dumps(_meta(msd, optimizer, osd, scheduler, extra, world))
+    no_dist = not _distributed()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        out = dcp.async_save(state, checkpoint_id=str(path), process_group=None if no_dist else process_group,
+                             no_dist=no_dist)
+    if hasattr(out, "upload_completion"):  # a stager that stages in the background: wait for the copy only
+        out.staging_completion.result()
+        out = out.upload_completion
+    return out
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``dist_spectral`` entry of a DCP checkpoint (manifest, scheduler, extra, counters)."""
     reader = dcp.FileSystemReader(str(path))
@@ -264,4 +301,4 @@ def load_consolidated(path: str | os.PathLike, model: nn.Module, optimizer: torc
     return _restore_meta(meta, optimizer, scheduler)
 
 
-__all__ = ["save", "load", "save_consolidated", "load_consolidated", "read_meta", "manifest"]
+__all__ = ["save", "async_save", "load", "save_consolidated", "load_consolidated", "read_meta", "manifest"]

@@ -186,6 +186,11 @@ class TrainConfig:
         eval_batches (int): batches per rank in one validation pass (default: 4).
         ckpt_every (int): steps between checkpoints; 0 = only at the end if ``ckpt_final`` (default: 0).
         ckpt_final (bool): save a checkpoint after the last step (default: false).
+        ckpt_async (bool): write checkpoints in the background (DCP ``async_save``): training goes on
+            once the state is copied to CPU memory; ``checkpoints/latest`` names a checkpoint only once
+            it is complete (not under DeepSpeed) (default: false).
+        ckpt_keep (int): keep the newest ``ckpt_keep`` complete checkpoints, deleting older ones once
+            a newer one is complete; 0 keeps all (default: 0).
         progress (bool): tqdm progress bar on rank 0 (default: true).
         plot (bool): write ``loss.png`` at the end (default: true).
     """
@@ -196,6 +201,8 @@ class TrainConfig:
     eval_batches: int = 4
     ckpt_every: int = 0
     ckpt_final: bool = False
+    ckpt_async: bool = False
+    ckpt_keep: int = 0
     progress: bool = True
     plot: bool = True
 
@@ -443,6 +450,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: must be >= 1"),
         (cfg.train.steps >= 1, f"train.steps={cfg.train.steps}: must be >= 1"),
         (cfg.train.eval_every >= 0 and cfg.train.ckpt_every >= 0, "train.eval_every and train.ckpt_every must be >= 0"),
+        (cfg.train.ckpt_keep >= 0, f"train.ckpt_keep={cfg.train.ckpt_keep}: must be >= 0 (0 keeps every checkpoint)"),
+        (not (cfg.train.ckpt_async and cfg.parallel.engine == "deepspeed"),
+         "train.ckpt_async: DeepSpeed writes its own checkpoints synchronously; set train.ckpt_async=false"),
         (cfg.optim.nonfinite in ("skip", "raise"), f"optim.nonfinite={cfg.optim.nonfinite!r}: use skip or raise"),
         (cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, f"optim.clip_grad={cfg.optim.clip_grad}: must be > 0 or null"),
         (cfg.parallel.deepspeed.stage in (None, 1, 2, 3), f"parallel.deepspeed.stage={cfg.parallel.deepspeed.stage}: "

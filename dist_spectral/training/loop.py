@@ -58,6 +58,22 @@ def resolve_resume(resume: str, out: Path) -> Path:
     return root
 
 
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints up to the one ``root/latest`` names (0: none
+    deleted). Checkpoints after it (a save still being written) are left alone. Returns what went."""
+    import shutil
+
+    pointer = root / "latest"
+    if keep <= 0 or not pointer.is_file():
+        return []
+    latest = pointer.read_text().strip()
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= latest)
+    gone = done[:-keep]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
 class Trainer:
     """State of one run on one rank (see the module docstring)."""
 
@@ -121,12 +137,36 @@ class Trainer:
     def save(self, step: int) -> Path:
         path = self.out / "checkpoints" / f"step_{step:06d}"
         if self.engine is not None:
-            return self.save_deepspeed(step, path)
-        checkpoint.save(str(path), self.model, self.opt, self.sched,
-                        extra={"step": step, "name": self.cfg.name, "schedule": self.schedule_settings()})
+            path = self.save_deepspeed(step, path)
+            if self.is_main:
+                prune_checkpoints(path.parent, self.cfg.train.ckpt_keep)
+            return path
+        extra = {"step": step, "name": self.cfg.name, "schedule": self.schedule_settings()}
+        if self.cfg.train.ckpt_async:
+            self.finish_save()  # one write in flight at a time
+            if self._ckpt_group is None:  # the writer thread's collectives get a group of their own
+                self._ckpt_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+            self._pending = (checkpoint.async_save(str(path), self.model, self.opt, self.sched, extra=extra,
+                                                   process_group=self._ckpt_group), path)
+            return path
+        checkpoint.save(str(path), self.model, self.opt, self.sched, extra=extra)
+        self._saved(path)
+        return path
+
+    _pending, _ckpt_group = None, None  # the async save in flight (future, path); its process group
+
+    def finish_save(self) -> None:
+        """Wait for the async save in flight, if any, then name it ``latest`` (and prune)."""
+        if self._pending is not None:
+            future, path = self._pending
+            self._pending = None
+            future.result()
+            self._saved(path)
+
+    def _saved(self, path: Path) -> None:
         if self.is_main:  # rank 0 returns after the checkpoint's metadata is written
             (self.out / "checkpoints" / "latest").write_text(path.name)
-        return path
+            prune_checkpoints(path.parent, self.cfg.train.ckpt_keep)
 
     def load(self, path: Path) -> int:
         extra = (self.load_deepspeed(path) if self.engine is not None
@@ -282,6 +322,7 @@ class Trainer:
             if not math.isfinite(rec["loss"]) and self.is_main:
                 bar.write(f"warning: non-finite training loss at step {done}")
         bar.close()
+        self.finish_save()
         summary = self.summary(records, evals, time.perf_counter() - t_run, start)
         if self.is_main:
             write(summary)
