@@ -107,6 +107,8 @@ _ATTENTION_NAMES = {
     # DeepSeek MLA low-rank projections: whole matrices, the head structure lives in the latent.
     "q_a_proj": "latent", "q_b_proj": "latent", "kv_a_proj_with_mqa": "latent", "kv_a_proj": "latent",
     "kv_b_proj": "latent",
+    # torchtitan's DeepSeek-V3 MLA: the same low-rank projections.
+    "wq_a": "latent", "wq_b": "latent", "wkv_a": "latent", "wkv_b": "latent",
 }
 _ATTENTION_MODULE_NAMES = {"self_attn", "attn", "attention", "self_attention"}
 _MLP_NAMES = {
@@ -116,6 +118,14 @@ _MLP_NAMES = {
     "gate_up_proj": "gate_up", "w13": "gate_up",
 }
 _EXPERT_LIST_NAME = re.compile(r"^(local_)?experts$")
+# torchtitan (0.3) keeps q/k/v in a child of the attention module (``attention.qkv_linear.wqkv``, or
+# ``.wq``/``.wk``/``.wv`` unfused), names its 3-D expert tensors by their axes (``w1_EFD``: experts,
+# ffn rows, model columns), wraps them as ``moe.routed_experts.inner_experts`` and routes with
+# ``moe.router.gate``.
+_QKV_HOLDER_NAMES = {"qkv_linear"}
+_EXPERT_AXES = re.compile(r"^(?P<base>.+)_E(?P<out>[DF])(?P<inp>[DF])$")
+_EXPERT_WRAPPER_NAMES = {"routed_experts"}
+_ROUTER_HOLDER_NAMES = {"router"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,22 @@ def _expert_part(param_name: str) -> str | None:
     """``gate``/``up``/``down``/``gate_up`` for a 3-D expert tensor name, else ``None``."""
     if "gate_up" in param_name or param_name == "w13":
         return "gate_up"
+    if (axes := _EXPERT_AXES.match(param_name)) is not None:
+        param_name = axes["base"]
     return _MLP_NAMES.get(param_name) or _MLP_NAMES.get(param_name + "_proj")
+
+
+def _axes_transposed(names) -> bool | None:
+    """Whether 3-D expert tensors named by their axes (torchtitan ``w1_EFD``, ``w2_EDF``) are stored
+    ``[E, in, out]``: gate/up produce ffn rows (F) and down model rows (D) in ``nn.Linear``'s layout;
+    ``None`` when the names carry no axes."""
+    flags = set()
+    for name in names:
+        axes, part = _EXPERT_AXES.match(name), _expert_part(name)
+        if axes is None or part is None:
+            return None
+        flags.add(axes["out"] != ("D" if part == "down" else "F"))
+    return flags.pop() if len(flags) == 1 else None
 
 
 def _find_expert_containers(model: nn.Module, hidden_size: int | None) -> dict[str, _ExpertContainer]:
@@ -244,6 +269,8 @@ def _find_expert_containers(model: nn.Module, hidden_size: int | None) -> dict[s
             raise ValueError(f"expert container {path!r} ({module_type_name(module)}) holds 3-D tensors "
                              f"with different expert counts: { {n: tuple(p.shape) for n, p in weights3d.items()} }")
         transposed = getattr(module, "is_transposed", None)
+        if transposed is None:
+            transposed = _axes_transposed(weights3d)
         if transposed is None:
             shapes = {_expert_part(n): tuple(p.shape) for n, p in weights3d.items()}
             transposed = _infer_expert_transposed(shapes, hidden_size)
@@ -293,7 +320,11 @@ def _expert_info(name, shape, owner_path, owner_type, container: _ExpertContaine
 
 def _router_blocks(containers: dict[str, _ExpertContainer]) -> dict[str, int]:
     """MoE blocks (parents of expert containers) mapped to their number of experts."""
-    return {_parent(c.path): c.num_experts for c in containers.values()}
+    blocks = {_parent(c.path): c.num_experts for c in containers.values()}
+    for c in containers.values():  # torchtitan: moe.routed_experts.inner_experts -> the MoE block is moe
+        if _leaf(_parent(c.path)) in _EXPERT_WRAPPER_NAMES:
+            blocks[_parent(_parent(c.path))] = c.num_experts
+    return blocks
 
 
 def _is_router(shape: tuple[int, ...], owner_path: str, blocks: dict[str, int]) -> bool:
@@ -304,12 +335,17 @@ def _is_router(shape: tuple[int, ...], owner_path: str, blocks: dict[str, int]) 
     """
     if len(shape) != 2:
         return False
-    return any(block in blocks and shape[0] == blocks[block] for block in {owner_path, _parent(owner_path)})
+    candidates = {owner_path, _parent(owner_path)}
+    if _leaf(_parent(owner_path)) in _ROUTER_HOLDER_NAMES:  # torchtitan: moe.router.gate
+        candidates.add(_parent(_parent(owner_path)))
+    return any(block in blocks and shape[0] == blocks[block] for block in candidates)
 
 
 def _is_attention(owner_path: str, modules: dict[str, nn.Module]) -> nn.Module | None:
     """The attention module owning the projection at ``owner_path``, or ``None``."""
     parent_path = _parent(owner_path)
+    if _leaf(parent_path) in _QKV_HOLDER_NAMES:  # torchtitan: attention.qkv_linear.wqkv
+        parent_path = _parent(parent_path)
     parent = modules.get(parent_path)
     if parent is None or parent_path == owner_path:
         return None
@@ -334,9 +370,10 @@ def _head_counts(attn: nn.Module, config) -> tuple[int | None, int | None]:
     cfg = getattr(attn, "config", None)
     cfg = cfg if hasattr(cfg, "num_attention_heads") else config
     n_q = _first_int(getattr(attn, "num_heads", None), getattr(attn, "num_attention_heads", None),
-                     getattr(cfg, "num_attention_heads", None))
+                     getattr(attn, "n_heads", None), getattr(cfg, "num_attention_heads", None))
     groups = _first_int(getattr(attn, "num_key_value_groups", None))
     n_kv = _first_int(getattr(attn, "num_key_value_heads", None), getattr(attn, "num_kv_heads", None),
+                      getattr(attn, "n_kv_heads", None),
                       n_q // groups if n_q and groups else None,
                       getattr(cfg, "num_key_value_heads", None), n_q)
     return n_q, n_kv
@@ -383,6 +420,8 @@ def _qkv_layout(owner_path: str, attn: nn.Module, n_q: int | None, n_kv: int | N
     """
     if getattr(attn, "new_decoder_architecture", False):
         return "grouped", n_kv
+    if _leaf(_parent(owner_path)) in _QKV_HOLDER_NAMES and hasattr(getattr(attn, _leaf(_parent(owner_path))), "heads_per_kv"):
+        return "grouped", n_kv  # torchtitan FusedQKVLinear: [kv_heads, heads_per_kv + 2, head_dim]
     if getattr(attn, "multi_query", False):
         return "stacked", 1
     if _leaf(owner_path) == "query_key_value":
