@@ -30,7 +30,7 @@ from torch import Tensor
 from .blocks import group_unit_specs, permuted_axis
 from .compute import MatrixJob
 from .engines import EngineAdapter, StepItem, check_engine, topology_for
-from .engines.collectives import check_process_group
+from .engines.collectives import check_process_group, collective_device
 from .exchange import CollectiveError, Exchange
 from .kernels import choice as kernel_choice
 from .plan import Plan, Unit, build_plan, check_replicate_below
@@ -54,11 +54,16 @@ class _Entry:
     info: ParamInfo
 
 
-def _all_finite(t: Tensor) -> bool:
-    """Whether every element is finite. A sum is non-finite if any element is, and costs a ninth
-    of ``isfinite(t).all()`` (no bool tensor); only when the sum is not finite (or overflowed)
-    is the exact test run."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def _any_nonfinite(grads: list[Tensor]) -> Tensor:
+    """A one-element float tensor, 1 where some gradient holds NaN or Inf, without a host sync:
+    one fused max-abs over all of them (a sum could overflow on finite values; a max cannot,
+    and NaN propagates through it)."""
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return torch.zeros(1)
+    peaks = torch._foreach_norm(grads, float("inf"))
+    peak = torch.stack([p.float() for p in peaks]).amax()
+    return (~torch.isfinite(peak)).float().reshape(1)
 
 
 class SpectralOptimizer(torch.optim.Optimizer):
@@ -545,13 +550,31 @@ class SpectralOptimizer(torch.optim.Optimizer):
         return build_plan(params, topo.collectives.world_size, self.bucket_bytes, self._element_bytes(),
                           self.replicate_below)
 
+    # ----- non-finite gradients: one decision per training step -----
     def _nonfinite(self, items: list[StepItem]) -> bool:
+        """Whether to skip this ``step()`` call: one fused check of every gradient, one all-reduce
+        of the flag and one host sync. An engine that steps a training step in several calls
+        (DeepSpeed ZeRO, per group or sub-group) says through ``nonfinite_scope`` which call starts
+        the training step and hands all its gradients at once; later calls reuse the decision,
+        so a training step is skipped whole or applied whole, and counted once."""
         collectives = self.topology.collectives
-        bad_names = [it.name for it in items if not _all_finite(it.grad)]
-        bad = self._first_in_model_order(bad_names) if bad_names else None
-        if not self._guard("non-finite check all_reduce", lambda: collectives.any_true(bad is not None)):
+        scope = getattr(self.topology, "nonfinite_scope", None)
+        new, labelled = scope(self.param_groups) if scope else (True, [(it.name, it.grad) for it in items])
+        skipping = getattr(self, "_skipping", False)  # this training step's decision so far
+        if not new and (skipping or not labelled):
+            return skipping
+        flag = _any_nonfinite([g for _, g in labelled]).to(collective_device(collectives.group)
+                                                            if collectives.world_size > 1 else "cpu")
+        if collectives.world_size > 1:
+            self._guard("non-finite check all_reduce", lambda: collectives.all_reduce_sum(flag, "non-finite flag"))
+        self._skipping = bool(flag.item() > 0)
+        if not self._skipping:
             return False
+        # Rare path: name the culprit (per-tensor checks and host syncs are fine here).
+        bad_names = [label for label, g in labelled if not bool(torch.isfinite(g).all())]
+        bad = self._first_in_model_order(bad_names) if bad_names else None
         if self.nonfinite == "raise":
+            self._skipping = False  # nothing was stepped; the next call starts afresh
             names = self._guard("non-finite names all_gather_object", lambda: collectives.all_gather_object(bad))
             first = self._first_in_model_order([n for n in names if n])
             raise NonFiniteGradientError(f"non-finite gradient in {first} (the first parameter with one, on any rank; "

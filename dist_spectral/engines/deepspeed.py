@@ -15,6 +15,14 @@ onto the flats, and from then on each ``step()`` call runs the usual rules on th
 
 Gradients arrive already averaged over ranks and accumulation micro-batches and clipped by
 DeepSpeed (``gradient_clipping``); DeepSpeed checkpoints save and load the flat-keyed state.
+
+Non-finite gradients are decided per training step, not per ``step()`` call: DeepSpeed steps
+the groups one by one and forms group i's flat gradient just before calling us for it, so the
+first call of a training step checks every flat's gradient (formed, or still in DeepSpeed's
+``averaged_gradients``) and later calls reuse that decision (:meth:`ZeroEngine.nonfinite_scope`).
+By default DeepSpeed itself skips a step whose global gradient norm is not finite (every ZeRO-3
+step; ZeRO-1/2 in fp32, and in bf16 with ``bf16.check_grad_overflow``): the optimizer is then
+not called at all and the skip is counted in ``engine.skipped_steps``.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from ..rules import get_rule
 from .base import EngineAdapter, StepItem
 from .collectives import Collectives
 from .rows import row_view
-from .zero_map import ZeroMap, build_zero_map, flat_tensors
+from .zero_map import ZeroMap, _zero_optimizer, build_zero_map, flat_tensors
 
 
 class ZeroEngine(EngineAdapter):
@@ -44,12 +52,19 @@ class ZeroEngine(EngineAdapter):
         zero_map (ZeroMap): from :func:`~dist_spectral.engines.zero_map.build_zero_map`.
         flats (list[Tensor]): this rank's flat tensors, in ``zero_map.flats`` order.
         collectives (Collectives): over DeepSpeed's data-parallel group (default: the world).
+        zero_optimizer: DeepSpeed's ZeRO optimizer, whose ``averaged_gradients`` hold the groups'
+            gradients before their flats get them (default: ``None``: only formed flat
+            gradients are seen, each at its own ``step()`` call).
     """
 
-    def __init__(self, zero_map: ZeroMap, flats: list[Tensor], collectives: Collectives | None = None):
+    def __init__(self, zero_map: ZeroMap, flats: list[Tensor], collectives: Collectives | None = None,
+                 zero_optimizer=None):
         self.collectives = collectives or Collectives()
         self.zero_map = zero_map
         self.flats = list(flats)
+        self.zero_optimizer = zero_optimizer
+        self._last_flat: int | None = None  # highest flat index stepped in this training step
+        self._checked: set[int] = set()  # flats whose gradients this training step's check covered
         self._groups: list[dict] = []
         self._layouts: dict[int, Layout] = {}
         if self.world_size != zero_map.world_size:
@@ -103,6 +118,55 @@ class ZeroEngine(EngineAdapter):
     def row_view(self, layout, flat):
         return row_view(layout, flat, self.collectives)
 
+    # ----- non-finite gradients, decided once per training step -----
+    def nonfinite_scope(self, param_groups: list[dict]) -> tuple[bool, list[tuple[str, Tensor]]]:
+        """Whether this ``step()`` call starts a training step, and the gradients to check now,
+        each with a label naming where it is.
+
+        DeepSpeed calls ``step()`` for its flats in increasing index, once per training step, so a
+        call whose first flat is not after the last one stepped starts a new training step. That
+        call returns the gradients of every flat (formed, or still in the ZeRO optimizer's
+        ``averaged_gradients``), so no group is updated before all are checked; later calls
+        return only what the first could not see (nothing, with the DeepSpeed versions tested).
+        """
+        indices = sorted(meta.flat_index for _, meta, _ in self.zero_map.stepping(param_groups))
+        if not indices:
+            return False, []
+        new = self._last_flat is None or indices[0] <= self._last_flat
+        self._last_flat = indices[-1]
+        if new:
+            self._checked = set()
+        wanted = range(len(self.flats)) if new else [i for i in indices if i not in self._checked]
+        out = []
+        for i in wanted:
+            grads = self._flat_grads(i)
+            if grads is None:
+                continue  # not formed yet and not where we know to look: checked at its own call
+            self._checked.add(i)
+            label = self._flat_label(i)
+            out.extend((label, g) for g in grads)
+        return new, out
+
+    def _flat_grads(self, index: int) -> list[Tensor] | None:
+        """Flat ``index``'s gradient on this rank: the flat's own, or DeepSpeed's pending pieces."""
+        flat = self.flats[index]
+        if flat.grad is not None:
+            return [flat.grad]
+        pending = getattr(self.zero_optimizer, "averaged_gradients", None)
+        pending = pending.get(index) if isinstance(pending, dict) else None
+        if pending is None:
+            return None
+        flat_partition = getattr(pending, "flat_partition", None)  # DeepSpeed's pre-flattened buffers
+        if flat_partition is not None:
+            return [flat_partition]
+        return [g for g in pending if g is not None]
+
+    def _flat_label(self, index: int) -> str:
+        meta = self.zero_map.flats[index]
+        names = [self.zero_map.names[pi] for pi in meta.param_indices]
+        more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+        return f"one of {', '.join(names[:2])}{more} (DeepSpeed flat {index}, group {meta.group_index})"
+
 
 def prepare_config(config: dict) -> dict:
     """DeepSpeed accepts a client optimizer it does not know only with ``zero_allow_untested_optimizer``."""
@@ -135,5 +199,5 @@ def initialize(model, optimizer, config: dict, **kwargs):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("DeepSpeed ZeRO needs torch.distributed initialised (deepspeed.init_distributed)")
     zero_map = build_zero_map(engine, named)
-    optimizer.attach(ZeroEngine(zero_map, flat_tensors(engine)))
+    optimizer.attach(ZeroEngine(zero_map, flat_tensors(engine), zero_optimizer=_zero_optimizer(engine)))
     return engine, ds_optimizer, loader, scheduler
