@@ -28,13 +28,11 @@ import functools
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compute import MatrixJob, run_jobs
+from .compute import BlockRef, ParamContext, compile_batches, run_batch
 from .plan import Plan, Unit
 from .stats import StepStats
 
@@ -93,14 +91,9 @@ class Exchange:
         self.comm_dtype = comm_dtype
         self.timeout = timeout
         self.step: int | None = None  # set by the optimizer before run(), for error messages
+        self._compiled: tuple | None = None  # (signature, compiled buckets) of the last run
 
     # ----- helpers -----
-    def _local_slice(self, inputs: dict[int, Tensor], unit: Unit, start: int, stop: int) -> Tensor:
-        """Elements ``[start, stop)`` of the unit's parameter, every channel: ``[C, stop - start]``."""
-        layout = self.plan.params[unit.param].layout
-        off = layout.local_offset(self.rank, start)
-        return inputs[unit.param][:, off:off + stop - start]
-
     def _owned_parts(self, unit: Unit):
         """This rank's own element ranges of a unit."""
         layout = self.plan.params[unit.param].layout
@@ -187,17 +180,20 @@ class Exchange:
         return views
 
     # ----- the step -----
-    def run(self, inputs: dict[int, Tensor], make_job: Callable[[Unit, Tensor], MatrixJob],
+    def run(self, inputs: dict[int, Tensor], contexts: dict[int, ParamContext],
             stats: StepStats) -> dict[int, Tensor]:
         """Directions for every whole-matrix parameter, as flat local tensors.
 
         Per bucket: units whose rows are all on this rank (``ready``) are computed while the
-        bucket's gather is in flight; the others once it lands.
+        bucket's gather is in flight; the others once it lands. The work of each bucket is
+        compiled once (:meth:`_program`): a step runs a few tensor operations per batch of blocks
+        of one (rule key, shape), not per unit.
 
         Args:
             inputs: plan parameter position → flat local direction input, 1-D, or ``[C, local]``
                 with C the parameter's gather channels (its inputs, then its carried state).
-            make_job: builds the compute job of a unit from its whole ``[C, rows, n]`` channels.
+            contexts: plan parameter position → its :class:`~dist_spectral.compute.ParamContext`
+                (rule, group, axis, step) for this step.
             stats (StepStats): the step's counters; bytes, flops and seconds are added to them.
 
         Returns:
@@ -208,59 +204,211 @@ class Exchange:
             for phase in ("gather", "replicate", "scatter"):
                 counts.setdefault(phase, 0)
         flat_inputs = {pos for pos, x in inputs.items() if x.dim() == 1}
-        inputs = {pos: x.view(1, -1) if x.dim() == 1 else x for pos, x in inputs.items()}
+        inputs = {pos: (x.view(1, -1) if x.dim() == 1 else x).contiguous() for pos, x in inputs.items()}
         for pos, x in inputs.items():
             if x.shape[0] != self.plan.params[pos].channels[0]:
                 raise ValueError(f"{self.plan.params[pos].name}: {x.shape[0]} input channels, the plan expects "
                                  f"{self.plan.params[pos].channels[0]}")
-        outputs = _Run(self, inputs, make_job, stats).all_buckets()
+        outputs = _Run(self, inputs, contexts, stats).all_buckets()
         return {pos: (o[0] if pos in flat_inputs and o.shape[0] == 1 else o) for pos, o in outputs.items()}
+
+    def _signature(self, inputs: dict[int, Tensor], contexts: dict[int, ParamContext]) -> tuple:
+        """What the compiled batches depend on besides the plan: per parameter its rule key, axis,
+        orientation and dtype, and for rules batched by step, which of them share a step (not the
+        step itself, so a step count does not force a recompile)."""
+        first_with_step: dict[int, int] = {}
+        sig = []
+        for pos in sorted(contexts):
+            c = contexts[pos]
+            same = first_with_step.setdefault(c.step, pos) if c.rule.stateful else None
+            sig.append((pos, c.rule.key(c.group), c.axis, c.transposed, inputs[pos].dtype, same))
+        device = next(iter(inputs.values())).device if inputs else torch.device("cpu")
+        return tuple(sig), device
+
+    def _program(self, inputs: dict[int, Tensor], contexts: dict[int, ParamContext]) -> list[_Program]:
+        """This rank's compiled buckets for these inputs' keys and dtypes (cached by signature)."""
+        sig = self._signature(inputs, contexts)
+        if self._compiled is None or self._compiled[0] != sig:
+            keys = {s[0]: s[1:] for s in sig[0]}
+            dtypes = {pos: inputs[pos].dtype for pos in inputs}
+            self._compiled = (sig, [self._compile(bi, v, keys, dtypes, contexts, sig[1])
+                                    for bi, v in enumerate(self._views)])
+        return self._compiled[1]
+
+    def _compile(self, bi: int, v: _BucketView, keys: dict, dtypes: dict, contexts: dict[int, ParamContext],
+                 device: torch.device) -> _Program:
+        plan, rank = self.plan, self.rank
+        channels = lambda u, phase: plan.params[u.param].channels[phase]  # noqa: E731
+        local_units = v.ready + v.waiting + v.replicas_ready + v.replicas_waiting
+        # units not whole here are assembled into one buffer per (dtype, channels in, channels out)
+        buffers: dict[tuple, int] = {}
+        at: dict[int, tuple] = {}  # uid -> (source, offset)
+        own_in, own_out = [], []
+        for u in local_units:
+            layout = plan.params[u.param].layout
+            if u.uid in v.whole:
+                at[u.uid] = (("param", u.param), layout.local_offset(rank, u.start))
+                continue
+            cls = (dtypes[u.param], channels(u, 0), channels(u, 1))
+            off = buffers.get(cls, 0)
+            buffers[cls] = off + u.stop - u.start
+            at[u.uid] = (("buffer", cls), off)
+            for a, b in self._owned_parts(u):
+                own_in.append((("param", u.param), layout.local_offset(rank, a), ("buffer", cls), off + a - u.start,
+                               b - a))
+                own_out.append((("buffer", cls), off + a - u.start, ("param", u.param),
+                                    layout.local_offset(rank, a), b - a))
+
+        def batches(units):
+            refs = []
+            for u in units:
+                source, off = at[u.uid]
+                k = keys[u.param]
+                stateful_step = (k[-1],) if k[-1] is not None else ()
+                for b in u.spec.blocks:
+                    refs.append(BlockRef(k[:-1] + (b.shape,) + stateful_step, u.param, source, off,
+                                         u.spec.rows, plan.params[u.param].layout.cols, b))
+            compiled = compile_batches(refs, device)
+            flops = sum(b.size * int(contexts[b.param].rule.polar_flops(*b.shape, contexts[b.param].group))
+                        for b in compiled)
+            return _Work(compiled, flops, sum(u.cost for u in units))
+
+        def wire(pieces, phase, where):
+            """(source, offset, numel, channels) per piece in wire order, adjacent one-channel runs merged."""
+            out = []
+            for p in pieces:
+                u = plan.units[p.uid]
+                c = channels(u, 0 if phase == "gather" else 1)
+                if where == "local":
+                    src = (("param", u.param), plan.params[u.param].layout.local_offset(rank, p.start))
+                else:  # the unit as this rank holds it for computing
+                    source, off = at[p.uid]
+                    src = (source, off + p.start - u.start) if source[0] == "buffer" else \
+                        (source, plan.params[u.param].layout.local_offset(rank, p.start))
+                out.append([src[0], src[1], p.numel, c])
+            return _merge_wire(out)
+
+        return _Program(
+            buffers=buffers,
+            own_in=_merge_copies(own_in), own_out=_merge_copies(own_out),
+            ready=batches(v.ready), waiting=batches(v.waiting),
+            replicas_ready=batches(v.replicas_ready), replicas_waiting=batches(v.replicas_waiting),
+            gather_send=wire(v.gather_send, "gather", "local"),
+            gather_recv=wire(v.gather_recv, "gather", "computed"),
+            gather_replicated=sum(p.numel * channels(plan.units[p.uid], 0) for p in v.gather_send
+                                  if plan.units[p.uid].replicated),
+            scatter_send=wire(v.scatter_send, "scatter", "computed"),
+            scatter_recv=wire(v.scatter_recv, "scatter", "local"),
+            replicated_recv=v.replicated_recv,
+            wire=self._wire_dtype(plan.buckets[bi], dtypes),
+            gather=v.gather, scatter=v.scatter, gather_sizes=v.gather_sizes, scatter_sizes=v.scatter_sizes,
+        )
+
+
+def _merge_wire(pieces: list[list]) -> list[tuple]:
+    """Merge adjacent one-channel pieces of one source (a whole parameter's units: one slice)."""
+    out: list[list] = []
+    for src, off, n, c in pieces:
+        last = out[-1] if out else None
+        if last is not None and c == 1 and last[3] == 1 and last[0] == src and last[1] + last[2] == off:
+            last[2] += n
+        else:
+            out.append([src, off, n, c])
+    return [tuple(p) for p in out]
+
+
+def _merge_copies(copies: list[tuple]) -> list[tuple]:
+    """Merge copies adjacent in both their source and destination."""
+    out: list[list] = []
+    for src, soff, dst, doff, n in copies:
+        last = out[-1] if out else None
+        if last is not None and last[0] == src and last[2] == dst and last[1] + last[4] == soff \
+                and last[3] + last[4] == doff:
+            last[4] += n
+        else:
+            out.append([src, soff, dst, doff, n])
+    return [tuple(c) for c in out]
+
+
+@dataclass
+class _Work:
+    """A list of units to compute, compiled: its batches, polar flops and estimated cost."""
+
+    batches: list
+    polar_flops: int
+    cost: int
+
+
+@dataclass
+class _Program:
+    """One bucket as this rank runs it, compiled from the plan: buffers, merged copies and wire
+    pieces ``(source, offset, elements, channels)``, and the batches of each phase."""
+
+    buffers: dict            # (dtype, channels in, channels out) -> elements of units assembled here
+    own_in: list             # (source, offset, buffer, offset, elements): own pieces into the buffers
+    own_out: list            # (buffer, offset, param, offset, elements): own rows of buffer results
+    ready: _Work
+    waiting: _Work
+    replicas_ready: _Work
+    replicas_waiting: _Work
+    gather_send: list
+    gather_recv: list
+    gather_replicated: int   # elements of the gather this rank sends for replicated units
+    scatter_send: list
+    scatter_recv: list
+    replicated_recv: int
+    wire: torch.dtype
+    gather: bool
+    scatter: bool
+    gather_sizes: tuple
+    scatter_sizes: tuple
 
 
 class _Run:
     """One :meth:`Exchange.run`: the buffers of a step and its named phases, bucket by bucket."""
 
-    def __init__(self, exchange: Exchange, inputs: dict[int, Tensor], make_job: Callable[[Unit, Tensor], MatrixJob],
+    def __init__(self, exchange: Exchange, inputs: dict[int, Tensor], contexts: dict[int, ParamContext],
                  stats: StepStats):
-        self.ex, self.plan, self.views = exchange, exchange.plan, exchange._views
-        self.inputs, self.make_job, self.stats = inputs, make_job, stats
-        self.outputs = {pos: x.new_empty(self.plan.params[pos].channels[1], x.shape[1]) for pos, x in inputs.items()}
-        first = next(iter(inputs.values()), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.ex, self.plan = exchange, exchange.plan
+        self.contexts, self.stats = contexts, stats
+        self.programs = exchange._program(inputs, contexts)
         # Parameters may differ in dtype (a bf16 model with its router kept in fp32): each unit is
         # assembled and computed in its own parameter's dtype, as it is when whole on one rank, so
         # the result does not depend on the number of ranks; only the wire is per bucket.
-        self.dtypes = {pos: x.dtype for pos, x in inputs.items()}
-        self.wires = [exchange._wire_dtype(bucket, self.dtypes) for bucket in self.plan.buckets]
+        self.outputs = {pos: x.new_empty(self.plan.params[pos].channels[1], x.shape[1]) for pos, x in inputs.items()}
+        self.ins = {("param", pos): x for pos, x in inputs.items()}
+        self.outs = {("param", pos): x for pos, x in self.outputs.items()}
+        first = next(iter(inputs.values()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.streams = _Streams(self.device)
-
-    def channels(self, u: Unit, phase: int) -> int:
-        return self.plan.params[u.param].channels[phase]
 
     def all_buckets(self) -> dict[int, Tensor]:
         """Run every bucket, overlapping bucket k+1's gather and bucket k's scatter with compute."""
         stats, clock = self.stats, time.perf_counter
         self.streams.exchange_sees_compute()  # the inputs were written on the compute stream
-        pending = self.start_gather(0) if self.plan.buckets else None
+        pending = self.start_gather(0) if self.programs else None
         scatters = []
-        for bi, v in enumerate(self.views):
+        for bi, prog in enumerate(self.programs):
             t0 = clock()
-            mats = self.assemble_local(v)
+            self.assemble_local(prog)
             stats.exchange_seconds += clock() - t0
-            results: dict[int, Tensor] = {}
-            self.compute(v.ready, mats, v.whole, results)  # overlaps the gather in flight
-            self.compute(v.replicas_ready, mats, v.whole, {}, replicated=True)
+            self.compute(prog.ready)  # overlaps the gather in flight
+            self.compute(prog.replicas_ready, replicated=True)
             t0 = clock()
             if pending is not None:
-                self.receive_gather(bi, pending, mats)
-            pending = self.start_gather(bi + 1) if bi + 1 < len(self.views) else None
+                self.receive_gather(bi, pending)
+            pending = self.start_gather(bi + 1) if bi + 1 < len(self.programs) else None
             stats.exchange_seconds += clock() - t0
-            self.compute(v.waiting, mats, v.whole, results)
+            self.compute(prog.waiting)
             t0 = clock()
-            if v.scatter:
-                scatters.append((bi, *self.start_scatter(bi, results)))
+            if prog.scatter:
+                scatters.append((bi, *self.start_scatter(bi)))
             stats.exchange_seconds += clock() - t0
-            self.compute(v.replicas_waiting, mats, v.whole, {}, replicated=True)  # overlaps the scatter in flight
+            self.compute(prog.replicas_waiting, replicated=True)  # overlaps the scatter in flight
+            t0 = clock()
+            for src, soff, dst, doff, n in prog.own_out:  # this rank's rows of what it assembled
+                self.outs[dst][:, doff:doff + n].copy_(self.outs[src][:, soff:soff + n])
+            stats.exchange_seconds += clock() - t0
         t0 = clock()
         for bi, work, received in scatters:
             self.receive_scatter(bi, work, received)
@@ -269,86 +417,61 @@ class _Run:
 
     def start_gather(self, bi: int):
         """Send this rank's pieces of bucket ``bi`` to their owners (and replica holders)."""
-        v, plan = self.views[bi], self.plan
-        if not v.gather:
+        prog = self.programs[bi]
+        if not prog.gather:
             return None
         with self.streams.exchange():  # not queued behind the compute of earlier buckets
-            send = [self.ex._local_slice(self.inputs, plan.units[p.uid], p.start, p.stop).reshape(-1)
-                    for p in v.gather_send]
-            replicated = sum(t.numel() for t, p in zip(send, v.gather_send) if plan.units[p.uid].replicated)
-            send_sizes, recv_sizes = v.gather_sizes
-            return self.ex._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, self.wires[bi],
-                                       self.device, self.stats, (replicated, v.replicated_recv))
+            send = [self.ins[src][:, off:off + n].reshape(-1) for src, off, n, _ in prog.gather_send]
+            send_sizes, recv_sizes = prog.gather_sizes
+            return self.ex._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, prog.wire,
+                                       self.device, self.stats, (prog.gather_replicated, prog.replicated_recv))
 
-    def assemble_local(self, v: _BucketView) -> dict[int, Tensor]:
-        """Buffers ``[C, elements]`` of the units this rank computes in a bucket, with its own
-        pieces in place: a unit whole here in one piece is read in place, the others are assembled."""
-        ex = self.ex
-        local = v.ready + v.waiting + v.replicas_ready + v.replicas_waiting
-        mats = {u.uid: (ex._local_slice(self.inputs, u, u.start, u.stop) if u.uid in v.whole else
-                        torch.empty(self.channels(u, 0), u.stop - u.start, dtype=self.dtypes[u.param], device=self.device))
-                for u in local}
-        for u in local:
-            if u.uid in v.whole:
-                continue
-            for a, b in ex._owned_parts(u):
-                mats[u.uid][:, a - u.start:b - u.start].copy_(ex._local_slice(self.inputs, u, a, b))
-        return mats
+    def assemble_local(self, prog: _Program) -> None:
+        """The bucket's buffers ``[C, elements]`` of the units this rank computes but does not
+        hold whole in one piece, with its own pieces in place (the others are read in place)."""
+        for (dtype, c_in, c_out), numel in prog.buffers.items():
+            key = ("buffer", (dtype, c_in, c_out))
+            self.ins[key] = torch.empty(c_in, numel, dtype=dtype, device=self.device)
+            self.outs[key] = torch.empty(c_out, numel, dtype=dtype, device=self.device)
+        for src, soff, dst, doff, n in prog.own_in:
+            self.ins[dst][:, doff:doff + n].copy_(self.ins[src][:, soff:soff + n])
 
-    def receive_gather(self, bi: int, pending, mats: dict[int, Tensor]) -> None:
-        """Wait for bucket ``bi``'s gather and copy the received pieces into ``mats``."""
+    def receive_gather(self, bi: int, pending) -> None:
+        """Wait for bucket ``bi``'s gather and copy the received pieces into the buffers."""
         work, received = pending
         self.ex._wait(work, "gather", bi)  # on CUDA: the compute stream waits for it
         self.streams.used_by_compute(received)
         offset = 0
-        for p in self.views[bi].gather_recv:
-            u = self.plan.units[p.uid]
-            c = self.channels(u, 0)
-            piece = received[offset:offset + c * p.numel].view(c, p.numel)
-            mats[u.uid][:, p.start - u.start:p.stop - u.start].copy_(piece)
-            offset += c * p.numel
+        for dst, off, n, c in self.programs[bi].gather_recv:
+            self.ins[dst][:, off:off + n].copy_(received[offset:offset + c * n].view(c, n))
+            offset += c * n
 
-    def job(self, u: Unit, mat: Tensor, whole: set) -> MatrixJob:
-        """The compute job of unit ``u`` from its whole buffer ``mat``; a unit this rank holds whole
-        (in ``whole``) writes straight into this rank's output rows."""
-        j = self.make_job(u, mat.view(self.channels(u, 0), u.spec.rows, -1))
-        if u.uid in whole:
-            out = self.ex._local_slice(self.outputs, u, u.start, u.stop).view(self.channels(u, 1), u.spec.rows, -1)
-            j.out = out if j.rule.stateful else out[0]
-        return j
-
-    def compute(self, units: list[Unit], mats: dict[int, Tensor], whole: set, results: dict[int, Tensor],
-                replicated: bool = False) -> None:
-        """Run the rules of ``units``; each result goes into ``results`` (by unit id, for the
-        scatter) and this rank's own rows of it into the outputs."""
-        if not units:
+    def compute(self, work: _Work, replicated: bool = False) -> None:
+        """Run the batches of ``work``: each reads its blocks, runs its rule once, and writes its
+        results (in place into this rank's outputs for units it holds whole)."""
+        if not work.batches:
             return
         stats, clock = self.stats, time.perf_counter
         t = clock()
-        out, flops = run_jobs([self.job(u, mats[u.uid], whole) for u in units])
+        for batch in work.batches:
+            run_batch(batch, self.ins, self.outs, self.contexts)
         if replicated:  # no polar iterations by construction (plan.replicable); counted apart
-            stats.replicated_flops += sum(u.cost for u in units)
+            stats.replicated_flops += work.cost
         else:
-            stats.polar_flops += flops
+            stats.polar_flops += work.polar_flops
         stats.compute_seconds += clock() - t
-        for u, r in zip(units, out):
-            results[u.uid] = r.reshape(self.channels(u, 1), -1)
-            if u.uid in whole:
-                continue  # already written in place
-            for a, b in self.ex._owned_parts(u):
-                self.ex._local_slice(self.outputs, u, a, b).copy_(results[u.uid][:, a - u.start:b - u.start])
 
-    def start_scatter(self, bi: int, results: dict[int, Tensor]):
+    def start_scatter(self, bi: int):
         """Send bucket ``bi``'s results to the ranks holding their rows."""
-        v, plan, streams = self.views[bi], self.plan, self.streams
+        prog, streams = self.programs[bi], self.streams
         streams.exchange_sees_compute()  # the results to send
         with streams.exchange():
-            send = [results[p.uid][:, p.start - plan.units[p.uid].start:p.stop - plan.units[p.uid].start].reshape(-1)
-                    for p in v.scatter_send]
-            for t in results.values():
-                streams.used_by_exchange(t)
-            send_sizes, recv_sizes = v.scatter_sizes
-            return self.ex._collective("scatter", bi, send, sum(recv_sizes), send_sizes, recv_sizes, self.wires[bi],
+            send = [self.outs[src][:, off:off + n].reshape(-1) for src, off, n, _ in prog.scatter_send]
+            for key, t in self.outs.items():
+                if key[0] == "buffer":
+                    streams.used_by_exchange(t)
+            send_sizes, recv_sizes = prog.scatter_sizes
+            return self.ex._collective("scatter", bi, send, sum(recv_sizes), send_sizes, recv_sizes, prog.wire,
                                        self.device, self.stats)
 
     def receive_scatter(self, bi: int, work, received: Tensor) -> None:
@@ -356,12 +479,9 @@ class _Run:
         self.ex._wait(work, "scatter", bi)
         self.streams.used_by_compute(received)
         offset = 0
-        for p in self.views[bi].scatter_recv:
-            u = self.plan.units[p.uid]
-            c = self.channels(u, 1)
-            piece = received[offset:offset + c * p.numel].view(c, p.numel)
-            self.ex._local_slice(self.outputs, u, p.start, p.stop).copy_(piece)
-            offset += c * p.numel
+        for dst, off, n, c in self.programs[bi].scatter_recv:
+            self.outs[dst][:, off:off + n].copy_(received[offset:offset + c * n].view(c, n))
+            offset += c * n
 
 
 class _Streams:

@@ -28,12 +28,12 @@ import torch
 from torch import Tensor
 
 from .blocks import group_unit_specs, permuted_axis
-from .compute import MatrixJob
+from .compute import ParamContext
 from .engines import EngineAdapter, StepItem, check_engine, topology_for
 from .engines.collectives import check_process_group, collective_device
 from .exchange import CollectiveError, Exchange
 from .kernels import choice as kernel_choice
-from .plan import Plan, Unit, build_plan, check_replicate_below
+from .plan import Plan, build_plan, check_replicate_below
 from .roles import ParamInfo
 from .route import REPLICATE_BELOW, plan_param, runs_on_rows
 from .rules import RULES, RowStats, check_group, get_rule
@@ -405,7 +405,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         element, rows, matrix = self._route(items)
         updates = {i: inputs[i] for i in element}  # element-wise rules return the direction itself
         reduced = self._row_directions(items, rows, inputs, updates)
-        self._matrix_directions(items, matrix, inputs, updates, stats)
+        self._matrix_directions(items, matrix, inputs, updates, stats, steps)
         stats.bytes_sent["colsum"] = stats.bytes_received["colsum"] = reduced
         self._apply(items, updates)
         stats.step_seconds = time.perf_counter() - t_start
@@ -416,11 +416,14 @@ class SpectralOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _advance_counters(items: list[StepItem]) -> dict[int, int]:
         """Count this step once per counter (a DeepSpeed flat's counter is shared by its
-        parameters); returns counter id → the new step."""
-        counters = {id(it.step): it.step for it in items}
-        for counter in counters.values():
-            counter += 1
-        return {key: int(counter.item()) for key, counter in counters.items()}
+        parameters); returns counter id → the new step. One foreach add and one read of all
+        counters together, not a host round-trip per parameter."""
+        counters = list({id(it.step): it.step for it in items}.values())
+        if not counters:
+            return {}
+        torch._foreach_add_(counters, 1)
+        values = torch.stack([c.reshape(()) for c in counters]).tolist()
+        return {id(c): int(v) for c, v in zip(counters, values)}
 
     @staticmethod
     def _route(items: list[StepItem]) -> tuple[list[int], list[int], list[int]]:
@@ -466,24 +469,19 @@ class SpectralOptimizer(torch.optim.Optimizer):
                         total=counted(row_stats.total, "matrix-statistics"))
 
     def _matrix_directions(self, items: list[StepItem], matrix: list[int], inputs: list, updates: dict,
-                           stats: StepStats) -> None:
+                           stats: StepStats, steps: dict[int, int]) -> None:
         """Directions of the whole-matrix items into ``updates``, through the owner exchange."""
         if not matrix:
             return
         members = [items[i] for i in matrix]
         _, exchange = self._plan_for(members)
         flat = {pos: self._channels(it, inputs[i]) for pos, (i, it) in enumerate(zip(matrix, members))}
+        contexts = {pos: ParamContext(get_rule(it.group["rule"]), it.group, permuted_axis(it.info),
+                                      it.info.transposed, steps[id(it.step)]) for pos, it in enumerate(members)}
         exchange.step = self.num_steps
-        out = exchange.run(flat, lambda unit, mat: self._matrix_job(members[unit.param], unit, mat), stats)
+        out = exchange.run(flat, contexts, stats)
         for pos, i in enumerate(matrix):
             updates[i] = self._take_state(items[i], out[pos])
-
-    @staticmethod
-    def _matrix_job(it: StepItem, unit: Unit, mat: Tensor) -> MatrixJob:
-        """The compute job of one unit of ``it`` from its whole ``[C, rows, n]`` channels."""
-        rule = get_rule(it.group["rule"])
-        return MatrixJob(mat if rule.stateful else mat[0], unit.spec, rule, it.group, permuted_axis(it.info),
-                         it.info.transposed, int(it.step.item()))
 
     @staticmethod
     def _apply(items: list[StepItem], updates: dict) -> None:

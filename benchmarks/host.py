@@ -1,0 +1,154 @@
+"""Host (Python) cost of an optimizer step: models with many units at tiny dimensions.
+
+    python benchmarks/host.py                       # one process, writes benchmarks/results/host.md
+    python benchmarks/host.py --world 2             # also W = 2 (gloo, one thread per rank)
+
+OLMoE architecture from `transformers`, width 16, 4 layers, 4 heads of 4, the number of experts
+chosen so that `muon` has about 1k, 4k and 16k units (a head block or one expert's gate, up or
+down): the same shapes each time, only more of them, so the math is negligible and a step costs
+what its Python costs. Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)``
+on the same parameters, and ``build_optimizer`` with the ``adamw``, ``muon`` and ``symmetric``
+recipes: median ms per step (min–max over repeats) and µs per unit above AdamW(foreach), the
+host cost per unit of work. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
+units ≤ 2× the 1k step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import machine_lines, run_world, summary, write_results  # noqa: E402
+
+from dist_spectral import build_optimizer  # noqa: E402
+
+#: experts per layer for about 1k, 4k and 16k muon units (3 units per expert, 4 layers)
+SIZES = {"1k": 80, "4k": 330, "16k": 1330}
+RECIPES = ("adamw", "muon", "symmetric")
+
+
+def build_model(experts: int):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=experts, num_experts_per_tok=2,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = OlmoeForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    return model
+
+
+def units_of(opt) -> int:
+    return len(opt.plan().units)
+
+
+def time_steps(step, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(size: str, repeats: int) -> dict:
+    """ms per step of every column on the model of ``size``, one process."""
+    model = build_model(SIZES[size])
+    res = {"size": size, "times": {}, "host": {}}
+    base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    res["times"]["AdamW(foreach)"] = time_steps(base.step, repeats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for recipe in RECIPES:
+            opt = build_optimizer(model, recipe)
+            if recipe == "muon":
+                res["units"] = units_of(opt)
+            res["times"][recipe] = time_steps(opt.step, repeats)
+            res["host"][recipe] = getattr(opt.last_stats, "host_seconds", float("nan"))
+    return res
+
+
+def worker(rank: int, world_size: int, size: str, repeats: int) -> dict:
+    """One rank of W: the model whole on every rank (DDP-like), owners split the units."""
+    import torch.distributed as dist
+
+    model = build_model(SIZES[size])
+    out = {"times": {}}
+    base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    out["times"]["AdamW(foreach)"] = time_steps(base.step, repeats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for recipe in RECIPES:
+            opt = build_optimizer(model, recipe)
+
+            def step():
+                dist.barrier()
+                opt.step()
+                dist.barrier()
+            out["times"][recipe] = time_steps(step, repeats)
+    return out
+
+
+def table(rows: list[dict]) -> list[str]:
+    cols = ["AdamW(foreach)", *RECIPES]
+    lines = ["| units (muon) | " + " | ".join(f"{c} ms" for c in cols) + " | "
+             + " | ".join(f"{c} µs/unit" for c in ("muon", "symmetric")) + " |",
+             "|" + "---|" * (1 + len(cols) + 2)]
+    for r in rows:
+        base = statistics.median(r["times"]["AdamW(foreach)"])
+        per_unit = [(statistics.median(r["times"][c]) - base) / r["units"] * 1e6 for c in ("muon", "symmetric")]
+        lines.append(f"| {r['units']} ({r['size']}) | " + " | ".join(summary([t * 1e3 for t in r["times"][c]], ".1f")
+                                                             for c in cols)
+                     + " | " + " | ".join(f"{x:.1f}" for x in per_unit) + " |")
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--world", type=int, nargs="*", default=[], help="also run at these W (gloo)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "host.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lines = ["# Host cost of an optimizer step", "",
+             f"Command: `python benchmarks/host.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
+             *machine_lines(), f"- {args.threads} thread(s), {args.repeats} timed repeats after 2 warm-up steps", "",
+             "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units.", "",
+             "## One process", ""]
+    rows = []
+    for size in args.sizes:
+        rows.append(measure(size, args.repeats))
+        print(rows[-1]["size"], {c: f"{statistics.median(t) * 1e3:.1f} ms" for c, t in rows[-1]["times"].items()},
+              flush=True)
+    lines += table(rows)
+    if len(rows) > 1:
+        ratio = {c: statistics.median(rows[-1]["times"][c]) / statistics.median(rows[0]["times"][c])
+                 for c in ("muon", "symmetric")}
+        lines += ["", f"{rows[-1]['size']} / {rows[0]['size']} step time: "
+                  + ", ".join(f"{c} {x:.2f}×" for c, x in ratio.items())]
+    for world in args.world:
+        lines += ["", f"## W = {world} (gloo, every rank holds the whole model; rank 0's times)", ""]
+        wrows = []
+        for r in rows:
+            res = run_world(world, worker, r["size"], args.repeats)[0]
+            wrows.append({"size": r["size"], "units": r["units"], "times": res["times"]})
+        lines += table(wrows)
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
