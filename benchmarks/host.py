@@ -3,10 +3,10 @@
     python benchmarks/host.py                       # one process, writes benchmarks/results/host.md
     python benchmarks/host.py --world 2             # also W = 2 (gloo, one thread per rank)
 
-OLMoE architecture from `transformers`, width 16, 4 layers, 4 heads of 4, the number of experts
-chosen so that `muon` has about 1k, 4k and 16k units (a head block or one expert's gate, up or
-down): the same shapes each time, only more of them, so the math is negligible and a step costs
-what its Python costs. Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)``
+OLMoE architecture from `transformers`, width 16, 128 experts of width 16, 4 heads of 4, with 3,
+10 and 40 layers, so that `muon` has about 1k, 4k and 16k units (a head block or one expert's
+gate, up or down; Qwen3-30B-A3B has about 18k): the same shapes each time, only more of them,
+so the math is small and a step costs about what its Python costs. Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)``
 on the same parameters, and ``build_optimizer`` with the ``adamw``, ``muon`` and ``symmetric``
 recipes: median ms per step (min–max over repeats) and µs per unit above AdamW(foreach), the
 host cost per unit of work. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
@@ -29,17 +29,17 @@ from common import machine_lines, run_world, summary, write_results  # noqa: E40
 
 from dist_spectral import build_optimizer  # noqa: E402
 
-#: experts per layer for about 1k, 4k and 16k muon units (3 units per expert, 4 layers)
-SIZES = {"1k": 80, "4k": 330, "16k": 1330}
+#: layers for about 1k, 4k and 16k muon units (397 per layer: 3 per expert, 13 head blocks)
+SIZES = {"1k": 3, "4k": 10, "16k": 40}
 RECIPES = ("adamw", "muon", "symmetric")
 
 
-def build_model(experts: int):
+def build_model(layers: int):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, num_experts=experts, num_experts_per_tok=2,
+    cfg = OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=128, num_experts_per_tok=2,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = OlmoeForCausalLM(cfg)
     gen = torch.Generator().manual_seed(1)

@@ -409,6 +409,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         stats.bytes_sent["colsum"] = stats.bytes_received["colsum"] = reduced
         self._apply(items, updates)
         stats.step_seconds = time.perf_counter() - t_start
+        stats.host_seconds = max(0.0, stats.step_seconds - stats.exchange_seconds - stats.compute_seconds)
         self.last_stats = stats
         self.total_polar_flops += stats.polar_flops
         return loss

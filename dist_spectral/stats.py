@@ -9,7 +9,8 @@ class StepStats:
     """Counters of the last step on this rank (bytes are on the wire, flops are polar iterations).
 
     The exchange fills the ``gather``/``replicate``/``scatter`` entries and the flops and seconds of
-    whole-matrix rules; the optimizer adds the ``colsum`` entry, ``step_seconds`` and ``skipped``.
+    whole-matrix rules; the optimizer adds the ``colsum`` entry, ``step_seconds``, ``host_seconds``
+    and ``skipped``.
 
     Attributes:
         bytes_sent (dict): per collective (``gather``, ``scatter``, ``colsum``) bytes this rank sent;
@@ -23,6 +24,11 @@ class StepStats:
         compute_seconds (float): time in whole-matrix rule computation.
         step_seconds (float): the whole ``step()``.
         skipped (bool): the step was skipped for a non-finite gradient.
+        host_seconds (float): the part of ``step_seconds`` outside the exchange and the
+            whole-matrix compute: the optimizer's own work per parameter (its items, the non-finite
+            check, momentum, row rules, the update) and its Python. A host cost that grows with
+            the number of units instead of parameters would show here and in ``compute_seconds``
+            (``benchmarks/host.py`` measures it apart from the math).
     """
 
     bytes_sent: dict = field(default_factory=dict)
@@ -34,6 +40,7 @@ class StepStats:
     compute_seconds: float = 0.0
     step_seconds: float = 0.0
     skipped: bool = False
+    host_seconds: float = 0.0  # last: positional construction of the older fields is unchanged
 
     def add(self, other: StepStats) -> StepStats:
         """Add ``other`` into these counters (DeepSpeed calls ``step()`` several times per step)
@@ -47,6 +54,7 @@ class StepStats:
         self.exchange_seconds += other.exchange_seconds
         self.compute_seconds += other.compute_seconds
         self.step_seconds += other.step_seconds
+        self.host_seconds += other.host_seconds
         self.skipped |= other.skipped
         return self
 

@@ -96,11 +96,11 @@ def test_optimizer_steps_only_through_the_adapter():
 
 
 def test_stats_add_sums_every_counter():
-    a = StepStats({"gather": 4, "colsum": 8}, {"gather": 2}, 1, 10, 3, 0.5, 0.25, 1.0, False)
-    b = StepStats({"gather": 1, "scatter": 2}, {"scatter": 6}, 2, 5, 1, 0.25, 0.5, 2.0, True)
+    a = StepStats({"gather": 4, "colsum": 8}, {"gather": 2}, 1, 10, 3, 0.5, 0.25, 1.0, False, 0.125)
+    b = StepStats({"gather": 1, "scatter": 2}, {"scatter": 6}, 2, 5, 1, 0.25, 0.5, 2.0, True, 0.25)
     assert a.add(b) is a
     assert a == StepStats({"gather": 5, "colsum": 8, "scatter": 2}, {"gather": 2, "scatter": 6}, 3, 15, 4, 0.75,
-                          0.75, 3.0, True)
+                          0.75, 3.0, True, 0.375)
 
 
 def test_planner_does_not_import_the_optimizer():
