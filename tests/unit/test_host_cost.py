@@ -60,8 +60,8 @@ def test_operations_per_step_do_not_grow_with_units(recipe):
 
 def test_step_counters_read_once_per_step_not_per_parameter():
     """Host reads of scalars (``.item()``, ``int(tensor)``: a synchronisation each on CUDA) in a
-    step: the non-finite check's own, plus one for all the step counters together; before, one
-    per parameter for its counter and one per unit for its job."""
+    step: the non-finite check's one, and at most one for all the step counters together; before,
+    one per parameter for its counter and one per unit for its job."""
     model = tiny_olmoe(experts=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -70,9 +70,8 @@ def test_step_counters_read_once_per_step_not_per_parameter():
         p.grad = synthetic_grad(n, p.shape, 0)
     with _CountOps() as counter:
         opt.step()
-    params = sum(1 for _ in model.parameters())
-    nonfinite = params  # _nonfinite's reads, one per gradient (its own design, not changed here)
-    assert counter.ops["aten._local_scalar_dense"] <= nonfinite + 1
+    # the non-finite check's one read, and at most one for all the step counters together
+    assert counter.ops["aten._local_scalar_dense"] <= 2
 
 
 def _trained(model, opt, steps: int, lrs=None) -> dict:
