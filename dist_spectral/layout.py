@@ -152,6 +152,45 @@ def box_to_intervals(shape: tuple[int, ...], box: tuple[Interval, ...]) -> tuple
     return tuple(out)
 
 
+def runs(indices) -> tuple[Interval, ...]:
+    """Increasing indices as maximal ``[start, stop)`` runs: ``[0, 1, 2, 5, 6]`` → ``((0, 3), (5, 7))``."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and i == out[-1][1]:
+            out[-1][1] += 1
+        else:
+            out.append([i, i + 1])
+    return tuple((a, b) for a, b in out)
+
+
+def grid_to_intervals(shape: tuple[int, ...], indices: tuple[tuple[int, ...], ...]) -> tuple[Interval, ...]:
+    """Flattened element ranges (row-major) of the sub-grid that keeps, along each dim ``d``, the
+    increasing indices ``indices[d]`` (a box when each is a run; strided shards leave gaps)."""
+    if not shape:
+        return ((0, 1),)
+    if any(not ix for ix in indices):
+        return ()
+    for d, ix in enumerate(indices):
+        if any(b <= a for a, b in zip(ix, ix[1:])):
+            raise ValueError(f"indices along dim {d} of a tensor of shape {shape} are not increasing: {ix[:8]}...")
+    dim_runs = [runs(ix) for ix in indices]
+    last_partial = max((d for d in range(len(shape)) if dim_runs[d] != ((0, shape[d]),)), default=-1)
+    if last_partial < 0:
+        return ((0, math.prod(shape)),)
+    inner = math.prod(shape[last_partial + 1:])
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    out: list[list[int]] = []
+    for index in itertools.product(*indices[:last_partial]):
+        base = sum(i * s for i, s in zip(index, strides))
+        for lo, hi in dim_runs[last_partial]:
+            a, b = base + lo * inner, base + hi * inner
+            if out and out[-1][1] == a:  # adjacent pieces merge: intervals stay maximal
+                out[-1][1] = b
+            else:
+                out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
 def mesh_layout(shape: tuple[int, ...], mesh_ranks: list[list] | list, placements: tuple[tuple[str, int], ...],
                 world_size: int) -> Layout:
     """Layout of a tensor sharded over a device mesh, as DTensor does it.
