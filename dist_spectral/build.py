@@ -35,7 +35,8 @@ def check_model(model) -> None:
 
 def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "skip", bucket_mb: float = 256,
                     comm_dtype: torch.dtype | str | None = None, infos: list[ParamInfo] | None = None,
-                    replicate_below: int | None = None, process_group=None, **overrides) -> SpectralOptimizer:
+                    replicate_below: int | None = None, process_group=None, device_mesh=None,
+                    **overrides) -> SpectralOptimizer:
     """The optimizer for ``model`` under a recipe.
 
     Call it after wrapping the model (``fully_shard``, DDP): it reads the parameters' layouts.
@@ -55,7 +56,11 @@ def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "s
         process_group (ProcessGroup | str | None): the ranks that build and step this optimizer
             together: ``None`` the default process group, a ``ProcessGroup`` its ranks, ``"local"``
             this process alone, with no collective (a model on one rank: an evaluation or reference
-            copy) (default: ``None``).
+            copy) (default: ``None``: for DTensor parameters the ranks of their device meshes, the
+            whole default group unless they live on one pipeline stage's mesh).
+        device_mesh (DeviceMesh | None): instead of ``process_group``, the mesh whose ranks build
+            and step this optimizer together (a pipeline stage's; an N-D mesh is flattened into
+            one group, which torch creates on every rank of its root mesh) (default: ``None``).
         **overrides: ``<group>={field: value}`` changes a group (e.g. ``router={"rule":
             "centered_row_norm"}``), ``groups=[...]`` adds groups in front, ``lr_scale=x``
             multiplies every lr, ``key=value`` sets a hyperparameter on every group whose rule
@@ -64,6 +69,12 @@ def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "s
     from .optimizer import SpectralOptimizer  # here: resolve_groups serves the simulator, which needs no optimizer
 
     check_model(model)
+    if device_mesh is not None:
+        if process_group is not None:
+            raise ValueError("build_optimizer: give process_group= or device_mesh=, not both")
+        from .engines.dtensor import mesh_process_group
+
+        process_group = mesh_process_group(device_mesh)
     groups, report, infos = resolve_groups(model, recipe, infos, **overrides)
     named = dict(model.named_parameters())
     param_groups = []

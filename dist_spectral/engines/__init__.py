@@ -33,14 +33,18 @@ from .collectives import Collectives
 
 def topology_for(params: list[Tensor], process_group=None) -> EngineAdapter:
     """Pick the adapter from what the parameters are (DTensor → mesh layouts, else replicated),
-    with collectives over ``process_group`` (see :func:`~dist_spectral.engines.collectives.check_process_group`)."""
+    with collectives over ``process_group`` (see :func:`~dist_spectral.engines.collectives.check_process_group`;
+    for DTensors ``None`` means the ranks of their meshes, see
+    :func:`~dist_spectral.engines.dtensor.derived_process_group`)."""
     from torch.distributed.tensor import DTensor
 
-    collectives = Collectives(process_group)
     if any(isinstance(p, DTensor) for p in params):
-        from .dtensor import DTensorEngine
+        from .dtensor import DTensorEngine, derived_process_group
 
-        return DTensorEngine(collectives)
+        if process_group is None:  # the ranks of the parameters' meshes (a pipeline stage's)
+            process_group = derived_process_group(params)
+        return DTensorEngine(Collectives(process_group))
+    collectives = Collectives(process_group)
     from .single import ReplicatedEngine
 
     return ReplicatedEngine(collectives)
