@@ -3,6 +3,7 @@
     dist-spectral inspect --model tiny-olmoe --recipe symmetric
     dist-spectral inspect --module mypackage.model:build --module-arg layers=2
     dist-spectral plan --model qwen3-235b-a22b --world 256 --ep 8
+    dist-spectral plan --model tiny-qwen3 --world 16 --tp 2 --pp 2
     dist-spectral train                       (under torchrun; the built-in default run, tiny-olmoe-fsdp)
 """
 from __future__ import annotations
@@ -95,21 +96,36 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import numpy as np
-
     from .planner import Parallel, simulate_step
-    from .predict import Rates, format_table, predict, summary_rows
+    from .predict import Rates, predict
 
     model = _meta_model(args.model)
-    parallel = Parallel(args.world, replicas=args.hsdp, expert_parallel=args.ep)
-    sim = simulate_step(model, parallel, args.recipe, bucket_mb=args.bucket_mb,
-                        element_bytes=2 if args.comm_dtype == "bfloat16" else 4,
-                        replicate_below=args.replicate_below, **parse_overrides(args.set))
-    plan = sim.plan
+    try:
+        parallel = Parallel(args.world, replicas=args.hsdp, expert_parallel=args.ep, tensor_parallel=args.tp,
+                            pipeline=args.pp)
+    except ValueError as err:
+        raise SystemExit(f"--world {args.world} --hsdp {args.hsdp} --ep {args.ep} --tp {args.tp} --pp {args.pp}: {err}")
     rates = Rates(flops=args.flops_rate, flops_efficiency=args.flops_efficiency, bandwidth=args.bandwidth,
                   nvlink_bandwidth=args.nvlink_bandwidth, gpus_per_node=args.gpus_per_node,
                   comm_efficiency=args.comm_efficiency, latency=args.latency, hbm_bandwidth=args.hbm_bandwidth)
-    pred = predict(sim, rates)
+    for stage in range(parallel.pipeline):
+        if parallel.pipeline > 1:
+            first = stage * parallel.stage_world_size
+            print(f"{'' if stage == 0 else chr(10)}== pipeline stage {stage} of {parallel.pipeline}: its own optimizer "
+                  f"on ranks {first}..{first + parallel.stage_world_size - 1} (numbered from 0 below) ==")
+        sim = simulate_step(model, parallel, args.recipe, bucket_mb=args.bucket_mb,
+                            element_bytes=2 if args.comm_dtype == "bfloat16" else 4,
+                            replicate_below=args.replicate_below, stage=stage, **parse_overrides(args.set))
+        _print_plan(sim, predict(sim, rates), rates, args)
+    return 0
+
+
+def _print_plan(sim, pred, rates, args) -> None:
+    import numpy as np
+
+    from .predict import format_table, summary_rows
+
+    plan = sim.plan
     W = plan.world_size
 
     text = plan.describe(names=args.units).splitlines()
@@ -144,7 +160,6 @@ def cmd_plan(args) -> int:
               "--bucket-mb (memory per rank grows by about bucket/W) or --comm-dtype bfloat16")
     print(f"memory per rank (max): optimizer state {pred.state.max() / 1e9:.2f} GB (AdamW {pred.adamw_state.max() / 1e9:.2f} GB), "
           f"peak extra during the step {pred.peak_extra.max() / 1e9:.2f} GB (see dist_spectral/predict.py)")
-    return 0
 
 
 def cmd_train(args, rest: list[str]) -> int:
@@ -176,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=8, help="simulated ranks")
     p.add_argument("--hsdp", type=int, default=1, help="HSDP replica groups")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree (torchtitan's plan: q/k/v, gate/up, LM head column-parallel, o/down "
+                        "row-parallel, embedding row-parallel), FSDP2 over the rest")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages (contiguous layers each); every stage's optimizer is planned on its own ranks")
     p.add_argument("--bucket-mb", type=float, default=256)
     p.add_argument("--comm-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--replicate-below", type=int, default=None, metavar="ELEMENTS",

@@ -1,4 +1,4 @@
-"""Plans for simulated clusters: layouts of FSDP2 / HSDP / expert parallel at any W, on ``meta``.
+"""Plans for simulated clusters: layouts of FSDP2 / HSDP / expert / tensor / pipeline parallel at any W, on ``meta``.
 
 No processes and no memory: a model built on the ``meta`` device gives names and shapes, the
 parallel layout gives each rank's element ranges exactly as DTensor would, and the plan is the one
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,34 +34,112 @@ from .rules import get_rule
 class Parallel:
     """A simulated parallel layout.
 
+    Ranks are ``(pipeline, replicas, dp, tensor_parallel)`` row-major: a pipeline stage is a
+    block of ``world_size / pipeline`` consecutive ranks, and tensor-parallel ranks are adjacent.
+
     Attributes:
         world_size (int): ranks.
         replicas (int): HSDP replica groups (1 = plain FSDP2); parameters are sharded on dim 0
             inside a group of ``world_size / replicas`` ranks.
         expert_parallel (int): ranks sharing out the experts of 3-D expert tensors (dim 0); the
             remaining ``world_size / expert_parallel`` ranks shard each expert on dim 1.
+        tensor_parallel (int): ranks of a ``tp`` mesh dim, parallelised as torchtitan does
+            (:func:`tp_dim`), FSDP2 on the rest (``_StridedShard`` over column-parallel weights).
+        pipeline (int): stages; each holds a contiguous run of layers (the embedding with the
+            first, the final norm and LM head with the last) and plans on its own ranks.
     """
 
     world_size: int
     replicas: int = 1
     expert_parallel: int = 1
+    tensor_parallel: int = 1
+    pipeline: int = 1
 
     def __post_init__(self):
-        for name in ("replicas", "expert_parallel"):
-            if self.world_size % getattr(self, name):
-                raise ValueError(f"{name}={getattr(self, name)} must divide world_size={self.world_size}")
+        for name in ("replicas", "expert_parallel", "tensor_parallel", "pipeline"):
+            if getattr(self, name) < 1 or self.world_size % getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1 and divide world_size={self.world_size}")
+        if (self.stage_world_size % (self.replicas * self.tensor_parallel)
+                or self.stage_world_size % self.expert_parallel):
+            raise ValueError(f"replicas={self.replicas} × tensor_parallel={self.tensor_parallel} and expert_parallel="
+                             f"{self.expert_parallel} must divide the {self.stage_world_size} ranks of a pipeline "
+                             f"stage (world_size={self.world_size} / pipeline={self.pipeline})")
+        if self.tensor_parallel > 1 and self.expert_parallel > 1:
+            raise ValueError("expert_parallel with tensor_parallel is not simulated: give one of them")
 
-    def layout(self, shape: tuple[int, ...], expert: bool) -> Layout:
-        """The layout DTensor would give a parameter of ``shape`` (cached: the same object for equal
-        arguments, so plans share the work per layout)."""
+    @property
+    def stage_world_size(self) -> int:
+        """Ranks of one pipeline stage: those its optimizer plans over."""
+        return self.world_size // self.pipeline
+
+    def layout(self, shape: tuple[int, ...], expert: bool, tp: int | None = None) -> Layout:
+        """The layout DTensor would give a parameter of ``shape`` on the ranks of a stage, with
+        tensor dim ``tp`` cut over the ``tp`` mesh dim (``None``: replicated over it) (cached: the
+        same object for equal arguments, so plans share the work per layout)."""
+        if self.tensor_parallel > 1:
+            return _tp_layout(self, tuple(shape), tp)
         return _layout(self, tuple(shape), bool(expert))
+
+
+def tp_dim(info) -> int | None:
+    """The tensor dim a ``tp`` mesh dim cuts, by role, as torchtitan and the tests parallelise
+    Llama-style models: the embedding row-parallel (``Shard(0)``), the LM head and q/k/v, gate and
+    up column-parallel (their output rows), ``o`` and ``down`` row-parallel (their input columns),
+    3-D experts likewise per expert; routers, norms and the rest replicated (``None``)."""
+    ndim = len(info.shape)
+    if info.role in ("embedding", "lm_head"):
+        return 0
+    out_dim, in_dim = (ndim - 1, ndim - 2) if info.transposed else (ndim - 2, ndim - 1)
+    part = info.role.split(".", 1)[-1]
+    if info.role.startswith(("attention.", "mlp.", "expert.")) and part in ("q", "k", "v", "qkv", "gate", "up", "gate_up"):
+        return out_dim
+    if info.role in ("attention.o", "mlp.down", "expert.down"):
+        return in_dim
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _tp_layout(parallel: Parallel, shape: tuple[int, ...], tp: int | None) -> Layout:
+    """FSDP2 (over replicas × dp) on a tensor-parallel parameter, through the optimizer's own
+    DTensor layout: ``(Replicate(), Shard(0) | _StridedShard(0, sf=tp), Shard(tp) | Replicate())``."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from .engines.dtensor import placement_layout
+
+    tps, reps = parallel.tensor_parallel, parallel.replicas
+    dp = parallel.stage_world_size // (reps * tps)
+    ranks = np.arange(parallel.stage_world_size).reshape(reps, dp, tps).tolist()
+    if not shape:
+        return placement_layout(shape, _freeze(ranks), (Replicate(),) * 3, parallel.stage_world_size)
+    fsdp = _StridedShard(0, split_factor=tps) if tp == 0 else Shard(0)
+    placements = (Replicate(), fsdp, Replicate() if tp is None else Shard(tp))
+    return placement_layout(shape, _freeze(ranks), placements, parallel.stage_world_size)
+
+
+def _freeze(x):
+    return tuple(_freeze(i) for i in x) if isinstance(x, list) else int(x)
+
+
+def pipeline_stage(info, layers: int, stages: int) -> int:
+    """The stage holding a parameter: layer ``i`` of ``layers`` on stage ``i · stages // layers``;
+    outside the layers the embedding on the first stage, everything else (final norm, LM head) on the last."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", info.name)
+    if match:
+        return int(match.group(1)) * stages // max(layers, 1)
+    return 0 if info.role == "embedding" else stages - 1
+
+
+def _num_layers(infos) -> int:
+    found = [int(m.group(1)) for i in infos if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", i.name))]
+    return max(found, default=-1) + 1
 
 
 @functools.lru_cache(maxsize=1024)
 def _layout(parallel: Parallel, shape: tuple[int, ...], expert: bool) -> Layout:
     """``mesh_layout`` of the parallel's mesh and placements, built directly (equal to it: tested);
     the generic version walks every rank's box, too slow for W = 1024."""
-    W = parallel.world_size
+    W = parallel.stage_world_size
     numel = math.prod(shape)
     if expert and parallel.expert_parallel > 1:
         ep, dp = parallel.expert_parallel, W // parallel.expert_parallel
@@ -168,12 +247,22 @@ def _state_buffers(rule, group: dict) -> int:
 
 
 def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
-                  element_bytes: int = 4, replicate_below: int | None = None, **overrides) -> Simulation:
+                  element_bytes: int = 4, replicate_below: int | None = None, stage: int = 0,
+                  **overrides) -> Simulation:
     """The plan every rank would build for ``model`` (best on ``meta``) under ``parallel``, with the
     per-rank sizes and all-reduces of the rest of the step (``replicate_below`` as the optimizer's,
-    default :data:`~dist_spectral.optimizer.REPLICATE_BELOW`)."""
-    W = parallel.world_size
-    groups, _, _ = resolve_groups(model, recipe, **overrides)
+    default :data:`~dist_spectral.optimizer.REPLICATE_BELOW`). Under pipeline parallel, that of
+    pipeline ``stage``'s optimizer: its parameters (:func:`pipeline_stage`) on its ranks, numbered
+    from 0 as in its process group."""
+    W = parallel.stage_world_size
+    if not 0 <= stage < parallel.pipeline:
+        raise ValueError(f"stage={stage}: give a stage in [0, {parallel.pipeline})")
+    groups, _, infos = resolve_groups(model, recipe, **overrides)
+    if parallel.pipeline > 1:
+        layers = _num_layers(infos)
+        groups = [dataclasses.replace(g, members=[i for i in g.members
+                                                  if pipeline_stage(i, layers, parallel.pipeline) == stage])
+                  for g in groups]
     params = []
     protos: dict[tuple, object] = {}
     sizes: dict[int, list[int]] = {}
@@ -185,7 +274,8 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
         group = {**g.hyper, "rule": g.rule}
         buffers = _state_buffers(rule, group)
         for info in g.members:
-            layout = parallel.layout(info.shape, expert=len(info.shape) == 3 and info.role.startswith("expert"))
+            layout = parallel.layout(info.shape, expert=len(info.shape) == 3 and info.role.startswith("expert"),
+                                     tp=tp_dim(info))
             if id(layout) not in sizes:
                 sizes[id(layout)] = np.array([layout.local_numel(r) for r in range(W)], dtype=np.int64)
             held = sizes[id(layout)]
@@ -213,6 +303,6 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
 
 
 def simulate(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,
-             element_bytes: int = 4, replicate_below: int | None = None, **overrides) -> Plan:
-    """The plan every rank would build for ``model`` (best on ``meta``) under ``parallel``."""
-    return simulate_step(model, parallel, recipe, bucket_mb, element_bytes, replicate_below, **overrides).plan
+             element_bytes: int = 4, replicate_below: int | None = None, stage: int = 0, **overrides) -> Plan:
+    """The plan every rank (of pipeline ``stage``) would build for ``model`` (best on ``meta``) under ``parallel``."""
+    return simulate_step(model, parallel, recipe, bucket_mb, element_bytes, replicate_below, stage, **overrides).plan

@@ -163,3 +163,17 @@ def test_counters_equal_plan(world, scenario):
 def test_group_cutting_the_stage_mesh_is_refused(world):
     for results in world:
         assert "process_group= (or device_mesh=)" in results["cut_group"], results["cut_group"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids="-".join)
+def test_planner_predicts_each_stage(world, scenario):
+    """``dist-spectral plan --pp 2`` plans each stage on its own ranks: the bytes measured on each."""
+    from dist_spectral.planner import Parallel, simulate_step
+
+    model_name, recipe, _ = scenario
+    for rank, results in enumerate(world):
+        res = results[scenario]
+        sim = simulate_step(MODELS[model_name](seed=0), Parallel(4, pipeline=2), recipe, stage=res["stage"])
+        for phase in ("gather", "replicate", "scatter", "colsum"):
+            assert (res["stats"].bytes_sent[phase], res["stats"].bytes_received[phase]) == \
+                (sim.bytes_sent(rank % 2, phase), sim.bytes_received(rank % 2, phase)), (rank, phase)

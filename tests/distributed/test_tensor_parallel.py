@@ -206,3 +206,19 @@ def test_unsupported_placements_are_named(worlds):
     errors = worlds[2][0]["errors"]
     assert "0.weight" in errors["partial"] and "Partial" in errors["partial"] and "redistribute" in errors["partial"]
     assert "0.weight" in errors["custom"] and "Custom" in errors["custom"] and "(8, 8)" in errors["custom"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS[4], ids="-".join)
+def test_planner_predicts_measured_bytes(worlds, scenario):
+    """``dist-spectral plan --tp 2`` simulates the dp 2 × tp 2 layouts on shapes alone: its bytes per
+    rank and collective are the ones measured."""
+    from dist_spectral.planner import Parallel, simulate_step
+
+    model_name, recipe, _ = scenario
+    sim = simulate_step(MODELS[model_name](seed=0), Parallel(4, tensor_parallel=2), recipe)
+    for rank, results in enumerate(worlds[4]):
+        stats = results[scenario]["stats"]
+        for phase in ("gather", "replicate", "scatter", "colsum"):
+            assert (stats.bytes_sent[phase], stats.bytes_received[phase]) == \
+                (sim.bytes_sent(rank, phase), sim.bytes_received(rank, phase)), (rank, phase)
+        assert stats.polar_flops == sim.plan.polar_flops(rank)
