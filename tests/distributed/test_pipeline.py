@@ -20,8 +20,9 @@ from tests.distributed.harness import run_world
 from tests.distributed.scenarios import STEPS, full, run_reference, set_grads
 from tests.tiny import MODELS
 
-# As test_engine_parity: the largest relative difference of the displacement measured there is
-# 2.14e-6 (batched vs looped fp32 polar rounding).
+# Measured (3 steps): the largest relative difference of the parameter displacement from the
+# reference is 4.19e-6 (OLMoE's k_norm, AdamW) and 2.38e-6 among polar units (v_proj), the same at
+# TP = 2, dp 2 × tp 2, pp 2 × dp 2 and transformers' plans: fp32 rounding of the rules, not the layout.
 DISPLACEMENT_RTOL = 5e-6
 
 SCENARIOS = [("qwen3", "muon", "derived"), ("qwen3", "symmetric", "device_mesh"), ("olmoe", "symmetric", "process_group")]
