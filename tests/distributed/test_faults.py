@@ -287,11 +287,13 @@ def test_nonfinite_skip_is_collective_and_changes_nothing(bad_input):
         assert res["skip_untouched"] and res["skipped_flag"]
         assert res["skipped_steps"] == 1 and res["num_steps"] == BAD_STEPS
         assert set(res["skip_steps"].values()) == {BAD_STEPS - 1}
-    # The run equals one that never saw the bad batch (measured: 3.2e-7 of the displacement, FSDP2 rounding).
+    # The run equals one that never saw the bad batch, to FSDP2 rounding. Measured: 3.2e-7 of the
+    # displacement with the old initial weights; 2.0e-6 (the router, left-spectral) with the
+    # layout-independent ones, the bound of the other parity suites' order (5e-6).
     init = dict(init.named_parameters())
     for name, want in without_batch.items():
         err = (ranks[0]["skip_params"][name] - want).abs().max() / (want - init[name]).abs().max()
-        assert err <= 1e-6, name
+        assert err <= 4e-6, name
 
 
 def test_nonfinite_raise_names_the_first_parameter_on_every_rank(bad_input):
@@ -316,4 +318,4 @@ def test_unsupported_layout_says_what_to_do(bad_input):
     for res in ranks:
         assert res["partial"] is not None
         assert res["partial"].startswith("0.weight: ") and "Partial" in res["partial"] and "(6, 8)" in res["partial"]
-        assert "Shard(d) and Replicate()" in res["partial"] and "redistribute" in res["partial"]
+        assert "Partial: reduce it" in res["partial"] and "redistribute" in res["partial"]
