@@ -156,13 +156,20 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         extra (dict | None): anything picklable (step, RNG state, data position); rank 0's value
             is saved and every rank gets it back from :func:`load` (default: ``None``).
     """
+    state = _checkpoint_state(model, optimizer, scheduler, extra)
+    _dcp(dcp.save, state, path)
+
+
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, extra: dict | None) -> dict:
+    """What :func:`save` and :func:`async_save` write: model and optimizer state keyed by name,
+    and on rank 0 the metadata (scheduler, ``extra``, world size)."""
     msd, osd = get_state_dict(model, optimizer)
     osd = _groups_without_names(osd)
     state = {"model": msd, "optim": osd}
     if _rank() == 0:
         world = dist.get_world_size() if _distributed() else 1
         state[META_KEY] = pickle.dumps(_meta(msd, optimizer, osd, scheduler, extra, world))
-    _dcp(dcp.save, state, path)
+    return state
 
 
 def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
@@ -184,12 +191,7 @@ def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
     Returns:
         concurrent.futures.Future: resolves when this rank's part is written (rank 0's: with the metadata).
     """
-    msd, osd = get_state_dict(model, optimizer)
-    osd = _groups_without_names(osd)
-    state = {"model": msd, "optim": osd}
-    if _rank() == 0:
-        world = dist.get_world_size() if _distributed() else 1
-        state[META_KEY] = pickle.dumps(_meta(msd, optimizer, osd, scheduler, extra, world))
+    state = _checkpoint_state(model, optimizer, scheduler, extra)
     no_dist = not _distributed()
     with warnings.catch_warnings():
         if no_dist:
