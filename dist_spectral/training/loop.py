@@ -231,13 +231,23 @@ class Trainer:
         """One optimizer step through the engine; returns the mean micro-batch loss and the
         optimizer's statistics summed over DeepSpeed's step() calls."""
         self._calls = StepStats()
+        engine_skipped = self.engine.skipped_steps
         losses = []
         for micro in x.chunk(self.engine.gradient_accumulation_steps()):
             loss = self.engine(input_ids=micro, labels=micro).loss
             self.engine.backward(loss)
             self.engine.step()  # at the last micro-batch: clip, optimizer, scheduler, zero the gradients
             losses.append(loss.item())
+        # DeepSpeed's own skip (fp16 overflow, non-finite global norm) never calls the optimizer
+        self._calls.skipped |= self.engine.skipped_steps > engine_skipped
         return sum(losses) / len(losses), self._calls
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite gradient, resumed runs' earlier ones included: the
+        optimizer's own (``opt.skipped_steps``) plus, under DeepSpeed, the engine's (``engine.skipped_steps``:
+        steps DeepSpeed skipped without calling the optimizer). A step is skipped by one or the other,
+        so the sum counts each once; both counters are checkpointed."""
+        return self.opt.skipped_steps + (self.engine.skipped_steps if self.engine is not None else 0)
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -340,7 +350,7 @@ class Trainer:
                 "val_first": evals[0][1] if evals else None, "val_last": evals[-1][1] if evals else None,
                 "tokens_per_s": mean("tokens_per_s"), "step_s": mean("step_s"), "opt_s": mean("opt_s"),
                 "exchange_s": mean("exchange_s"), "compute_s": mean("compute_s"),
-                "skipped_steps": self.opt.skipped_steps, "world_size": self.env.world_size}
+                "skipped_steps": self.skipped_steps(), "world_size": self.env.world_size}
 
     def describe(self, s: dict) -> str:
         if s["final_loss"] is None:
