@@ -10,7 +10,8 @@ ep         FSDP2 with expert-dim sharding: 3-D expert weights ``[E, ., .]`` plac
            rank stores ``E / W`` whole experts and the optimizer orthogonalises them without moving
            them. With ``expert_dispatch: all_gather`` (default) forward all-gathers the experts;
            with ``all_to_all`` the experts stay put, FSDP2 ignores them, and tokens travel to the
-           rank holding their expert and back (``expert_parallel.py``).
+           rank holding their expert and back (``expert_parallel.py``). ``replicas`` > 1 makes both
+           HSDP: the mesh is ``(replicate, shard)``, experts split over ``shard`` within a replica.
 deepspeed  DeepSpeed ZeRO-1/2/3 (``parallel.deepspeed``): the plain module here; the optimizer and
            scheduler are built on it, then :func:`deepspeed_initialize` wraps all three in one
            engine and attaches the optimizer to DeepSpeed's flat partitions. The loop then calls
@@ -182,6 +183,18 @@ def _hsdp(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
     return _fully_shard(model, _mesh(env, (r, env.world_size // r), ("replicate", "shard")), cfg)
 
 
+def _ep_mesh(env: DistEnv, cfg: ParallelConfig):
+    """1-D ``ep`` over every rank, or with ``replicas`` > 1 HSDP's ``(replicate, shard)``: experts split
+    over ``shard`` within each replica, replicated over ``replicate``, as the other weights are."""
+    r = cfg.replicas
+    if r == 1:
+        return _mesh(env, (env.world_size,), ("ep",))
+    if env.world_size % r:
+        raise ValueError(f"parallel.replicas={r} does not divide the world size {env.world_size}; expert parallel "
+                         "with HSDP needs world = replicas x expert-parallel size")
+    return _mesh(env, (r, env.world_size // r), ("replicate", "shard"))
+
+
 def _ep(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
     from torch.distributed.tensor import Shard
 
@@ -193,19 +206,20 @@ def _ep(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
         if cfg.mixed_precision:
             raise ValueError("parallel.expert_dispatch=all_to_all computes experts in their parameter dtype; "
                              "unset parallel.mixed_precision or use expert_dispatch=all_gather")
-        mesh = _mesh(env, (env.world_size,), ("ep",))
+        mesh = _ep_mesh(env, cfg)
         return _fully_shard(model, mesh, cfg, ignored=shard_experts(model, mesh))
     containers = expert_containers(model)
     if not containers:
         raise ValueError(f"parallel.engine=ep but {type(model).__name__} has no routed experts; use fsdp")
-    bad = {path: e for path, e in containers.items() if e % env.world_size}
+    mesh = _ep_mesh(env, cfg)
+    size = env.world_size // cfg.replicas
+    bad = {path: e for path, e in containers.items() if e % size}
     if bad:
         raise ValueError(f"parallel.engine=ep keeps whole experts per rank: {len(bad)} expert module(s) (e.g. "
                          f"{next(iter(bad))!r} with {next(iter(bad.values()))} experts) do not split over "
-                         f"{env.world_size} ranks; use a world size dividing the expert count, or fsdp")
+                         f"{size} ranks (world size / parallel.replicas); use a size dividing the expert count, or fsdp")
     units = [model.get_submodule(path) for path in containers if path]
-    return _fully_shard(model, _mesh(env, (env.world_size,), ("ep",)), cfg,
-                        shard_placement_fn=lambda p: Shard(0) if p.ndim == 3 else None, units=units)
+    return _fully_shard(model, mesh, cfg, shard_placement_fn=lambda p: Shard(0) if p.ndim == 3 else None, units=units)
 
 
 def _deepspeed(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
