@@ -1,0 +1,79 @@
+"""Workers of the Accelerate tests: each rank of a W = 2 run (gloo, CPU) started by
+``tests.distributed.ds_harness.launch`` with the environment Accelerate reads at launch (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Rank 0 writes the logged losses."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tests.distributed.ds_harness import leave_worker
+from tests.integrations.hf_common import TokenDataset
+from tests.tiny import tiny_qwen3
+
+STEPS, BATCH, CLIP, WARMUP = 6, 2, 1.0, 2  # BATCH per rank: the one-process loop takes 2 * BATCH
+DS_STAGE = int(os.environ.get("DS_TEST_STAGE", "2"))
+
+
+def _args(out_dir: str, **plugin):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(Path(out_dir) / "trainer"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+        max_grad_norm=CLIP, warmup_steps=WARMUP, train_sampling_strategy="sequential", logging_steps=1,
+        report_to=[], seed=0, save_strategy="no", disable_tqdm=True,
+        # use_cpu=True would make Accelerate drop its DeepSpeed plugin ("... and not cpu" in
+        # AcceleratorState); a machine without accelerators runs on CPU anyway
+        use_cpu=False, **plugin)
+
+
+def fsdp_on_cpu() -> None:
+    """Let Accelerate apply its FSDP plugin on CPU, as it does on GPUs.
+
+    Accelerate 1.16 turns the plugin on only for accelerator distributed types
+    (``AcceleratorState.__init__``: MULTI_GPU, MULTI_NPU, MULTI_XPU, ...); a gloo run is MULTI_CPU,
+    where it silently wraps the model in DDP instead. This sets what that branch sets (with no
+    mixed precision), so Accelerate's own FSDP2 code (``fsdp2_prepare_model``, the optimizer
+    parameter switch, clipping) runs here.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def enabled(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = enabled
+
+
+def _trainer_run(out_dir: str, **plugin) -> None:
+    from dist_spectral.integrations.hf import SpectralTrainer, spectral_optimizer
+
+    torch.set_num_threads(1)
+    trainer = SpectralTrainer(model=tiny_qwen3(), args=_args(out_dir, **plugin), train_dataset=TokenDataset(),
+                              recipe="symmetric")
+    trainer.train()
+    opt = spectral_optimizer(trainer.optimizer)
+    if trainer.args.process_index == 0:
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        (Path(out_dir) / "result.json").write_text(json.dumps(
+            {"losses": losses, "num_steps": opt.num_steps, "engine": type(opt.topology).__name__}))
+    leave_worker()
+
+
+def fsdp2_trainer(rank: int, world: int, out_dir: str) -> None:
+    """SpectralTrainer under Accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``)."""
+    fsdp_on_cpu()
+    _trainer_run(out_dir, fsdp=True, fsdp_config={"version": 2})
+
+
+def deepspeed_trainer(rank: int, world: int, out_dir: str) -> None:
+    """SpectralTrainer under Accelerate's DeepSpeed plugin at ZeRO stage ``DS_TEST_STAGE``."""
+    _trainer_run(out_dir, deepspeed={
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "steps_per_print": 10 ** 9, "zero_optimization": {"stage": DS_STAGE}})
