@@ -1,6 +1,16 @@
 """Workers of the Accelerate tests: each rank of a W = 2 run (gloo, CPU) started by
 ``tests.distributed.ds_harness.launch`` with the environment Accelerate reads at launch (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Rank 0 writes the logged losses."""
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Rank 0 writes the logged losses.
+
+Accelerate 1.16 on a machine without accelerators, as measured here:
+
+- FSDP: it applies the plugin only for accelerator distributed types; a CPU run (``cpu=True``,
+  MULTI_CPU over gloo) gets DDP instead. :func:`fsdp_on_cpu` applies it as a GPU launch does.
+- DeepSpeed: it takes the plugin only with ``cpu=False``; its state then finds no backend and
+  counts one process while DeepSpeed starts its own gloo group over both ranks. So DeepSpeed
+  partitions over W = 2, but Accelerate does not shard the data: every rank draws the same
+  batches, and the run equals a one-process loop on one rank's batch.
+"""
 from __future__ import annotations
 
 import json
@@ -17,16 +27,13 @@ STEPS, BATCH, CLIP, WARMUP = 6, 2, 1.0, 2  # BATCH per rank: the one-process loo
 DS_STAGE = int(os.environ.get("DS_TEST_STAGE", "2"))
 
 
-def _args(out_dir: str, **plugin):
+def _args(out_dir: str, use_cpu: bool, **plugin):
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(Path(out_dir) / "trainer"), max_steps=STEPS, per_device_train_batch_size=BATCH,
         max_grad_norm=CLIP, warmup_steps=WARMUP, train_sampling_strategy="sequential", logging_steps=1,
-        report_to=[], seed=0, save_strategy="no", disable_tqdm=True,
-        # use_cpu=True would make Accelerate drop its DeepSpeed plugin ("... and not cpu" in
-        # AcceleratorState); a machine without accelerators runs on CPU anyway
-        use_cpu=False, **plugin)
+        report_to=[], seed=0, save_strategy="no", disable_tqdm=True, use_cpu=use_cpu, **plugin)
 
 
 def fsdp_on_cpu() -> None:
@@ -51,11 +58,18 @@ def fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = enabled
 
 
-def _trainer_run(out_dir: str, **plugin) -> None:
+def _ds_config(clip) -> dict:
+    """ZeRO stage ``DS_TEST_STAGE``. Without ``train_batch_size``: counting one process, Accelerate
+    would fill an ``"auto"`` one as micro batch x 1, which DeepSpeed, seeing two ranks, rejects."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "gradient_clipping": clip,
+            "steps_per_print": 10 ** 9, "zero_optimization": {"stage": DS_STAGE}}
+
+
+def _trainer_run(out_dir: str, use_cpu: bool, **plugin) -> None:
     from dist_spectral.integrations.hf import SpectralTrainer, spectral_optimizer
 
     torch.set_num_threads(1)
-    trainer = SpectralTrainer(model=tiny_qwen3(), args=_args(out_dir, **plugin), train_dataset=TokenDataset(),
+    trainer = SpectralTrainer(model=tiny_qwen3(), args=_args(out_dir, use_cpu, **plugin), train_dataset=TokenDataset(),
                               recipe="symmetric")
     trainer.train()
     opt = spectral_optimizer(trainer.optimizer)
@@ -69,11 +83,54 @@ def _trainer_run(out_dir: str, **plugin) -> None:
 def fsdp2_trainer(rank: int, world: int, out_dir: str) -> None:
     """SpectralTrainer under Accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``)."""
     fsdp_on_cpu()
-    _trainer_run(out_dir, fsdp=True, fsdp_config={"version": 2})
+    _trainer_run(out_dir, True, fsdp=True, fsdp_config={"version": 2})
 
 
 def deepspeed_trainer(rank: int, world: int, out_dir: str) -> None:
     """SpectralTrainer under Accelerate's DeepSpeed plugin at ZeRO stage ``DS_TEST_STAGE``."""
-    _trainer_run(out_dir, deepspeed={
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto", "steps_per_print": 10 ** 9, "zero_optimization": {"stage": DS_STAGE}})
+    _trainer_run(out_dir, False, deepspeed=_ds_config("auto"))
+
+
+def _loop_run(out_dir: str, accelerator) -> None:
+    """An Accelerator loop over ``prepare``: the losses averaged over ranks, as the Trainer logs them."""
+    import dist_spectral
+    from dist_spectral.integrations.hf import prepare, spectral_optimizer
+
+    loader = torch.utils.data.DataLoader(TokenDataset(), batch_size=BATCH, shuffle=False)
+    model, opt, loader = prepare(accelerator, tiny_qwen3(), loader, recipe="symmetric")
+    sched = dist_spectral.paper_schedule(spectral_optimizer(opt), total_steps=STEPS, warmup=WARMUP)
+    losses = []
+    for _, batch in zip(range(STEPS), loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if accelerator.distributed_type.value != "DEEPSPEED":  # DeepSpeed clips by its config
+            accelerator.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        # the world's mean, not accelerator.reduce: on CPU under DeepSpeed Accelerate counts one process
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        losses.append(mean.item() / torch.distributed.get_world_size())
+    inner = spectral_optimizer(opt)
+    if accelerator.is_main_process:
+        (Path(out_dir) / "result.json").write_text(json.dumps(
+            {"losses": losses, "num_steps": inner.num_steps, "engine": type(inner.topology).__name__}))
+    leave_worker()
+
+
+def fsdp2_loop(rank: int, world: int, out_dir: str) -> None:
+    """``prepare`` under ``Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))``."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+    torch.set_num_threads(1)
+    fsdp_on_cpu()
+    _loop_run(out_dir, Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)))
+
+
+def deepspeed_loop(rank: int, world: int, out_dir: str) -> None:
+    """``prepare`` under ``Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=DS_TEST_STAGE))``."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+
+    torch.set_num_threads(1)
+    _loop_run(out_dir, Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_ds_config(CLIP))))
