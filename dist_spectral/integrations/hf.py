@@ -23,6 +23,8 @@ DeepSpeed plugin       build before ``prepare`` (DeepSpeed takes the client opti
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable
 
 import torch
@@ -114,6 +116,10 @@ def prepare(accelerator, model: torch.nn.Module, *objects, recipe="symmetric", *
     return (model, opt, *objects)
 
 
+COUNTERS_NAME = "dist_spectral_counters.json"  # beside the Trainer's optimizer.pt / scheduler.pt
+_COUNTERS = ("num_steps", "skipped_steps")
+
+
 class SpectralTrainer(Trainer):
     """``transformers.Trainer`` training with a dist_spectral recipe, under any Accelerate plugin.
 
@@ -126,6 +132,10 @@ class SpectralTrainer(Trainer):
         schedule (callable | None): ``schedule(optimizer, num_training_steps)`` returning the LR
             scheduler (default: :func:`~dist_spectral.paper_schedule` over the run's steps with
             ``TrainingArguments``' warmup steps).
+
+    Checkpoints also hold the step counters ``num_steps`` / ``skipped_steps`` in
+    ``dist_spectral_counters.json``: under FSDP2 Accelerate saves the optimizer through torch's
+    ``get_optimizer_state_dict``, which keeps only ``state`` and ``param_groups``.
     """
 
     def __init__(self, *args, recipe="symmetric", optimizer_kwargs: dict[str, Any] | None = None,
@@ -165,3 +175,20 @@ class SpectralTrainer(Trainer):
                                                    warmup=self.args.get_warmup_steps(num_training_steps))
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:  # every rank steps together: rank 0's counters are everyone's
+            opt = spectral_optimizer(self.optimizer)
+            with open(os.path.join(output_dir, COUNTERS_NAME), "w") as f:
+                json.dump({key: getattr(opt, key) for key in _COUNTERS}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, COUNTERS_NAME) if checkpoint is not None else None
+        if path is not None and os.path.isfile(path):
+            with open(path) as f:
+                counters = json.load(f)
+            opt = spectral_optimizer(self.optimizer)
+            for key in _COUNTERS:
+                setattr(opt, key, int(counters[key]))

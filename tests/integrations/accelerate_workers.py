@@ -66,24 +66,38 @@ def _ds_config(clip) -> dict:
 
 
 def _trainer_run(out_dir: str, use_cpu: bool, **plugin) -> None:
+    """``TRAINER_MODE``: ``whole`` (``STEPS`` steps, nothing saved), ``half`` (the first half under
+    the whole run's schedule, saved at its end) or ``resume`` (from ``half``'s checkpoint to the end)."""
+    import dist_spectral
     from dist_spectral.integrations.hf import SpectralTrainer, spectral_optimizer
 
     torch.set_num_threads(1)
-    trainer = SpectralTrainer(model=tiny_qwen3(), args=_args(out_dir, use_cpu, **plugin), train_dataset=TokenDataset(),
-                              recipe="symmetric")
-    trainer.train()
+    mode = os.environ.get("TRAINER_MODE", "whole")
+    args = _args(out_dir, use_cpu, **plugin)
+    schedule = None  # the default: paper_schedule over max_steps with args' warmup, as the one-process loop's
+    if mode == "half":
+        args.max_steps, args.save_strategy, args.save_steps = STEPS // 2, "steps", STEPS // 2
+        schedule = lambda opt, n: dist_spectral.paper_schedule(opt, total_steps=STEPS, warmup=WARMUP)  # noqa: E731
+    trainer = SpectralTrainer(model=tiny_qwen3(), args=args, train_dataset=TokenDataset(), recipe="symmetric",
+                              schedule=schedule)
+    trainer.train(resume_from_checkpoint=str(Path(args.output_dir) / f"checkpoint-{STEPS // 2}")
+                  if mode == "resume" else None)
     opt = spectral_optimizer(trainer.optimizer)
     if trainer.args.process_index == 0:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-        (Path(out_dir) / "result.json").write_text(json.dumps(
+        (Path(out_dir) / f"{mode}.json").write_text(json.dumps(
             {"losses": losses, "num_steps": opt.num_steps, "engine": type(opt.topology).__name__}))
     leave_worker()
 
 
 def fsdp2_trainer(rank: int, world: int, out_dir: str) -> None:
-    """SpectralTrainer under Accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``)."""
+    """SpectralTrainer under Accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``).
+
+    Sharded checkpoints: with the Trainer's default FULL_STATE_DICT, ``save_pretrained`` of the
+    gathered weights fails here in safetensors ("Attempted to access the data pointer on an invalid
+    python storage"), before any optimizer state is written."""
     fsdp_on_cpu()
-    _trainer_run(out_dir, True, fsdp=True, fsdp_config={"version": 2})
+    _trainer_run(out_dir, True, fsdp=True, fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT"})
 
 
 def deepspeed_trainer(rank: int, world: int, out_dir: str) -> None:
@@ -114,7 +128,7 @@ def _loop_run(out_dir: str, accelerator) -> None:
         losses.append(mean.item() / torch.distributed.get_world_size())
     inner = spectral_optimizer(opt)
     if accelerator.is_main_process:
-        (Path(out_dir) / "result.json").write_text(json.dumps(
+        (Path(out_dir) / "whole.json").write_text(json.dumps(
             {"losses": losses, "num_steps": inner.num_steps, "engine": type(inner.topology).__name__}))
     leave_worker()
 

@@ -1,6 +1,7 @@
 """Accelerate's FSDP2 and DeepSpeed plugins at W = 2 (two processes, gloo, CPU): ``SpectralTrainer``
 and an ``Accelerator`` loop over ``dist_spectral.integrations.hf.prepare`` train a tiny Qwen3 with
-the ``symmetric`` recipe as our own one-process loop does, on the same data and schedule.
+the ``symmetric`` recipe as our own one-process loop does, on the same data and schedule, and a
+Trainer run resumed from its halfway checkpoint ends where the uninterrupted run ends.
 
 FSDP2 shards the data: each step's two half batches are the loop's whole batch, so the logged mean
 of the ranks' losses is the loop's loss to rounding (measured: at most 4.8e-7, one float32 ulp at
@@ -33,9 +34,12 @@ def own_losses(batch: int) -> list[float]:
     return own_loop(model, opt, sched, TokenDataset().ids, batch, STEPS, CLIP)
 
 
-def run(tmp_path, worker: str) -> dict:
-    launch(2, f"tests.integrations.accelerate_workers:{worker}", tmp_path, timeout_s=300)
-    return json.loads((tmp_path / "result.json").read_text())
+def run(out_dir, worker: str, mode: str = "whole", monkeypatch=None) -> dict:
+    out_dir.mkdir(exist_ok=True)
+    if monkeypatch is not None:
+        monkeypatch.setenv("TRAINER_MODE", mode)
+    launch(2, f"tests.integrations.accelerate_workers:{worker}", out_dir, timeout_s=300)
+    return json.loads((out_dir / f"{mode}.json").read_text())
 
 
 @pytest.mark.parametrize("worker", ["fsdp2_trainer", "fsdp2_loop"])
@@ -43,8 +47,7 @@ def test_fsdp2_plugin_trains_as_our_loop(tmp_path, worker):
     result = run(tmp_path, worker)
     assert result["engine"] == "DTensorEngine"  # sharded by Accelerate's FSDP2 path, not DDP
     assert result["num_steps"] == STEPS
-    own = own_losses(2 * BATCH)
-    assert result["losses"] == pytest.approx(own, rel=0, abs=ULPS_2)
+    assert result["losses"] == pytest.approx(own_losses(2 * BATCH), rel=0, abs=ULPS_2)
     assert result["losses"][-1] < result["losses"][0]
 
 
@@ -53,8 +56,18 @@ def test_deepspeed_plugin_trains_as_our_loop(tmp_path, monkeypatch, worker, stag
     monkeypatch.setenv("DS_TEST_STAGE", str(stage))
     result = run(tmp_path, worker)
     assert result["engine"] == "ZeroEngine"  # stepping DeepSpeed's flat partitions
-    own = own_losses(BATCH)
     if stage == 2:
-        assert result["losses"] == own
+        assert result["losses"] == own_losses(BATCH)
     else:
-        assert result["losses"] == pytest.approx(own, rel=0, abs=ULPS_2)
+        assert result["losses"] == pytest.approx(own_losses(BATCH), rel=0, abs=ULPS_2)
+
+
+@pytest.mark.parametrize("worker", ["fsdp2_trainer", "deepspeed_trainer"])
+def test_trainer_resume_ends_where_the_whole_run_ends(tmp_path, monkeypatch, worker):
+    whole = run(tmp_path / "whole", worker, "whole", monkeypatch)
+    first = run(tmp_path / "halves", worker, "half", monkeypatch)
+    resumed = run(tmp_path / "halves", worker, "resume", monkeypatch)
+    # restored, then counted on (under DeepSpeed num_steps counts its per-group step() calls)
+    assert resumed["num_steps"] == whole["num_steps"] == 2 * first["num_steps"] > 0
+    assert first["losses"] == whole["losses"][:STEPS // 2]
+    assert resumed["losses"] == whole["losses"]  # the log holds the first half, restored, and the second
