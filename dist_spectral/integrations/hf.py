@@ -165,8 +165,9 @@ class SpectralTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Called once the optimizer is prepared: move it onto DeepSpeed's flats, then schedule it."""
         opt = spectral_optimizer(self.optimizer if optimizer is None else optimizer)
-        if self.is_deepspeed_enabled:
-            attach_deepspeed(self.accelerator.deepspeed_engine_wrapped.engine, opt)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)  # None until prepare ran
+        if self.is_deepspeed_enabled and wrapped is not None:
+            attach_deepspeed(wrapped.engine, opt)
         if self.lr_scheduler is None:
             if self.schedule is not None:
                 self.lr_scheduler = self.schedule(opt, num_training_steps)

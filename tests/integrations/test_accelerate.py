@@ -71,3 +71,19 @@ def test_trainer_resume_ends_where_the_whole_run_ends(tmp_path, monkeypatch, wor
     assert resumed["num_steps"] == whole["num_steps"] == 2 * first["num_steps"] > 0
     assert first["losses"] == whole["losses"][:STEPS // 2]
     assert resumed["losses"] == whole["losses"]  # the log holds the first half, restored, and the second
+
+
+def test_fsdp1_and_given_optimizers_are_refused_before_anything_is_built(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from dist_spectral.integrations.hf import SpectralTrainer, prepare
+
+    fsdp1 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ValueError, match=r"fsdp_version=1 .* use FullyShardedDataParallelPlugin\(fsdp_version=2\)"):
+        prepare(fsdp1, tiny_qwen3())
+    model = tiny_qwen3()
+    opt = dist_spectral.build_optimizer(model, "symmetric")
+    with pytest.raises(ValueError, match="SpectralTrainer builds its optimizer .* drop optimizers="):
+        SpectralTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]), optimizers=(opt, None))
