@@ -152,7 +152,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.timeout = timeout
         self.skipped_steps = 0
         self.total_polar_flops = 0  # over all step() calls on this rank (DeepSpeed calls step() per group)
-        self.num_steps = 0  # step() calls, skipped ones included (saved by dist_spectral.checkpoint)
+        self.num_steps = 0  # training steps, skipped ones included (saved by dist_spectral.checkpoint)
         self.last_stats = StepStats()
         self.kernel_choices: dict = {}  # (op, s, l, dtype) -> "torch" / "triton:i", as every rank runs them
         self._check_hyperparameters()
@@ -393,7 +393,6 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if not self._model_checked or not items:
             self._check_model()  # raises before anything changes
             self._model_checked = True
-        self.num_steps += 1
         stats = StepStats()
         if self._nonfinite(items):
             stats.skipped = True
@@ -559,6 +558,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         collectives = self.topology.collectives
         scope = getattr(self.topology, "nonfinite_scope", None)
         new, labelled = scope(self.param_groups) if scope else (True, [(it.name, it.grad) for it in items])
+        if new:
+            self.num_steps += 1  # training steps, not step() calls: DeepSpeed makes one call per group
         skipping = getattr(self, "_skipping", False)  # this training step's decision so far
         if not new and (skipping or not labelled):
             return skipping

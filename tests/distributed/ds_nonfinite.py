@@ -100,7 +100,7 @@ def run_engine(name: str, rank: int, nonfinite: str = "skip", cases=None) -> dic
             index = _flat_position(where, len(zmap.flats))
             name = zmap.names[zmap.flats[index].param_indices[0]]
             before = _snapshot(opt, model)
-            skipped, ds_skipped = opt.skipped_steps, engine.skipped_steps
+            skipped, ds_skipped, counted = opt.skipped_steps, engine.skipped_steps, opt.num_steps
             handle = None
             if how == "hook" and rank == 1:
                 handle = params[name].register_hook(lambda g, v=value: g + v)
@@ -117,13 +117,15 @@ def run_engine(name: str, rank: int, nonfinite: str = "skip", cases=None) -> dic
             after = _snapshot(opt, model)
             case = {"param": name, "index": index, "calls": len(calls), "error": error,
                     "untouched": all(torch.equal(a, b) for a, b in zip(before, after)),
-                    "skipped": opt.skipped_steps - skipped, "ds_skipped": engine.skipped_steps - ds_skipped}
+                    "skipped": opt.skipped_steps - skipped, "ds_skipped": engine.skipped_steps - ds_skipped,
+                    "counted": opt.num_steps - counted}
             step_no += 1
             if error is None:
                 clean_before = _snapshot(opt, model)
                 train_step(step_no)
                 step_no += 1
                 case["next_step_moved"] = not torch.equal(clean_before[0], opt.topology.flats[0])
+                case["next_counted"] = opt.num_steps - counted - case["counted"]
             out["cases"][(where, value_name)] = case
             if error is not None:
                 return out  # the engine is mid-step after a raise: nothing more to run on it

@@ -36,6 +36,8 @@ def test_skip_is_whole_and_counted_once(ranks, engine, where, value):
         assert case["untouched"], f"{engine} rank {rank}: {value} in {case['param']} (flat {case['index']}) " \
                                   "changed weights or state"
         assert case["skipped"] == 1 and case["ds_skipped"] == 0
+        # num_steps counts training steps, not DeepSpeed's one step() call per flat
+        assert case["counted"] == 1 and case["next_counted"] == 1
         assert case["next_step_moved"]
 
 
