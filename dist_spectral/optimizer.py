@@ -343,7 +343,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
                                "the model's parameter: the model's parameters were replaced after the optimizer was "
                                "built (fully_shard replaces them with DTensor parameters; so do to_empty and "
                                "load_state_dict(assign=True)), and this optimizer would update tensors nothing uses. "
-                               "Build the optimizer after fully_shard. Nothing was updated")
+                               "Build the optimizer after fully_shard (under Accelerate: after "
+                               "accelerator.prepare(model), or through dist_spectral.integrations.hf). Nothing was "
+                               "updated")
 
     # ----- state_dict, engines -----
     def state_dict(self) -> dict:

@@ -161,12 +161,17 @@ def check_params_are_own(param_groups: list[dict], state: dict) -> None:
         foreign = len(g["params"]) != len(g["param_names"]) or any("step" not in state.get(p, {}) for p in g["params"])
         if foreign:
             shapes = [tuple(p.shape) for p in g["params"][:2]]
-            raise RuntimeError(f"param group {g.get('name', '?')!r} holds {len(g['params'])} tensor(s) (shapes "
-                               f"{shapes}) in place of its {len(g['param_names'])} parameters "
-                               f"({', '.join(g['param_names'][:2])}, ...): something replaced them, as DeepSpeed "
-                               "ZeRO does with flat partitions. Pass the optimizer to DeepSpeed through "
-                               "dist_spectral.deepspeed.initialize(model=model, optimizer=opt, config=ds_config) "
-                               "instead of deepspeed.initialize. Nothing was updated")
+            head = (f"param group {g.get('name', '?')!r} holds {len(g['params'])} tensor(s) (shapes {shapes}) in "
+                    f"place of its {len(g['param_names'])} parameters ({', '.join(g['param_names'][:2])}, ...): ")
+            if any(hasattr(p, "device_mesh") for p in g["params"]):  # DTensors: the model was sharded afterwards
+                raise RuntimeError(head + "the model was sharded (fully_shard, or Accelerate's prepare with its FSDP2 "
+                                   "plugin) after the optimizer was built. Build the optimizer on the sharded model "
+                                   "(after accelerator.prepare(model)), or let dist_spectral.integrations.hf.prepare / "
+                                   "SpectralTrainer do it. Nothing was updated")
+            raise RuntimeError(head + "something replaced them, as DeepSpeed ZeRO does with flat partitions. Pass the "
+                               "optimizer to DeepSpeed through dist_spectral.deepspeed.initialize(model=model, "
+                               "optimizer=opt, config=ds_config) instead of deepspeed.initialize, or under Accelerate "
+                               "use dist_spectral.integrations.hf.prepare / SpectralTrainer. Nothing was updated")
 
 
 def parameter_items(engine: EngineAdapter, param_groups: list[dict], infos: dict[str, ParamInfo],

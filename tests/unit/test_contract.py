@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import dist_spectral
@@ -181,6 +182,31 @@ def test_flat_tensors_swapped_in_name_dist_spectral_deepspeed_initialize():
         g["params"] = [flat]
     with pytest.raises(RuntimeError, match=r"dist_spectral.deepspeed.initialize\(model=model, optimizer=opt"):
         opt.step()
+
+
+def test_sharded_tensors_swapped_in_name_building_after_sharding(tmp_path):
+    """What Accelerate's FSDP2 ``prepare`` does to an optimizer built before it: DTensor parameters
+    swapped into the groups. The error says to build after sharding, not to use DeepSpeed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = tiny_qwen3()
+        opt = build_optimizer(model, "adamw")
+        before = snapshot(model)
+        for g in opt.param_groups:
+            sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in g["params"]]
+            for p in sharded:
+                p.grad = torch.ones_like(p)
+            g["params"] = sharded
+        with pytest.raises(RuntimeError, match=r"sharded \(fully_shard, or Accelerate's prepare .*\) after the "
+                                               r"optimizer was built.*after accelerator.prepare\(model\)"):
+            opt.step()
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 # ----- the README's DeepSpeed snippet -----
