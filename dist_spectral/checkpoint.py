@@ -33,6 +33,12 @@ modified; every rank reaches the same verdict from the same files, so none is le
 Loaded hyperparameters (lr, weight decay, ...) replace the optimizer's, as ``load_state_dict``
 does; the optimizer keeps its own ``param_names``.
 
+Saves are atomic: every rank writes into a temporary sibling ``<path>.tmp-<id>``; once all ranks'
+files and DCP's ``.metadata`` are written, rank 0 renames it to ``path`` (an older checkpoint there
+is moved aside first, then deleted). A process killed during a save leaves only the temporary,
+never a partial ``path``; the next save into the same directory deletes such leftovers
+(``*.tmp-<id>``, ``*.old-<id>``), so one directory takes one save at a time.
+
 Example (``torchrun``; the same lines on one process)::
 
     from dist_spectral import checkpoint
@@ -43,13 +49,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import shutil
+import uuid
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from . import faults
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
@@ -66,14 +77,92 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _dcp(fn, state: dict, path) -> None:
+def _dcp(fn, state: dict, path, **kwargs) -> None:
     """``dcp.save``/``dcp.load``; on one process without a process group DCP's no-pg mode, whose
     "assuming the intent is to ... in a single process" warning is the intent here."""
     no_dist = not _distributed()
     with warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=str(path), no_dist=no_dist)
+        return fn(state, checkpoint_id=str(path), no_dist=no_dist, **kwargs)
+
+
+# ----- atomic saves -----
+TEMPORARY = re.compile(r".+\.(?:tmp|old)-[0-9a-f]{12}")  # a save's staging directory, or a replaced checkpoint
+_saves = 0  # saves started by this process (the fault hook's count)
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer with the fault-test hook after this rank's shard files (see :mod:`dist_spectral.faults`)."""
+
+    def __init__(self, path, save: int):
+        super().__init__(path)
+        self._save = save
+
+    def write_data(self, plan, planner):
+        written = super().write_data(plan, planner)  # synchronous: the files are on disk
+        faults.kill_point("save", self._save)
+        return written
+
+
+def staging_dir(path: str | os.PathLike) -> Path:
+    """The temporary sibling ``<path>.tmp-<id>`` every rank writes a save of ``path`` into (collective:
+    rank 0 draws the id and broadcasts it). Rank 0 also deletes what earlier, interrupted saves left
+    beside it, and creates the directory (so may the other ranks' writers)."""
+    path = Path(path)
+    box = [uuid.uuid4().hex[:12]]
+    if _distributed():
+        dist.broadcast_object_list(box, src=0)
+    staging = path.with_name(f"{path.name}.tmp-{box[0]}")
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.iterdir():
+            if TEMPORARY.fullmatch(stale.name) and stale != staging:
+                shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(exist_ok=True)
+    return staging
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staging: Path, path: str | os.PathLike) -> None:
+    """Rename a complete ``staging`` directory to ``path`` (rank 0, once every rank's files are written).
+
+    An existing ``path`` is renamed to ``<path>.old-<id>`` first and deleted after, so at every
+    instant ``path`` is either the old complete checkpoint, absent, or the new complete one."""
+    path = Path(path)
+    for sub in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        _fsync_dir(sub)  # DCP fsyncs its files; the directory entries too, before the name appears
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{staging.name.rsplit('-', 1)[1]}")
+        os.replace(path, old)
+    os.replace(staging, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _published(staging: Path, path) -> None:
+    """After a collective save into ``staging``: rank 0 publishes it; its error, if any, is raised on every rank."""
+    error = None
+    if _rank() == 0:
+        try:
+            publish(staging, path)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    if _distributed():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RuntimeError(f"checkpoint written to {staging} but not renamed to {path}: {error}")
 
 
 def _groups_without_names(osd: dict) -> dict:
@@ -156,8 +245,12 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         extra (dict | None): anything picklable (step, RNG state, data position); rank 0's value
             is saved and every rank gets it back from :func:`load` (default: ``None``).
     """
+    global _saves
+    _saves += 1
     state = _checkpoint_state(model, optimizer, scheduler, extra)
-    _dcp(dcp.save, state, path)
+    staging = staging_dir(path)
+    _dcp(dcp.save, state, staging, storage_writer=_Writer(staging, _saves))
+    _published(staging, path)  # dcp.save returned on rank 0: every rank's files and .metadata are written
 
 
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, extra: dict | None) -> dict:
@@ -177,9 +270,10 @@ def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
     """:func:`save` in the background (``torch.distributed.checkpoint.async_save``, collective).
 
     The state is copied to CPU memory before this returns, so training may change the model and
-    optimizer at once; the files are written by a thread. The checkpoint is complete (loadable) once
-    the returned future's ``result()`` has returned on every rank: wait for it before saving again,
-    before pointing anything at ``path``, and before exiting.
+    optimizer at once; the files are written by a thread into ``<path>.tmp-<id>``, which rank 0
+    renames to ``path`` when all are written. The checkpoint is at ``path``, complete, once rank 0's
+    future has resolved; wait for the future on every rank before saving again (one save in a
+    directory at a time) and before exiting.
 
     Args:
         path, model, optimizer, scheduler, extra: as in :func:`save`.
@@ -189,19 +283,38 @@ def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
             training's collectives on the default group (default: ``None``, the default group).
 
     Returns:
-        concurrent.futures.Future: resolves when this rank's part is written (rank 0's: with the metadata).
+        concurrent.futures.Future: resolves when this rank's part is written (rank 0's: once the
+        metadata is written and the checkpoint renamed to ``path``).
     """
+    global _saves
+    _saves += 1
     state = _checkpoint_state(model, optimizer, scheduler, extra)
+    staging = staging_dir(path)
     no_dist = not _distributed()
     with warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        out = dcp.async_save(state, checkpoint_id=str(path), process_group=None if no_dist else process_group,
-                             no_dist=no_dist)
+        out = dcp.async_save(state, checkpoint_id=str(staging), storage_writer=_Writer(staging, _saves),
+                             process_group=None if no_dist else process_group, no_dist=no_dist)
     if hasattr(out, "upload_completion"):  # a stager that stages in the background: wait for the copy only
         out.staging_completion.result()
         out = out.upload_completion
-    return out
+    if _rank() != 0:
+        return out
+    # Rank 0's write ends with DCP's gather of every rank's results, then .metadata: all files are there.
+    done: Future = Future()
+
+    def finish(written: Future) -> None:
+        try:
+            written.result()
+            publish(staging, path)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+
+    out.add_done_callback(finish)
+    return done
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -220,6 +333,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     Raises ``ValueError`` listing missing, unexpected and mismatched parameters (names, shapes,
     rules) before anything is modified. Returns the saved ``extra``.
     """
+    if TEMPORARY.fullmatch(Path(path).name):
+        raise ValueError(f"{path} is the staging directory of a save that never finished (or a replaced "
+                         "checkpoint): load the complete checkpoint it was written for, or an earlier one")
     if not Path(path, ".metadata").exists():
         raise FileNotFoundError(f"no DCP checkpoint at {path} (missing {Path(path, '.metadata')})")
     meta = read_meta(path)
@@ -303,4 +419,4 @@ def load_consolidated(path: str | os.PathLike, model: nn.Module, optimizer: torc
     return _restore_meta(meta, optimizer, scheduler)
 
 
-__all__ = ["save", "async_save", "load", "save_consolidated", "load_consolidated", "read_meta", "manifest"]
+__all__ = ["save", "async_save", "load", "staging_dir", "publish", "save_consolidated", "load_consolidated", "read_meta", "manifest"]

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import checkpoint
+from .. import checkpoint, faults
 from .config import RunConfig, dump
 from .data import TokenData, load_tokens
 from ..schedules import apply_schedule
@@ -46,28 +46,64 @@ from .metrics import MetricsLog, plot_losses, read_metrics
 
 
 def resolve_resume(resume: str, out: Path) -> Path:
-    """``auto`` → the latest checkpoint of this run; a run directory → its latest; else the path itself."""
+    """``auto`` → the latest checkpoint of this run; a run directory → its latest; else the path itself.
+
+    Only ``checkpoints/latest`` names a checkpoint: it is moved (atomically) after a save is complete,
+    so a save interrupted by a crash, whose files sit in a ``step_NNNNNN.tmp-<id>`` directory, is never
+    resumed from."""
     root = out if resume == "auto" else Path(resume)
     pointer = root / "checkpoints" / "latest"
     if pointer.is_file():
-        return root / "checkpoints" / pointer.read_text().strip()
+        path = root / "checkpoints" / pointer.read_text().strip()
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: {pointer} names {path.name}, which is not there "
+                                    "(deleted by hand?): pass a checkpoint directory to --resume")
+        return path
     if resume == "auto" or not root.exists():
         raise FileNotFoundError(f"--resume {resume}: no checkpoint at {root if resume != 'auto' else pointer} "
                                 "(a checkpoint directory, a run directory with checkpoints/latest, or no value for "
                                 "this run's latest)")
+    if checkpoint.TEMPORARY.fullmatch(root.name):
+        raise ValueError(f"--resume {resume}: a save that never finished (or a replaced checkpoint); resume from "
+                         f"{root.parent / 'latest'}'s checkpoint or another complete one")
     return root
+
+
+def elastic_resume(resume: str | None, out: Path) -> str | None:
+    """What a restarted elastic worker group resumes from: this run's latest checkpoint.
+
+    ``torchrun --max-restarts=N`` restarts every worker with the same arguments after a failure
+    (``TORCHELASTIC_RESTART_COUNT`` > 0). Starting again from scratch, or from the ``--resume`` the
+    first attempt was given, would throw away the steps checkpointed since; so a restart continues
+    from the run's own latest checkpoint, and only without one from what was asked."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return resume
+    return "auto" if (out / "checkpoints" / "latest").is_file() else resume
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make ``root/latest`` name ``name`` in one step (``os.replace``: never empty or half written)."""
+    tmp = root / f"latest.tmp-{os.getpid()}"
+    tmp.write_text(name)
+    os.replace(tmp, root / "latest")
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints up to the one ``root/latest`` names (0: none
-    deleted). Checkpoints after it (a save still being written) are left alone. Returns what went."""
+    deleted). Only complete ``step_NNNNNN`` directories count; checkpoints after ``latest`` and
+    temporaries of saves in flight are left alone, and nothing goes while ``latest`` names no
+    checkpoint (so the only complete one is never deleted). Returns what went."""
+    import re
     import shutil
 
     pointer = root / "latest"
     if keep <= 0 or not pointer.is_file():
         return []
     latest = pointer.read_text().strip()
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= latest)
+    if not (root / latest).is_dir():
+        return []
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)
+                  and p.name <= latest)
     gone = done[:-keep]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)
@@ -137,9 +173,8 @@ class Trainer:
     def save(self, step: int) -> Path:
         path = self.out / "checkpoints" / f"step_{step:06d}"
         if self.engine is not None:
-            path = self.save_deepspeed(step, path)
-            if self.is_main:
-                prune_checkpoints(path.parent, self.cfg.train.ckpt_keep)
+            self.save_deepspeed(step, path)
+            self._saved(path)
             return path
         extra = {"step": step, "name": self.cfg.name, "schedule": self.schedule_settings()}
         if self.cfg.train.ckpt_async:
@@ -164,8 +199,8 @@ class Trainer:
             self._saved(path)
 
     def _saved(self, path: Path) -> None:
-        if self.is_main:  # rank 0 returns after the checkpoint's metadata is written
-            (self.out / "checkpoints" / "latest").write_text(path.name)
+        if self.is_main:  # rank 0 returns once the checkpoint is complete and renamed to ``path``
+            point_latest(path.parent, path.name)
             prune_checkpoints(path.parent, self.cfg.train.ckpt_keep)
 
     def load(self, path: Path) -> int:
@@ -197,19 +232,54 @@ class Trainer:
     MANIFEST = "dist_spectral.json"  # beside DeepSpeed's files: what a resume must match
 
     def save_deepspeed(self, step: int, path: Path) -> Path:
-        """Every rank writes its ZeRO partition (our optimizer's ``state_dict``); rank 0 the model
-        states (scheduler included) and ``checkpoints/latest``."""
+        """Every rank writes its ZeRO partition (our optimizer's ``state_dict``), rank 0 the model
+        states (scheduler included), into a temporary sibling of ``path`` that rank 0 renames once
+        all are written (``checkpoint.staging_dir``/``publish``); the caller then moves ``latest``."""
         counters = {"num_steps": self.opt.num_steps, "skipped_steps": self.opt.skipped_steps,
                     "total_polar_flops": self.opt.total_polar_flops}  # one key: DeepSpeed keeps "skipped_steps"
-        self.engine.save_checkpoint(str(path.parent), tag=path.name,
-                                    client_state={"step": step, "name": self.cfg.name, "optimizer_counters": counters,
-                                                  "schedule": self.schedule_settings()})
+        staging = checkpoint.staging_dir(path)
+        self._ds_saves += 1
+        with self._deepspeed_kill_hook(self._ds_saves):
+            # save_latest=False: DeepSpeed would write checkpoints/latest itself, naming the temporary
+            self.engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False,
+                                        client_state={"step": step, "name": self.cfg.name,
+                                                      "optimizer_counters": counters,
+                                                      "schedule": self.schedule_settings()})
         if self.is_main:
             manifest = {"step": step, "world_size": self.env.world_size,
                         "zero_stage": self.engine.zero_optimization_stage(), "recipe": self.cfg.optim.recipe}
-            (path / self.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        dist.barrier()
+            (staging / self.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        dist.barrier()  # every rank's partition is written
+        if self.is_main:
+            checkpoint.publish(staging, path)
         return path
+
+    _ds_saves = 0
+
+    def _deepspeed_kill_hook(self, n: int):
+        """The fault tests' kill inside DeepSpeed's n-th save, after this rank's first file (faults.py)."""
+        import contextlib
+
+        engine = self.engine.checkpoint_engine
+        if faults.armed() is None:
+            return contextlib.nullcontext()
+        save, first = engine.save, [True]
+
+        def hooked(state_dict, path, *args, **kwargs):
+            out = save(state_dict, path, *args, **kwargs)
+            if first[0]:
+                first[0] = False
+                faults.kill_point("save", n)
+            return out
+
+        @contextlib.contextmanager
+        def patched():
+            engine.save = hooked
+            try:
+                yield
+            finally:
+                engine.save = save
+        return patched()
 
     def load_deepspeed(self, path: Path) -> dict:
         manifest_path = path / self.MANIFEST
@@ -297,7 +367,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(f"# resolved config of run {cfg.name}\n" + dump(cfg))
             metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resume else None)
+            restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
             print(self.header() + (f"\nresumed at step {start}" if resume else "")
+                  + (f" (elastic restart {restart})" if restart and resume else "")
                   + (f"\n{self.schedule_note}" if self.schedule_note else ""), flush=True)
             metrics.write({"kind": "segment", "step": start, "layout": self.layout(), "engine": cfg.parallel.engine,
                            "world_size": self.env.world_size})
@@ -324,6 +396,7 @@ class Trainer:
                               f"{optimizer_times(rec)} | {rec['tokens_per_s']:,.0f} tok/s")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (cfg.train.ckpt_final and done == cfg.train.steps):
                 self.save(done)
+            faults.kill_point("step", done)
             postfix = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
             if evals:
                 postfix["val"] = f"{evals[-1][1]:.3f}"
@@ -411,6 +484,7 @@ def remove_deepspeed_shm_buffer() -> None:
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
     """Run ``cfg`` on this process (under torchrun, or alone as a world of one); returns the summary."""
     env = init_distributed(cfg.parallel)
+    resume = elastic_resume(resume, cfg.output)
     try:
         return Trainer(cfg, env).run(resume)
     finally:
@@ -423,4 +497,4 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             remove_deepspeed_shm_buffer()
 
 
-__all__ = ["Trainer", "train", "resolve_resume", "optimizer_times", "schedule_change"]
+__all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "optimizer_times", "schedule_change"]
