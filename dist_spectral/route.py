@@ -22,8 +22,8 @@ def runs_on_rows(rule_name: str, info: ParamInfo, layout: Layout) -> bool:
     """Whether a row rule runs on the shard, with only small all-reduces for statistics: its
     parameter is one matrix (statistics span exactly that matrix), or its rows are whole and it
     needs no statistics over rows (:meth:`~dist_spectral.rules.Rule.needs_matrix_statistics`).
-    Rows cut by partition boundaries (ZeRO) are fine for a 2-D parameter when no element is held
-    twice. Everything else (per-expert statistics of a 3-D tensor, a 2-D tensor holding several
+    Rows cut by partition boundaries (ZeRO, a row-parallel weight's ``Shard(1)`` under tensor
+    parallel, replicated or not over HSDP replicas) are fine for a 2-D parameter. Everything else (per-expert statistics of a 3-D tensor, a 2-D tensor holding several
     blocks) goes per matrix through the owner exchange."""
     rule = get_rule(rule_name)
     if rule.locality != "rows":
@@ -33,7 +33,7 @@ def runs_on_rows(rule_name: str, info: ParamInfo, layout: Layout) -> bool:
         if len(info.shape) != 2 or len(specs) != 1 or len(specs[0].blocks) != 1:
             return False
     if len(info.shape) == 2:
-        return layout.whole_rows() or layout.each_element_once()
+        return True
     return layout.whole_rows()
 
 

@@ -3,10 +3,18 @@
 Shared by every adapter (composition, not inheritance). Whole rows (one process, DDP, DTensor
 ``Shard(0)``, ZeRO partitions that cut no row): the local rows as they are; column sums count each
 row at one holder only, so HSDP replicas do not double count, and all-reduce a length-n vector.
-Rows cut between ranks (a ZeRO partition boundary, a 2-D DTensor ``Shard(1)``): the touched rows
+Rows cut between ranks (a ZeRO partition boundary, a 2-D DTensor ``Shard(1)``: a row-parallel
+weight under tensor parallel, also replicated over HSDP's ``replicate`` dim): the touched rows
 zero-filled with a mask; column sums are one all-reduce of a length-n vector, row sums of the cut
 rows one all-reduce with one entry per cut row of the matrix. Either way a sum over the whole
-matrix (``total``) is one all-reduce of one number.
+matrix (``total``) is one all-reduce of one number. Every sum is over the optimizer's whole group,
+each element counted at its lowest-ranked holder only::
+
+    (dp, tp) = (Shard(0), Shard(1)), 4 ranks     (replicate, tp) = (Replicate(), Shard(1))
+            cols 0..n/2   n/2..n                        cols 0..n/2   n/2..n
+    rows 0..m/2   r0        r1                   rows   r0 (r2)       r1 (r3)   <- r2, r3 count 0
+    rows m/2..m   r2        r3
+    colsum: all_reduce([1, n]) over r0..r3: r0 + r2 fill columns 0..n/2, r1 + r3 the rest
 """
 from __future__ import annotations
 
@@ -44,9 +52,6 @@ def row_view(layout: Layout, flat: Tensor, collectives: Collectives):
         return flat.reshape(-1, layout.cols), RowStats(colsum=colsum, total_rows=layout.shape[0],
                                                        total=lambda x: colsum(x.sum(-1, keepdim=True))), \
             lambda u: u.reshape(-1)
-    if not layout.each_element_once():
-        raise ValueError(f"a {layout.kind or 'sharded'} layout of shape {layout.shape} both cuts rows and repeats "
-                         "elements across ranks; row rules cannot run on it")
     return _cut_row_view(layout, flat, collectives)
 
 
@@ -57,22 +62,27 @@ def _cut_row_view(layout: Layout, flat: Tensor, collectives: Collectives):
     dense[index.row_pos, index.col] = flat
     mask = torch.zeros_like(dense)
     mask[index.row_pos, index.col] = 1
+    # the elements this rank counts in a sum over the group: all it holds unless a lower rank
+    # holds them too (replicas)
+    counted = mask if index.counted is None else torch.zeros_like(dense)
+    if index.counted is not None:
+        counted[index.row_pos[index.counted], index.col[index.counted]] = 1
 
     def colsum(x: Tensor) -> Tensor:
-        return reduce((x * mask).sum(-2, keepdim=True).contiguous(), "column sums")
+        return reduce((x * counted).sum(-2, keepdim=True).contiguous(), "column sums")
 
     def rowsum(x: Tensor) -> Tensor:
-        partial = (x * mask).sum(-1, keepdim=True)
+        partial = (x * mask).sum(-1, keepdim=True)  # rows not cut are whole here, replica or not
         if index.cut:
             shared = partial.new_zeros(len(index.cut))
-            shared[index.cut_slots] = partial[index.cut_local, 0]
+            shared[index.cut_slots] = (x * counted).sum(-1)[index.cut_local]
             shared = reduce(shared, "row sums of cut rows")
             partial = partial.clone()
             partial[index.cut_local, 0] = shared[index.cut_slots]
         return partial
 
     def total(x: Tensor) -> Tensor:
-        return reduce((x * mask).sum((-2, -1), keepdim=True).contiguous(), "matrix sums")
+        return reduce((x * counted).sum((-2, -1), keepdim=True).contiguous(), "matrix sums")
 
     return dense, RowStats(colsum=colsum, rowsum=rowsum, total_rows=layout.shape[0], mask=mask, total=total), \
         lambda u: u[index.row_pos, index.col]
@@ -86,6 +96,7 @@ class _Fragments:
     cut: tuple          # every cut row of the matrix (all ranks agree)
     cut_slots: Tensor   # for the touched cut rows: slot in ``cut``
     cut_local: Tensor   # ... and position in ``rows``
+    counted: Tensor | None  # local elements no lower rank holds (``None``: all of them)
 
 
 @lru_cache(maxsize=1024)
@@ -96,8 +107,17 @@ def _fragment_index(layout: Layout, rank: int) -> _Fragments:
     cut = layout.cut_rows()
     slot = {r: i for i, r in enumerate(cut)}
     touched = [(slot[int(r)], i) for i, r in enumerate(rows.tolist()) if int(r) in slot]
+    counted = None
+    lower = sorted(iv for other in range(rank) for iv in layout.holdings[other])
+    if lower and not layout.each_element_once():
+        starts = torch.tensor([a for a, _ in lower], dtype=torch.long)
+        ends = torch.tensor([b for _, b in lower], dtype=torch.long).cummax(0).values
+        at = torch.searchsorted(starts, elems, right=True) - 1  # the last lower interval starting at or before
+        held_below = (at >= 0) & (elems < ends[at.clamp_min(0)])
+        if held_below.any():
+            counted = (~held_below).nonzero().reshape(-1)
     return _Fragments(rows, row_pos, elems % n, cut, torch.tensor([s for s, _ in touched], dtype=torch.long),
-                      torch.tensor([i for _, i in touched], dtype=torch.long))
+                      torch.tensor([i for _, i in touched], dtype=torch.long), counted)
 
 
 def masked_rows(layout: Layout, rank: int, local_rows: int) -> Tensor | None:
