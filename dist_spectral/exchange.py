@@ -217,11 +217,15 @@ class Exchange:
         orientation and dtype, and for rules batched by step, which of them share a step (not the
         step itself, so a step count does not force a recompile)."""
         first_with_step: dict[int, int] = {}
+        keys: dict[int, tuple] = {}  # one rule key per param group, not per parameter
         sig = []
         for pos in sorted(contexts):
             c = contexts[pos]
             same = first_with_step.setdefault(c.step, pos) if c.rule.stateful else None
-            sig.append((pos, c.rule.key(c.group), c.axis, c.transposed, inputs[pos].dtype, same))
+            key = keys.get(id(c.group))
+            if key is None:
+                key = keys[id(c.group)] = c.rule.key(c.group)
+            sig.append((pos, key, c.axis, c.transposed, inputs[pos].dtype, same))
         device = next(iter(inputs.values())).device if inputs else torch.device("cpu")
         return tuple(sig), device
 

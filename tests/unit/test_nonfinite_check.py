@@ -41,3 +41,21 @@ def test_one_host_sync_and_every_parameter_seen(monkeypatch):
         assert skip is (position is not None), (position, value)
         if position is None:
             assert len(calls) == 1, calls  # the flag's one .item(), for 24 gradients
+
+
+def test_large_finite_gradients_of_every_dtype_pass_and_a_nan_in_any_is_seen():
+    """The check reduces a float64 2-norm (float32/bf16 squares cannot overflow it) and a max-abs
+    for float64 gradients (whose squares could): 1e300 in float64 and 3e38 in bf16 are finite,
+    a NaN or Inf in any one of the dtypes is not."""
+    from dist_spectral.optimizer import _any_nonfinite
+
+    def grads():
+        return [torch.full((5, 3), 1e300, dtype=torch.float64), torch.full((7,), 3e38, dtype=torch.bfloat16),
+                torch.full((4, 4), 3e38), torch.full((2,), 6e4, dtype=torch.float16), torch.empty(0)]
+
+    assert _any_nonfinite(grads()).tolist() == [0.0]
+    for i in range(4):
+        for value in (float("nan"), float("inf")):
+            g = grads()
+            g[i].view(-1)[-1] = value
+            assert _any_nonfinite(g).tolist() == [1.0], (g[i].dtype, value)
