@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 launch/train.py --config tiny-olmoe-fsdp train.steps=100
     dist-spectral train --config tiny-olmoe-fsdp parallel=none       # one process, no torchrun
+    dist-spectral train --dry-run --world-size 256 model=qwen3-235b-a22b parallel=ep   # simulated, on meta
 
 ::
 
@@ -11,6 +12,7 @@
     names.py      recipe, preset, DeepSpeed config and data paths checked before anything starts
     loop.py       the step, validation, checkpoints
     metrics.py    metrics.jsonl and loss.png
+    dryrun.py     --dry-run: plan, memory per rank and predicted step at a simulated world size, on meta
 
 Outputs go to ``runs/<name>/``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``loss.png`` and
 ``checkpoints/step_NNNNNN`` with a ``checkpoints/latest`` pointer.
@@ -56,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint directory, a run directory, or (no value) this run's latest")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on meta with the run's layout at --world-size ranks, print the optimizer's "
+                        "plan, memory per rank and the predicted step time, and exit (no process group, nothing "
+                        "allocated)")
+    p.add_argument("--world-size", type=int, default=None, metavar="W",
+                   help="simulated ranks for --dry-run (default: $WORLD_SIZE, else 1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_intermixed_args(argv)
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
@@ -80,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump(cfg), end="")
         return 0
+    if args.world_size is not None and not args.dry_run:
+        print("config error: --world-size simulates ranks for --dry-run; under torchrun the world size is "
+              "--nproc_per_node x nodes", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from .dryrun import main as dry_run
+
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # under a launcher: rank 0 prints the simulation, the others have nothing to do
+        return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
     from .loop import train
 
     train(cfg, resume=args.resume)

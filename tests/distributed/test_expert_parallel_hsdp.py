@@ -8,7 +8,8 @@ hook, the same in the reference) so that experts 4 and 5 receive no token anywhe
 experts 6 and 7 receive none either: rank 3, which holds experts 4-7 there, receives no token at all,
 so its experts' gradients come from replica 0's tokens through the replicas' all-reduce alone. Loss,
 every gradient (the mean over ranks of each rank's local-mean loss) and the symmetric optimizer's
-update must equal the single-process run to fp32 rounding; the layouts must be the ones described.
+update must equal the single-process run to fp32 rounding; the layouts must be the ones described, and
+what each rank holds what the dry run simulates.
 """
 from __future__ import annotations
 
@@ -116,6 +117,12 @@ def test_token_routed_ep_with_hsdp_equals_one_process():
     attn = results[0]["layouts"]["model.layers.0.self_attn.q_proj.weight"]
     assert expert == (("replicate", "shard"), ("R", "S(0)"), (4, 128, 64))
     assert attn[:2] == (("replicate", "shard"), ("R", "S(0)"))
+    # what each rank holds is what the dry run (launch/train.py --dry-run) simulates for this layout
+    from dist_spectral.training.config import load_config
+    from dist_spectral.training.dryrun import dry_run
+
+    simulated = dry_run(load_config("tiny-olmoe-fsdp", ["parallel=ep-hsdp"]), WORLD)
+    assert [4 * r["local_numel"] for r in results] == simulated.params.tolist()
     assert [r["loss"] for r in results] == pytest.approx(ref["losses"], rel=1e-6)
     for got in (results[0], results[3]):  # one rank of each replica
         for name, want in ref["grads"].items():
