@@ -278,7 +278,7 @@ class Exchange:
             return _Work(compiled, flops, sum(u.cost for u in units))
 
         def wire(pieces, phase, where):
-            """(source, offset, numel, channels) per piece in wire order, adjacent one-channel runs merged."""
+            """The pieces in wire order as strided runs (see :func:`_strided_runs`)."""
             out = []
             for p in pieces:
                 u = plan.units[p.uid]
@@ -290,7 +290,7 @@ class Exchange:
                     src = (source, off + p.start - u.start) if source[0] == "buffer" else \
                         (source, plan.params[u.param].layout.local_offset(rank, p.start))
                 out.append([src[0], src[1], p.numel, c])
-            return _merge_wire(out)
+            return _strided_runs(out)
 
         return _Program(
             buffers=buffers,
@@ -309,16 +309,52 @@ class Exchange:
         )
 
 
-def _merge_wire(pieces: list[list]) -> list[tuple]:
-    """Merge adjacent one-channel pieces of one source (a whole parameter's units: one slice)."""
-    out: list[list] = []
+def _strided_runs(pieces: list[list]) -> list[_Strided]:
+    """Pieces ``(source, offset, elements, channels)`` in wire order as strided runs: consecutive
+    pieces of one source, of equal size and evenly spaced (a parameter's units held whole, or those
+    of its experts an owner computes: every W-th), are one :class:`_Strided`, one view copied at once,
+    so packing costs a few operations per parameter, not one per unit. Adjacent pieces are one
+    longer piece first."""
+    merged: list[list] = []
     for src, off, n, c in pieces:
-        last = out[-1] if out else None
+        last = merged[-1] if merged else None
         if last is not None and c == 1 and last[3] == 1 and last[0] == src and last[1] + last[2] == off:
             last[2] += n
         else:
-            out.append([src, off, n, c])
-    return [tuple(p) for p in out]
+            merged.append([src, off, n, c])
+    runs: list[_Strided] = []
+    for src, off, n, c in merged:
+        last = runs[-1] if runs else None
+        if last is not None and last.source == src and last.numel == n and last.channels == c and (
+                (last.count == 1 and off > last.offset) or off == last.offset + last.count * last.step):
+            step = off - last.offset if last.count == 1 else last.step
+            runs[-1] = _Strided(src, last.offset, n, c, last.count + 1, step)
+        else:
+            runs.append(_Strided(src, off, n, c, 1, n))
+    return runs
+
+
+@dataclass(frozen=True)
+class _Strided:
+    """``count`` pieces of ``numel`` elements of every channel of a ``[C, L]`` source, the first at
+    ``offset``, each ``step`` elements after the last; on the wire piece by piece, each piece's C
+    channel slices back to back."""
+
+    source: object
+    offset: int
+    numel: int
+    channels: int
+    count: int
+    step: int
+
+    @property
+    def wire_numel(self) -> int:
+        return self.count * self.channels * self.numel
+
+    def view(self, t: Tensor) -> Tensor:
+        """The run's elements of ``t`` as ``[count, C, numel]``, a view."""
+        return t.as_strided((self.count, t.shape[0], self.numel), (self.step, t.stride(0), t.stride(1)),
+                            t.storage_offset() + self.offset * t.stride(1))
 
 
 def _merge_copies(copies: list[tuple]) -> list[tuple]:
@@ -355,7 +391,7 @@ class _Program:
     waiting: _Work
     replicas_ready: _Work
     replicas_waiting: _Work
-    gather_send: list
+    gather_send: list        # _Strided: wire pieces, strided runs of them
     gather_recv: list
     gather_replicated: int   # elements of the gather this rank sends for replicated units
     scatter_send: list
@@ -425,7 +461,7 @@ class _Run:
         if not prog.gather:
             return None
         with self.streams.exchange():  # not queued behind the compute of earlier buckets
-            send = [self.ins[src][:, off:off + n].reshape(-1) for src, off, n, _ in prog.gather_send]
+            send = [run.view(self.ins[run.source]).reshape(-1) for run in prog.gather_send]
             send_sizes, recv_sizes = prog.gather_sizes
             return self.ex._collective("gather", bi, send, sum(recv_sizes), send_sizes, recv_sizes, prog.wire,
                                        self.device, self.stats, (prog.gather_replicated, prog.replicated_recv))
@@ -446,9 +482,10 @@ class _Run:
         self.ex._wait(work, "gather", bi)  # on CUDA: the compute stream waits for it
         self.streams.used_by_compute(received)
         offset = 0
-        for dst, off, n, c in self.programs[bi].gather_recv:
-            self.ins[dst][:, off:off + n].copy_(received[offset:offset + c * n].view(c, n))
-            offset += c * n
+        for run in self.programs[bi].gather_recv:
+            n = run.wire_numel
+            run.view(self.ins[run.source]).copy_(received[offset:offset + n].view(run.count, run.channels, run.numel))
+            offset += n
 
     def compute(self, work: _Work, replicated: bool = False) -> None:
         """Run the batches of ``work``: each reads its blocks, runs its rule once, and writes its
@@ -470,7 +507,7 @@ class _Run:
         prog, streams = self.programs[bi], self.streams
         streams.exchange_sees_compute()  # the results to send
         with streams.exchange():
-            send = [self.outs[src][:, off:off + n].reshape(-1) for src, off, n, _ in prog.scatter_send]
+            send = [run.view(self.outs[run.source]).reshape(-1) for run in prog.scatter_send]
             for key, t in self.outs.items():
                 if key[0] == "buffer":
                     streams.used_by_exchange(t)
@@ -483,9 +520,10 @@ class _Run:
         self.ex._wait(work, "scatter", bi)
         self.streams.used_by_compute(received)
         offset = 0
-        for dst, off, n, c in self.programs[bi].scatter_recv:
-            self.outs[dst][:, off:off + n].copy_(received[offset:offset + c * n].view(c, n))
-            offset += c * n
+        for run in self.programs[bi].scatter_recv:
+            n = run.wire_numel
+            run.view(self.outs[run.source]).copy_(received[offset:offset + n].view(run.count, run.channels, run.numel))
+            offset += n
 
 
 class _Streams:

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_spectral import build_optimizer
 from dist_spectral.blocks import Block, unit_specs
-from dist_spectral.compute import BlockRef, compile_batches, read_batch, write_batch
+from dist_spectral.compute import BlockRef, ParamContext, compile_batches, read_batch, write_batch
 from dist_spectral.roles import ParamInfo
 from tests.tiny import synthetic_grad, tiny_olmoe
 
@@ -156,3 +156,66 @@ def test_unevenly_spaced_and_row_run_blocks_gather_by_index():
         write_batch(batch, {"x": out}, stack)
         write_batch(batch, {"x": mask}, torch.ones_like(stack, dtype=torch.bool))
     assert torch.equal(out[mask], x[mask]) and int(mask.sum()) == 2 * 3 * (2 * 2 + 2 * 5)
+
+
+def _wire_runs(experts: int, recipe: str, world: int = 2) -> list[tuple[int, int]]:
+    """Per rank, (wire runs sent, received) of the scatter of a DDP-like plan at ``world`` ranks,
+    compiled without processes (the exchange compiles from the plan and its rank alone)."""
+    from dist_spectral.blocks import permuted_axis
+    from dist_spectral.exchange import Exchange
+    from dist_spectral.layout import replicated
+    from dist_spectral.plan import build_plan
+    from dist_spectral.route import plan_param
+    from dist_spectral.rules import get_rule
+
+    model = tiny_olmoe(experts=experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = build_optimizer(model, recipe)
+    entries = [e for e in opt._entries(only_with_grad=False) if get_rule(e.group["rule"]).locality == "matrix"]
+    params = [plan_param(pos, e.name, e.info, e.group, replicated(tuple(e.param.shape), world))
+              for pos, e in enumerate(entries)]
+    plan = build_plan(params, world)
+    out = []
+    for rank in range(world):
+        exchange = Exchange(plan, rank)
+        inputs = {pos: torch.zeros(p.channels[0], e.param.numel()) for pos, (p, e) in enumerate(zip(params, entries))}
+        contexts = {pos: ParamContext(get_rule(e.group["rule"]), e.group, permuted_axis(e.info), e.info.transposed, 1)
+                    for pos, e in enumerate(entries)}
+        progs = exchange._program(inputs, contexts)
+        out.append((sum(len(p.scatter_send) for p in progs), sum(len(p.scatter_recv) for p in progs)))
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["muon", "aro"])
+def test_wire_packing_does_not_grow_with_units(recipe):
+    """At W = 2 with every parameter whole on both ranks (DDP), each rank computes every second
+    expert and sends it to the other: the experts an owner computes of one parameter are evenly
+    spaced, so they pack as one strided view, not one slice each (before: 2 slices per expert
+    unit). 4 and 16 experts per layer pack in the same number of runs."""
+    few, many = _wire_runs(4, recipe), _wire_runs(16, recipe)
+    assert few == many
+    assert all(sent < 16 and received < 16 for sent, received in many)  # 2 layers, ~6 matrices each
+
+
+def test_strided_runs_pack_and_unpack_as_piece_by_piece():
+    """Pieces of several sources, channel counts, sizes and spacings: the runs' packed payload is
+    the pieces' channel slices back to back in wire order, and unpacking writes each back."""
+    from dist_spectral.exchange import _strided_runs
+
+    gen = torch.Generator().manual_seed(0)
+    sources = {"a": torch.randn(1, 200, generator=gen), "b": torch.randn(3, 90, generator=gen)}
+    pieces = ([["a", o, 5, 1] for o in (0, 5, 10, 40, 60, 80, 100, 103)]  # adjacent, evenly spaced, irregular
+              + [["b", o, 4, 3] for o in (0, 10, 20, 30, 31, 60)] + [["a", 150, 7, 1], ["b", 80, 2, 3]])
+    expect = torch.cat([sources[s][:, o:o + n].reshape(-1) for s, o, n, _ in pieces])
+    runs = _strided_runs([list(p) for p in pieces])
+    assert len(runs) < len(pieces)
+    packed = torch.cat([r.view(sources[r.source]).reshape(-1) for r in runs])
+    assert torch.equal(packed, expect)
+    dests = {k: torch.zeros_like(v) for k, v in sources.items()}
+    at = 0
+    for r in runs:
+        r.view(dests[r.source]).copy_(packed[at:at + r.wire_numel].view(r.count, r.channels, r.numel))
+        at += r.wire_numel
+    for s, o, n, _ in pieces:
+        assert torch.equal(dests[s][:, o:o + n], sources[s][:, o:o + n])
