@@ -74,6 +74,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _elastic_restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """``init_process_group`` arguments for a restarted torchrun worker group: torchrun's store under a
+    prefix of its own.
+
+    The workers share the agent's TCPStore, which lives across restarts, and torch 2.13 adds no
+    per-attempt prefix: a restarted rank can read a dead rank's address from the previous attempt
+    and fail to connect (pytorch/pytorch#135712, #167288). ``TORCHELASTIC_RESTART_COUNT`` is the same
+    on every worker of a single-node (``--standalone``) run; across nodes, launch torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` instead (a fresh store on every restart)."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"/dist_spectral/attempt_{restart}", store), "rank": rank, "world_size": world}
+
+
 def init_distributed(cfg: ParallelConfig) -> DistEnv:
     """Start the process group (torchrun's environment, or a world of one when run directly) and pin
     the device and CPU threads."""
@@ -95,15 +112,28 @@ def init_distributed(cfg: ParallelConfig) -> DistEnv:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(cfg.threads or max(1, cores // local_world))
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
-    if cfg.engine == "deepspeed" and not dist.is_initialized():
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=10)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None,
+                                **_elastic_restart_store(rank, world, timeout))
+    if cfg.engine == "deepspeed":
         _deepspeed_environment(use_cuda)
         import deepspeed
 
-        # DeepSpeed keeps its own view of the group (deepspeed.comm); this also starts torch's.
+        if not use_cuda:
+            # Before DeepSpeed maps its CPU all-reduce buffers: delete those of killed runs (a
+            # restart on the same port would map them); every rank waits for its node's local rank 0.
+            if local_rank == 0:
+                from .shm import remove_stale_buffers
+
+                gone = remove_stale_buffers()
+                if gone:
+                    print(f"removed {len(gone)} stale DeepSpeed shared-memory buffer(s) of dead processes from "
+                          f"/dev/shm ({sum(n for _, n in gone) / 2**20:.0f} MiB): {', '.join(g for g, _ in gone)}",
+                          flush=True)
+            dist.barrier()
+        # DeepSpeed keeps its own view of the group (deepspeed.comm) on torch's, and sets up its CPU op.
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=10))
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
-                                device_id=device if use_cuda else None)
     return DistEnv(rank, world, local_rank, local_world, device, backend)
 
 

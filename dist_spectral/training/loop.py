@@ -43,6 +43,7 @@ from ..schedules import apply_schedule
 from ..stats import StepStats
 from .launchers import DistEnv, deepspeed_config, deepspeed_initialize, deepspeed_load, init_distributed, wrap_model
 from .metrics import MetricsLog, plot_losses, read_metrics
+from .shm import remove_own_buffer
 
 
 def resolve_resume(resume: str, out: Path) -> Path:
@@ -261,7 +262,7 @@ class Trainer:
         import contextlib
 
         engine = self.engine.checkpoint_engine
-        if faults.armed() is None:
+        if not faults.armed():
             return contextlib.nullcontext()
         save, first = engine.save, [True]
 
@@ -473,14 +474,6 @@ def schedule_change(saved: dict | None, now: dict, step: int, groups: list[dict]
             f"(of the base lr): {ratios}")
 
 
-def remove_deepspeed_shm_buffer() -> None:
-    """Remove this rank's buffer of DeepSpeed's CPU shared-memory all-reduce (about 70 MB in
-    /dev/shm, which DeepSpeed never deletes); other ranks' mappings of it stay valid."""
-    addr, port, rank = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
-        path.unlink(missing_ok=True)
-
-
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
     """Run ``cfg`` on this process (under torchrun, or alone as a world of one); returns the summary."""
     env = init_distributed(cfg.parallel)
@@ -494,7 +487,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
         if cfg.parallel.engine == "deepspeed":
-            remove_deepspeed_shm_buffer()
+            remove_own_buffer()
 
 
 __all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "optimizer_times", "schedule_change"]
