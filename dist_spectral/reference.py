@@ -5,11 +5,11 @@ no batching, no locality tricks. Each parameter is a full tensor; each whole-mat
 block by block in a Python loop, straight from ``functional``::
 
     muon               U = polar(G + μB) · max(1, fan_out/fan_in)^½      (B ← μB + G)
-    row_norm           U = R(M)                                           (M ← βM + (1−β)G)
-    centered_row_norm  U = C(R(C(M)))
-    hybrid             U = ν(N)^α polar(N), N = R(M)   (centred variant: C(ν^α polar(C(R(C(M))))))
-    left_spectral      U = C(tr(Gram L)^α · L Mc),  Mc = C(M), L = (Mc Mcᵀ + εI)^{-½}
-    right_spectral     U = ν^α · M (MᵀM + εI)^{-½}
+    row_norm           U = s_n · R(M)                                     (M ← βM + (1−β)G)
+    centered_row_norm  U = s_n · C(R(C(M)))
+    hybrid             U = s_max · ν(N)^α polar(N), N = R(M)   (centred: s_max · C(ν^α polar(C(R(C(M))))))
+    left_spectral      U = s_max · C(tr(Gram L)^α · L Mc),  Mc = C(M), L = (Mc Mcᵀ + εI)^{-½}
+    right_spectral     U = s_max · ν^α · M (MᵀM + εI)^{-½}
     adamw              U = m̂ / (√v̂ + ε)
     spectra            U = s · H_c(V), H_c(V) = (I + VVᵀ/c²)^{-½} V, V the base update: AdamW's
                        m̂/(√v̂ + ε), sign(G + μB) or polar(G + μB)                (B ← μB + G)
@@ -24,7 +24,9 @@ block by block in a Python loop, straight from ``functional``::
     aro_adam           the same with f(Y) = (Y/(1−β₁ᵗ)) / (√v̂ + ε): v̂ = v_prev/(1−β₂ᵗ⁻¹) for R (no v̂ at
                        t = 1), then v ← β₂v + (1−β₂)(Rᵀ G)², v̂ = v/(1−β₂ᵗ) for U    (M ← β₁M + (1−β₁)G)
 
-with the permuted axis on the rows (column-aware rules transpose, apply, transpose back), and
+with the permuted axis on the rows (column-aware rules transpose, apply, transpose back),
+``s_L = 1`` (``scale: none``) or ``0.2·√L`` (``scale: rms``) for ``L`` the block's row length
+(``s_n``) or its longer side (``s_max``), and
 ``W ← W(1 − lr·wd) − lr·U``. Conda's basis and ARO's rotation (k × k, k the block's smaller side)
 are kept, as the fast path keeps them, in the first k² elements of each block of a
 parameter-shaped buffer, so the two states compare element by element.
@@ -85,15 +87,18 @@ def block_direction(rule: str, block: Tensor, info: ParamInfo, group: dict) -> T
         fan_out, fan_in = fan_out_in(info, tuple(block.shape))
         u = F.polar(x, **_polar_args(group)) * F.muon_scale(fan_out, fan_in, group["scale"])
     elif rule == "row_norm":
-        u = F.row_norm(x, eps=group["norm_eps"])
+        u = F.row_norm(x, eps=group["norm_eps"]) * F.width_scale(x.shape[1], group["scale"])
     elif rule == "centered_row_norm":
-        u = F.centered_row_norm(x, eps=group["norm_eps"])
+        u = F.centered_row_norm(x, eps=group["norm_eps"]) * F.width_scale(x.shape[1], group["scale"])
     elif rule == "hybrid":
         u = F.hybrid(x, alpha=group["alpha"], order=group["order"], center=group["center"], **_polar_args(group))
+        u = u * F.width_scale(max(x.shape), group["scale"])
     elif rule == "left_spectral":
         u = F.left_spectral(x, alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
+        u = u * F.width_scale(max(x.shape), group["scale"])
     elif rule == "right_spectral":
         u = F.right_spectral(x, alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
+        u = u * F.width_scale(max(x.shape), group["scale"])
     elif rule == "pre_clip":
         c = group["clip_c"] if group["pre_clip_c"] is None else group["pre_clip_c"]
         u = soft_clip(x, c, group["pre_clip_steps"])

@@ -99,6 +99,8 @@ class Rule:
 
     defaults = {}
     direction_options: tuple = ()
+    #: The values its ``scale`` hyperparameter may take, where it has one as a name (checked at build).
+    scales: tuple[str, ...] = ()
 
     #: Tensors :meth:`direction_input` returns (more than one only with :meth:`direction_with_state`).
     inputs: int = 1
@@ -264,6 +266,9 @@ def check_group(group: dict) -> None:
     options and :func:`check_common`. Raises ``ValueError`` naming the key and its value."""
     rule = get_rule(group["rule"])
     check_polar_options(group)
+    if rule.scales and group.get("scale", rule.defaults.get("scale")) not in rule.scales:
+        raise ValueError(f"scale={group['scale']!r}: rule {rule.name!r} takes one of {', '.join(rule.scales)} "
+                         "('none' is the paper's rule, 'rms' the width-aware one)")
     rule.check(group)
     check_common(group)
 
@@ -307,6 +312,7 @@ class Muon(Rule):
     defaults = {"beta": 0.95, "nesterov": True, "scale": "spectral", "per_head": True, "split_gate_up": True,
                 **_POLAR_DEFAULTS}
     direction_options = _POLAR_OPTIONS + ("scale",)
+    scales = ("spectral", "rms", "none")
 
     def direction_input(self, local_state: dict, grad: Tensor, group: dict, *, step: int) -> Tensor:
         buf = local_state["momentum_buffer"]
@@ -326,14 +332,18 @@ class Muon(Rule):
 
 
 class RowNorm(Rule):
-    """RowNormM: ``U = R(M)``, each row (along the permuted axis) divided by ``‖row‖₂ + ε``."""
+    """RowNormM: ``U = s · R(M)``, each row (along the permuted axis) divided by ``‖row‖₂ + ε``;
+    ``s = 1`` (``scale="none"``, the paper's rule) or ``0.2·√n`` for rows of length n (``"rms"``:
+    the same lr at any width, see :func:`~dist_spectral.functional.width_scale`)."""
 
     name = "row_norm"
     locality = "rows"
-    defaults = {"beta": 0.95, "norm_eps": 1e-8}
+    defaults = {"beta": 0.95, "norm_eps": 1e-8, "scale": "none"}
+    direction_options = ("norm_eps", "scale")
+    scales = F.WIDTH_SCALES
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
-        return normalize(x, axis, stats, group["norm_eps"])
+        return normalize(x, axis, stats, group["norm_eps"]).mul_(row_scale(x, axis, stats, group))
 
     def needs_matrix_statistics(self, axis):
         return axis == "cols"  # column norms sum over rows; row norms are per row
@@ -343,19 +353,30 @@ class RowNorm(Rule):
 
 
 class CenteredRowNorm(Rule):
-    """Centred RowNormM for blocks with a shared logit shift: ``U = C(R(C(M)))``."""
+    """Centred RowNormM for blocks with a shared logit shift: ``U = s · C(R(C(M)))``, ``s`` as
+    :class:`RowNorm`'s."""
 
     name = "centered_row_norm"
     locality = "rows"
-    defaults = {"beta": 0.95, "norm_eps": 1e-8}
+    defaults = {"beta": 0.95, "norm_eps": 1e-8, "scale": "none"}
+    direction_options = ("norm_eps", "scale")
+    scales = F.WIDTH_SCALES
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
-        x = center(x, axis, stats)
-        x = normalize(x, axis, stats, group["norm_eps"])
-        return center(x, axis, stats)
+        u = center(x, axis, stats)
+        u = normalize(u, axis, stats, group["norm_eps"])
+        return center(u, axis, stats).mul_(row_scale(x, axis, stats, group))
 
     def cost(self, m, n, group):
         return 7 * m * n
+
+
+def row_scale(x: Tensor, axis: str, stats: RowStats, group: dict) -> float:
+    """:func:`~dist_spectral.functional.width_scale` of the group's ``scale`` for rows along the
+    permuted axis: a row's whole length is the view's column count (cut rows are zero-filled to
+    it), a column's the matrix's row count, wherever its rows live."""
+    length = x.shape[-1] if axis == "rows" else stats.rows(x)
+    return F.width_scale(length, group.get("scale", "none"))
 
 
 def normalize(x: Tensor, axis: str, stats: RowStats, eps: float) -> Tensor:
@@ -375,19 +396,29 @@ def center(x: Tensor, axis: str, stats: RowStats) -> Tensor:
     return stats.clean(x - stats.rowsum(x) / x.shape[-1])
 
 
+def spectral_scale(x: Tensor, group: dict) -> float:
+    """:func:`~dist_spectral.functional.width_scale` of the group's ``scale`` for a spectral rule on
+    whole ``[..., m, n]`` blocks: ``L = max(m, n)``, where the unit singular values of its
+    ``polar``-like factor give RMS ``1/√L``."""
+    return F.width_scale(max(x.shape[-2:]), group.get("scale", "none"))
+
+
 class Hybrid(Rule):
-    """Hybrid row→polar: ``N = R(M); U = ν(N)^α · polar(N)``; centred (untied heads):
-    ``U = C(ν^α · polar(C(R(C(M)))))``. Applied with the permuted axis on the rows."""
+    """Hybrid row→polar: ``N = R(M); U = s · ν(N)^α · polar(N)``; centred (untied heads):
+    ``U = s · C(ν^α · polar(C(R(C(M)))))``. Applied with the permuted axis on the rows; ``s = 1``
+    (``scale="none"``) or ``0.2·√max(m, n)`` (``"rms"``, :func:`spectral_scale`)."""
 
     name = "hybrid"
     locality = "matrix"
-    defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "order": "row_then_polar", **_POLAR_DEFAULTS}
-    direction_options = ("alpha", "center", "order") + _POLAR_OPTIONS
+    defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "order": "row_then_polar", "scale": "none",
+                **_POLAR_DEFAULTS}
+    direction_options = ("alpha", "center", "order", "scale") + _POLAR_OPTIONS
+    scales = F.WIDTH_SCALES
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.hybrid(orient(x, axis), alpha=group["alpha"], order=group["order"], center=group["center"],
                      **_polar_kwargs(group))
-        return orient(u, axis)
+        return orient(u.mul_(spectral_scale(x, group)), axis)
 
     def cost(self, m, n, group):
         return _polar_flops(m, n, group)
@@ -396,16 +427,18 @@ class Hybrid(Rule):
 
 
 class LeftSpectral(Rule):
-    """Left-spectral router rule: ``Mc = C(M); L = (Mc Mcᵀ + εI)^{-½}; U = C(tr(Mc Mcᵀ L)^α · L Mc)``."""
+    """Left-spectral router rule: ``Mc = C(M); L = (Mc Mcᵀ + εI)^{-½}; U = s · C(tr(Mc Mcᵀ L)^α · L Mc)``,
+    ``s`` as :class:`Hybrid`'s."""
 
     name = "left_spectral"
     locality = "matrix"
-    defaults = {"beta": 0.95, "alpha": 1.0, "center": True, "spectral_eps": 1e-7}
-    direction_options = ("alpha", "center", "spectral_eps")
+    defaults = {"beta": 0.95, "alpha": 1.0, "center": True, "spectral_eps": 1e-7, "scale": "none"}
+    direction_options = ("alpha", "center", "spectral_eps", "scale")
+    scales = F.WIDTH_SCALES
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.left_spectral(orient(x, axis), alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
-        return orient(u, axis)
+        return orient(u.mul_(spectral_scale(x, group)), axis)
 
     def cost(self, m, n, group):
         k = min(m, n)
@@ -413,16 +446,17 @@ class LeftSpectral(Rule):
 
 
 class RightSpectral(Rule):
-    """Right-spectral rule: ``U = ν^α · M (MᵀM + εI)^{-½}``."""
+    """Right-spectral rule: ``U = s · ν^α · M (MᵀM + εI)^{-½}``, ``s`` as :class:`Hybrid`'s."""
 
     name = "right_spectral"
     locality = "matrix"
-    defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "spectral_eps": 1e-7}
-    direction_options = ("alpha", "center", "spectral_eps")
+    defaults = {"beta": 0.95, "alpha": 1.0, "center": False, "spectral_eps": 1e-7, "scale": "none"}
+    direction_options = ("alpha", "center", "spectral_eps", "scale")
+    scales = F.WIDTH_SCALES
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         u = F.right_spectral(orient(x, axis), alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
-        return orient(u, axis)
+        return orient(u.mul_(spectral_scale(x, group)), axis)
 
     def cost(self, m, n, group):
         return 2 * m * n * n + 10 * n ** 3

@@ -15,11 +15,12 @@ left-spectral (router)     ``left_spectral`` = ``C(tr(G L)^α L C(M))``
 hybrid                     ``hybrid`` = ``ν(R(M))^α polar(R(M))``
 SPECTRA soft clip          ``soft_clip`` = ``(I + X Xᵀ/c²)^{-½} X``
 AuON brake                 ``cosh_brake`` = ``N / √mean cosh²(γN)``, ``N = X/‖X‖_F``
+width-aware scale          ``width_scale`` = ``0.2·√L`` (``scale: rms``) or 1 (``none``)
 =========================  ==========================================================
 """
 from .clip import cosh_brake, gram_bound, soft_clip, soft_clip_flops
 from .polar import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, check_form, muon_scale, polar, polar_flops
-from .rows import center_rows, centered_row_norm, col_norm, row_norm
+from .rows import WIDTH_SCALES, center_rows, centered_row_norm, col_norm, row_norm, width_scale
 from .spectral import (
     default_inv_sqrt_steps,
     hybrid,
@@ -50,4 +51,6 @@ __all__ = [
     "row_norm",
     "soft_clip",
     "soft_clip_flops",
+    "WIDTH_SCALES",
+    "width_scale",
 ]

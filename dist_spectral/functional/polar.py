@@ -285,7 +285,7 @@ def muon_scale(m: int, n: int, kind: str = "spectral") -> float:
 
     .. math::
         \text{spectral: } \max(1, m/n)^{1/2} \qquad
-        \text{rms (Moonlight): } 0.2\,\sqrt{\max(m, n)}
+        \text{rms (Moonlight): } 0.2\,\sqrt{\max(m, n)} \qquad \text{none: } 1
 
     ``"spectral"`` keeps ``‖U‖_{RMS→RMS}`` at ``√(m/n)`` for tall matrices; ``"rms"`` gives the
     update an RMS of about 0.2, matching AdamW's, so AdamW learning rates carry over.
@@ -293,7 +293,7 @@ def muon_scale(m: int, n: int, kind: str = "spectral") -> float:
     Args:
         m (int): rows (output features).
         n (int): columns (input features).
-        kind (str): ``"spectral"`` or ``"rms"`` (default: ``"spectral"``).
+        kind (str): ``"spectral"``, ``"rms"`` or ``"none"`` (default: ``"spectral"``).
 
     Returns:
         float: the factor that multiplies ``polar(M)``.
@@ -302,4 +302,6 @@ def muon_scale(m: int, n: int, kind: str = "spectral") -> float:
         return math.sqrt(max(1.0, m / n))
     if kind == "rms":
         return 0.2 * math.sqrt(max(m, n))
-    raise ValueError(f"muon_scale: unknown kind {kind!r}; use 'spectral' or 'rms'")
+    if kind == "none":
+        return 1.0
+    raise ValueError(f"muon_scale: unknown kind {kind!r}; use 'spectral', 'rms' or 'none'")

@@ -7,10 +7,23 @@ the direction that changes nothing.
 
 All functions work on whole rows/columns of ``[..., m, n]`` tensors and compute in fp32 (fp64 for
 fp64 input), returning the input dtype.
+
+Width. ``R`` gives every nonzero row unit norm, so an element of a length-``n`` row moves by about
+``1/√n``: the same lr moves a width-64 embedding √(2048/64) ≈ 5.7 times further per element than a
+width-2,048 one. :func:`width_scale` is the factor that removes that dependence (``scale: rms``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+#: The kinds of :func:`width_scale`, as a param group's ``scale`` names them.
+WIDTH_SCALES = ("none", "rms")
+
+#: The update RMS ``scale: rms`` aims at: AdamW's typical one (Moonlight's Muon match), so that
+#: AdamW learning rates carry over.
+TARGET_RMS = 0.2
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -93,3 +106,30 @@ def centered_row_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     _check_matrix(x, "centered_row_norm")
     acc = _acc(x)
     return center_rows(row_norm(center_rows(x.to(acc)), eps)).to(x.dtype)
+
+
+def width_scale(length: int, kind: str = "rms") -> float:
+    r"""The factor that makes a direction's size independent of its width.
+
+    .. math::
+        \text{none (the paper's rules): } 1 \qquad \text{rms: } 0.2\,\sqrt{L}
+
+    ``L`` is the length over which the direction has RMS ``1/√L``: a row's length (the whole row,
+    wherever its parts live) for the row rules, whose rows have unit norm; ``max(m, n)`` for the
+    spectral rules, whose factor ``polar``-like part has unit singular values (``‖U‖_F² = min(m, n)``).
+    With ``rms`` the direction's RMS is 0.2 per nonzero row (row rules) or per matrix (spectral rules,
+    before any ``ν^α``), AdamW's typical update RMS, as Muon's ``scale: rms`` (Moonlight) makes it:
+    one lr then moves a width-64 and a width-4,096 matrix alike, per element.
+
+    Args:
+        length (int): ``L`` above, ≥ 1.
+        kind (str): ``"none"`` or ``"rms"`` (default: ``"rms"``).
+
+    Returns:
+        float: the factor that multiplies the direction.
+    """
+    if kind == "none":
+        return 1.0
+    if kind == "rms":
+        return TARGET_RMS * math.sqrt(length)
+    raise ValueError(f"width_scale: unknown scale {kind!r}; use one of {', '.join(WIDTH_SCALES)}")

@@ -89,9 +89,11 @@ def make_param(role: str, rule: str, dims: tuple, opts: tuple) -> Param:
         shape = (rows,)
     else:
         shape = (rows, cols)
+    width = ("scale", "rms" if scale == "rms" else "none")  # the row and spectral rules' width-aware scale
     options = {"muon": (("per_head", per_head), ("nesterov", nesterov), ("scale", scale)),
-               "hybrid": (("center", center),), "left_spectral": (("alpha", alpha),),
-               "right_spectral": (("alpha", alpha),)}.get(rule, ())
+               "hybrid": (("center", center), width), "left_spectral": (("alpha", alpha), width),
+               "right_spectral": (("alpha", alpha), width), "row_norm": (width,),
+               "centered_row_norm": (width,)}.get(rule, ())
     return Param(role, shape, rule, options, head_info)
 
 

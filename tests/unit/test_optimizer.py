@@ -12,7 +12,7 @@ from dist_spectral.build import resolve_groups
 from dist_spectral.reference import ReferenceOptimizer
 from tests.tiny import MODELS, synthetic_grad
 
-RECIPES = ("adamw", "muon", "symmetric", "symmetric-hybrid")
+RECIPES = ("adamw", "muon", "symmetric", "symmetric-paper", "symmetric-hybrid")
 
 
 def _batch(vocab: int, seed: int = 0, batch: int = 4, seq: int = 24):
