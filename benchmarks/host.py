@@ -8,8 +8,10 @@ OLMoE architecture from `transformers`, width 16, 128 experts of width 16, 4 hea
 gate, up or down; Qwen3-30B-A3B has about 18k): the same shapes each time, only more of them,
 so the math is small and a step costs about what its Python costs. Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)``
 on the same parameters, and ``build_optimizer`` with the ``adamw``, ``muon`` and ``symmetric``
-recipes: median ms per step (min–max over repeats) and µs per unit above AdamW(foreach), the
-host cost per unit of work. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
+recipes: median ms per step (min–max over repeats), µs per unit above AdamW(foreach), and the
+optimizer's own ``last_stats.host_seconds`` (the step outside the exchange's collectives and the
+whole-matrix compute), whose least-squares fit ``fixed + per unit × units`` gives the host model's
+constants in ``dist_spectral/predict.py``. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
 units ≤ 2× the 1k step.
 """
 from __future__ import annotations
@@ -52,15 +54,19 @@ def units_of(opt) -> int:
     return len(opt.plan().units)
 
 
-def time_steps(step, repeats: int, warmup: int = 2) -> list[float]:
+def time_steps(step, repeats: int, warmup: int = 2, opt=None) -> tuple[list[float], list[float]]:
+    """Wall seconds of ``repeats`` steps after ``warmup``, and ``opt.last_stats.host_seconds`` of each
+    (the step outside the exchange's collectives and the whole-matrix compute)."""
     for _ in range(warmup):
         step()
-    out = []
+    out, host = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         out.append(time.perf_counter() - t0)
-    return out
+        if opt is not None:
+            host.append(opt.last_stats.host_seconds)
+    return out, host
 
 
 def measure(size: str, repeats: int) -> dict:
@@ -68,26 +74,26 @@ def measure(size: str, repeats: int) -> dict:
     model = build_model(SIZES[size])
     res = {"size": size, "times": {}, "host": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    res["times"]["AdamW(foreach)"] = time_steps(base.step, repeats)
+    res["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for recipe in RECIPES:
             opt = build_optimizer(model, recipe)
             if recipe == "muon":
                 res["units"] = units_of(opt)
-            res["times"][recipe] = time_steps(opt.step, repeats)
-            res["host"][recipe] = getattr(opt.last_stats, "host_seconds", float("nan"))
+            res["times"][recipe], res["host"][recipe] = time_steps(opt.step, repeats, opt=opt)
     return res
 
 
 def worker(rank: int, world_size: int, size: str, repeats: int) -> dict:
-    """One rank of W: the model whole on every rank (DDP-like), owners split the units."""
+    """One rank of W: the model whole on every rank (DDP-like), owners split the units; every
+    step starts and ends at a barrier, so each rank's time includes waiting for the other."""
     import torch.distributed as dist
 
     model = build_model(SIZES[size])
-    out = {"times": {}}
+    out = {"times": {}, "host": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    out["times"]["AdamW(foreach)"] = time_steps(base.step, repeats)
+    out["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for recipe in RECIPES:
@@ -97,21 +103,33 @@ def worker(rank: int, world_size: int, size: str, repeats: int) -> dict:
                 dist.barrier()
                 opt.step()
                 dist.barrier()
-            out["times"][recipe] = time_steps(step, repeats)
+            out["times"][recipe], out["host"][recipe] = time_steps(step, repeats, opt=opt)
     return out
+
+
+def host_fit(rows: list[dict], recipe: str) -> tuple[float, float]:
+    """Least-squares ``host seconds = fixed + per_unit × units`` over the rows (medians)."""
+    import numpy as np
+
+    x = np.array([r["units"] for r in rows], dtype=np.float64)
+    y = np.array([statistics.median(r["host"][recipe]) for r in rows])
+    per_unit, fixed = np.polyfit(x, y, 1) if len(rows) > 1 else (y[0] / x[0], 0.0)
+    return float(fixed), float(per_unit)
 
 
 def table(rows: list[dict]) -> list[str]:
     cols = ["AdamW(foreach)", *RECIPES]
+    polar = ("muon", "symmetric")
     lines = ["| units (muon) | " + " | ".join(f"{c} ms" for c in cols) + " | "
-             + " | ".join(f"{c} µs/unit" for c in ("muon", "symmetric")) + " |",
-             "|" + "---|" * (1 + len(cols) + 2)]
+             + " | ".join(f"{c} µs/unit" for c in polar) + " | " + " | ".join(f"{c} host ms" for c in polar) + " |",
+             "|" + "---|" * (1 + len(cols) + 4)]
     for r in rows:
         base = statistics.median(r["times"]["AdamW(foreach)"])
-        per_unit = [(statistics.median(r["times"][c]) - base) / r["units"] * 1e6 for c in ("muon", "symmetric")]
-        lines.append(f"| {r['units']} ({r['size']}) | " + " | ".join(summary([t * 1e3 for t in r["times"][c]], ".1f")
-                                                             for c in cols)
-                     + " | " + " | ".join(f"{x:.1f}" for x in per_unit) + " |")
+        per_unit = [(statistics.median(r["times"][c]) - base) / r["units"] * 1e6 for c in polar]
+        label = f"{r['units']} ({r['size']})" + (f", rank {r['rank']}" if "rank" in r else "")
+        lines.append(f"| {label} | " + " | ".join(summary([t * 1e3 for t in r["times"][c]], ".1f") for c in cols)
+                     + " | " + " | ".join(f"{x:.1f}" for x in per_unit)
+                     + " | " + " | ".join(summary([t * 1e3 for t in r["host"][c]], ".1f") for c in polar) + " |")
     return lines
 
 
@@ -140,12 +158,18 @@ def main(argv=None) -> None:
                  for c in ("muon", "symmetric")}
         lines += ["", f"{rows[-1]['size']} / {rows[0]['size']} step time: "
                   + ", ".join(f"{c} {x:.2f}×" for c, x in ratio.items())]
+    if len(rows) > 1:
+        lines += ["", "Host model (`host ms` = the step outside the exchange's collectives and the whole-matrix "
+                  "compute, median; least squares over the rows): "
+                  + ", ".join(f"{c} {f * 1e3:.2f} ms + {u * 1e6:.2f} µs × units"
+                              for c, (f, u) in ((c, host_fit(rows, c)) for c in ("muon", "symmetric")))]
     for world in args.world:
-        lines += ["", f"## W = {world} (gloo, every rank holds the whole model; rank 0's times)", ""]
+        lines += ["", f"## W = {world} (gloo, every rank holds the whole model, owners split the units; each rank's "
+                  "times, a barrier before and after every step)", ""]
         wrows = []
         for r in rows:
-            res = run_world(world, worker, r["size"], args.repeats)[0]
-            wrows.append({"size": r["size"], "units": r["units"], "times": res["times"]})
+            for rank, res in enumerate(run_world(world, worker, r["size"], args.repeats)):
+                wrows.append({"size": r["size"], "units": r["units"], "rank": rank, **res})
         lines += table(wrows)
     write_results(args.out, lines)
 

@@ -107,7 +107,8 @@ def cmd_plan(args) -> int:
         raise SystemExit(f"--world {args.world} --hsdp {args.hsdp} --ep {args.ep} --tp {args.tp} --pp {args.pp}: {err}")
     rates = Rates(flops=args.flops_rate, flops_efficiency=args.flops_efficiency, bandwidth=args.bandwidth,
                   nvlink_bandwidth=args.nvlink_bandwidth, gpus_per_node=args.gpus_per_node,
-                  comm_efficiency=args.comm_efficiency, latency=args.latency, hbm_bandwidth=args.hbm_bandwidth)
+                  comm_efficiency=args.comm_efficiency, latency=args.latency, hbm_bandwidth=args.hbm_bandwidth,
+                  host_fixed=args.host_fixed, host_per_unit=args.host_per_unit)
     for stage in range(parallel.pipeline):
         if parallel.pipeline > 1:
             first = stage * parallel.stage_world_size
@@ -151,7 +152,9 @@ def _print_plan(sim, pred, rates, args) -> None:
     print(f"  {pred.step.max() * 1e3:.2f} ms on the slowest rank ({worst}), mean {pred.step.mean() * 1e3:.2f} ms: "
           f"element-wise {pred.elementwise[worst] * 1e3:.2f} ms + column all-reduces {pred.colsum[worst] * 1e3:.2f} ms + "
           f"exchange {pred.exchange[worst] * 1e3:.2f} ms (compute {pred.compute[worst] * 1e3:.2f} ms, all-to-alls "
-          f"{pred.comm[worst] * 1e3:.2f} ms, overlapped; {pred.serial[worst] * 1e3:.2f} ms if not)")
+          f"{pred.comm[worst] * 1e3:.2f} ms, overlapped; {pred.serial[worst] * 1e3:.2f} ms if not) + host "
+          f"{pred.host[worst] * 1e3:.2f} ms ({rates.host_fixed * 1e3:.2f} ms + {rates.host_per_unit * 1e6:.2f} µs × "
+          f"{int(pred.units[worst])} units; benchmarks/results/host.md)")
     print(f"  AdamW on the same shards: {pred.adamw.max() * 1e3:.2f} ms")
     busy = max(pred.compute[worst], pred.comm[worst])
     if pred.exchange[worst] > 1.5 * busy and pred.exchange[worst] - busy > 1e-3:
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keyword arguments for FACTORY, values parsed as YAML, e.g. layers=2")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("plan", help="the owner/bucket plan for a simulated world size (meta tensors)")
+    p = sub.add_parser("plan", aliases=["predict"],
+                       help="the owner/bucket plan for a simulated world size (meta tensors) and the predicted step")
     p.add_argument("--model", default="tiny-olmoe")
     p.add_argument("--recipe", default="symmetric")
     p.add_argument("--world", type=int, default=8, help="simulated ranks")
@@ -222,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=r.latency, help=f"seconds per collective (default: {r.latency})")
     p.add_argument("--hbm-bandwidth", type=float, default=r.hbm_bandwidth,
                    help=f"memory bytes/s for element-wise work (default: {r.hbm_bandwidth:.3g}, H100 HBM3)")
+    p.add_argument("--host-fixed", type=float, default=r.host_fixed,
+                   help=f"host (Python) seconds per step (default: {r.host_fixed:g}, from benchmarks/host.py)")
+    p.add_argument("--host-per-unit", type=float, default=r.host_per_unit,
+                   help=f"host seconds per whole-matrix unit a rank handles (default: {r.host_per_unit:g}, from "
+                        "benchmarks/host.py)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train (see launch/train.py); run under torchrun or deepspeed", add_help=False)

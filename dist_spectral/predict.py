@@ -21,7 +21,10 @@ rank's sent and received bytes (ranks in the same node of ``gpus_per_node`` use 
 for Muon-type rules, the rule's estimate for the spectral ones). Before the exchange, the
 element-wise part (momentum, AdamW groups, row rules, the weight update) streams every local
 element through memory, and row rules make their column all-reduces (ring: ``2 (W−1)/W`` of the
-bytes). Kernel launch and packing costs are not modelled.
+bytes). Host (Python) time is modelled apart, per rank, as ``host_fixed + host_per_unit · units``
+(``units``: the whole-matrix units the rank computes or holds pieces of), with the constants
+measured by ``benchmarks/host.py`` (see :class:`Rates`), and added to the step: a serial upper
+bound, since on a GPU the host dispatches while the device works.
 
 Extra memory (beyond weights, gradients and optimizer state), an upper bound per rank::
 
@@ -54,6 +57,12 @@ H100_BF16_DENSE = 989.4e12
 H100_HBM = 3.35e12
 NVLINK4_PER_DIRECTION = 450e9
 IB_NDR_PER_DIRECTION = 50e9
+# Host seconds of a step outside the exchange's collectives and the whole-matrix compute
+# (StepStats.host_seconds), fitted as fixed + per unit × units by benchmarks/host.py (muon, one
+# process, one thread) on a 2-core Intel Xeon, torch 2.13.0+cpu, Python 3.11.7; see
+# benchmarks/results/host.md. On a CPU this includes the element-wise math of those tiny tensors.
+HOST_FIXED = 0.0
+HOST_PER_UNIT = 1.9e-6
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,10 @@ class Rates:
         momentum_bytes (int): the same for a one-buffer rule's element-wise part (default: 20).
         matrix_bytes (int): extra bytes per element of the plan's parameters (default: 16: copy
             into the gathered matrix and back out of the result, fp32).
+        host_fixed (float): host (Python) seconds per step whatever the units (default:
+            :data:`HOST_FIXED`, measured by ``benchmarks/host.py``).
+        host_per_unit (float): host seconds per whole-matrix unit a rank computes or holds pieces
+            of (default: :data:`HOST_PER_UNIT`, measured by ``benchmarks/host.py``).
     """
 
     flops: float = H100_BF16_DENSE
@@ -91,13 +104,16 @@ class Rates:
     adamw_bytes: int = 28
     momentum_bytes: int = 20
     matrix_bytes: int = 16
+    host_fixed: float = HOST_FIXED
+    host_per_unit: float = HOST_PER_UNIT
 
     def describe(self) -> str:
         return (f"matmul {self.flops / 1e12:.1f} TFLOP/s × {self.flops_efficiency:g}, network "
                 f"{self.bandwidth / 1e9:.0f} GB/s and NVLink {self.nvlink_bandwidth / 1e9:.0f} GB/s per GPU and "
                 f"direction × {self.comm_efficiency:g} ({self.gpus_per_node} GPUs per node), {self.latency * 1e6:.0f} µs "
                 f"per collective, HBM {self.hbm_bandwidth / 1e12:.2f} TB/s × {self.hbm_efficiency:g}; polar in "
-                f"{8 * self.work_bytes}-bit")
+                f"{8 * self.work_bytes}-bit; host {self.host_fixed * 1e3:.2f} ms + {self.host_per_unit * 1e6:.2f} µs "
+                f"per unit")
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,9 @@ class Prediction:
         serial (ndarray): ``compute + comm``, nothing overlapped.
         elementwise (ndarray): momentum, element-wise rules and the weight update.
         colsum (ndarray): column-statistics all-reduces.
-        step (ndarray): ``elementwise + colsum + exchange``: the predicted optimizer step.
+        host (ndarray): host (Python) seconds, ``host_fixed + host_per_unit · units``.
+        units (ndarray): whole-matrix units each rank computes or holds pieces of.
+        step (ndarray): ``elementwise + colsum + exchange + host``: the predicted optimizer step.
         adamw (ndarray): an AdamW step on the same shards.
         peak_extra (ndarray): extra memory bytes (see the module docstring).
         state (ndarray): optimizer-state bytes (fp32).
@@ -126,6 +144,8 @@ class Prediction:
     serial: np.ndarray
     elementwise: np.ndarray
     colsum: np.ndarray
+    host: np.ndarray
+    units: np.ndarray
     step: np.ndarray
     adamw: np.ndarray
     peak_extra: np.ndarray
@@ -141,6 +161,27 @@ def _workspace(count: np.ndarray, m: np.ndarray, n: np.ndarray, w: int) -> np.nd
     s, l = np.minimum(m, n), np.maximum(m, n)
     per = 4 * m * n + np.maximum(np.maximum((4 + w) * s * l, 2 * w * (s * l + s * s)), 8 * m * n)
     return count * per
+
+
+def units_per_rank(plan) -> np.ndarray:
+    """Whole-matrix units each rank computes (owner or replica) or sends or receives pieces of."""
+    W, N = plan.world_size, len(plan.units)
+    ranks, uids = [], []
+    owned = [(u.owner, u.uid) for u in plan.units if not u.replicated]
+    owned += [(r, u.uid) for u in plan.units if u.replicated for r in u.replicas]
+    if owned:
+        o = np.array(owned, dtype=np.int64)
+        ranks.append(o[:, 0])
+        uids.append(o[:, 1])
+    for b in plan.buckets:
+        for pieces in (b.gather, b.scatter):
+            if len(pieces):
+                ranks += [np.asarray(pieces.src, dtype=np.int64), np.asarray(pieces.dst, dtype=np.int64)]
+                uids += [np.asarray(pieces.uid, dtype=np.int64)] * 2
+    if not ranks:
+        return np.zeros(W, dtype=np.int64)
+    pairs = np.unique(np.concatenate(ranks) * N + np.concatenate(uids))
+    return np.bincount(pairs // N, minlength=W)
 
 
 def predict(sim: Simulation, rates: Rates = Rates()) -> Prediction:
@@ -269,8 +310,11 @@ def predict(sim: Simulation, rates: Rates = Rates()) -> Prediction:
         colsum_time = sum(rates.latency + ring * 4 * n / bw for n in sim.colsum_sizes)
         collectives += len(sim.colsum_sizes)
     colsum = np.full(W, colsum_time)
+    unit_count = units_per_rank(plan)
+    host = rates.host_fixed + rates.host_per_unit * unit_count
     return Prediction(compute=compute, comm=comm, exchange=exchange, serial=compute + comm, elementwise=elementwise,
-                      colsum=colsum, step=elementwise + colsum + exchange, adamw=local * rates.adamw_bytes / hbm,
+                      colsum=colsum, host=host, units=unit_count, step=elementwise + colsum + exchange + host,
+                      adamw=local * rates.adamw_bytes / hbm,
                       peak_extra=peak, state=state, adamw_state=8 * local, collectives=collectives)
 
 
@@ -289,6 +333,7 @@ def summary_rows(sim: Simulation, pred: Prediction, worst: int = 4, every: bool 
         "colsum MB": np.full(W, sim.colsum_bytes / 1e6),
         "peak extra GB": pred.peak_extra / 1e9,
         "compute ms": pred.compute * 1e3,
+        "host ms": pred.host * 1e3,
         "step ms": pred.step * 1e3,
         "AdamW ms": pred.adamw * 1e3,
     }
@@ -312,4 +357,5 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Rates", "Prediction", "predict", "summary_rows", "format_table"]
+__all__ = ["Rates", "Prediction", "predict", "units_per_rank", "summary_rows", "format_table", "HOST_FIXED",
+           "HOST_PER_UNIT"]
