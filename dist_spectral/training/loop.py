@@ -111,6 +111,40 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     return gone
 
 
+def saved_layout(path: Path) -> str | None:
+    """The layout a training-entry checkpoint was saved under (``fsdp x2``, ``deepspeed ZeRO-2 x2``),
+    ``dcp`` / ``deepspeed`` when it predates the record, ``None`` when ``path`` is neither."""
+    manifest = path / Trainer.MANIFEST
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        return f"deepspeed ZeRO-{saved['zero_stage']} x{saved['world_size']}"
+    if (path / ".metadata").is_file():
+        try:
+            meta = checkpoint.read_meta(path)
+        except ValueError:
+            return None
+        return (meta.get("extra") or {}).get("layout") or f"dcp x{meta.get('world_size')}"
+    return None
+
+
+def format_mismatch(path: Path, here: str, deepspeed: bool) -> str | None:
+    """Why a checkpoint cannot resume under this run's layout ``here``, or ``None`` when it can.
+
+    DCP checkpoints (``parallel=none|ddp|fsdp|hsdp|ep``) reshard to any of those layouts at any world
+    size; DeepSpeed's hold each rank's flat ZeRO partition and resume only under DeepSpeed (the stage
+    and world size are checked against its manifest when loading)."""
+    saved = saved_layout(path)
+    if saved is None or saved.startswith("deepspeed") == deepspeed:
+        return None
+    if deepspeed:
+        return (f"checkpoint {path} was saved under {saved} (torch.distributed.checkpoint); this run is {here}. "
+                "DeepSpeed resumes only its own checkpoints: resume this one with parallel=none, ddp, fsdp, hsdp "
+                "or ep (any world size), or start the DeepSpeed run from scratch")
+    return (f"checkpoint {path} was saved under {saved} (DeepSpeed's per-rank ZeRO partitions); this run is "
+            f"{here}. Resume it with parallel.engine=deepspeed at the same ZeRO stage and world size; "
+            "checkpoints of parallel=none, ddp, fsdp, hsdp and ep reshard between those layouts")
+
+
 class Trainer:
     """State of one run on one rank (see the module docstring)."""
 
@@ -177,7 +211,7 @@ class Trainer:
             self.save_deepspeed(step, path)
             self._saved(path)
             return path
-        extra = {"step": step, "name": self.cfg.name, "schedule": self.schedule_settings()}
+        extra = {"step": step, "name": self.cfg.name, "schedule": self.schedule_settings(), "layout": self.layout()}
         if self.cfg.train.ckpt_async:
             self.finish_save()  # one write in flight at a time
             if self._ckpt_group is None:  # the writer thread's collectives get a group of their own
@@ -205,6 +239,9 @@ class Trainer:
             prune_checkpoints(path.parent, self.cfg.train.ckpt_keep)
 
     def load(self, path: Path) -> int:
+        error = format_mismatch(Path(path), self.layout(), self.engine is not None)
+        if error:
+            raise ValueError(error)
         extra = (self.load_deepspeed(path) if self.engine is not None
                  else checkpoint.load(str(path), self.model, self.opt, self.sched))
         step = int(extra["step"])
@@ -490,4 +527,4 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             remove_own_buffer()
 
 
-__all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "optimizer_times", "schedule_change"]
+__all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "format_mismatch", "optimizer_times", "schedule_change"]
