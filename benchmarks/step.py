@@ -1,6 +1,7 @@
-"""Optimizer-step time under FSDP2 on CPU: dist_spectral vs an all-gather baseline vs AdamW.
+"""Optimizer-step time under FSDP2 and FSDP2 × TP on CPU: dist_spectral vs an all-gather baseline vs AdamW.
 
-    python benchmarks/step.py                       # W = 2 and 4, writes benchmarks/results/step.md
+    python benchmarks/step.py                       # FSDP2 at W = 2 and 4, dp 2 × tp 2 at W = 4;
+                                                    # writes benchmarks/results/step.md
 
 One MoE model (OLMoE architecture from `transformers`, sized so orthogonalisation dominates),
 FSDP2-wrapped per layer, gloo, one thread per rank; gradients are synthetic and fixed. For each W,
@@ -10,6 +11,12 @@ in one process group and interleaved repeat by repeat:
     (b) all-gather baseline: every rank all-gathers every whole-matrix input and orthogonalises
         all of it, keeping its rows (what Moonlight / DeepSpeed's Muon do); same batched math
     (c) torch.optim.AdamW (foreach)
+
+The dp × tp rows (``--tp-worlds``) tensor-parallelise the same model over a ``tp`` mesh dim of 2 as
+torchtitan does (q/k/v column-parallel, o row-parallel, the embedding row- and the LM head
+column-parallel, each expert's gate/up cut on its rows and down on its columns) and FSDP2-shard it
+over ``dp`` (strided shards on column-parallel weights); (b) reads one contiguous piece per rank
+and is left out there.
 
 The compute floor is the single-process time of all the orthogonalisation (the same batched jobs,
 one thread, rank 0 alone in every round) divided by the cores the ranks share: min(W, cores).
@@ -51,17 +58,38 @@ def grad_for(name: str, shape) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def tensor_parallel(model, tp_mesh) -> None:
+    """Attention, embedding and LM head with torch's plans, experts cut over ``tp`` by hand (see the module docstring)."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"model.embed_tokens": RowwiseParallel(), "lm_head": ColwiseParallel()}
+    for i, layer in enumerate(model.model.layers):
+        plan.update({f"model.layers.{i}.self_attn.{proj}": ColwiseParallel() for proj in ("q_proj", "k_proj", "v_proj")})
+        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
+        for name, dim in (("gate_up_proj", 1), ("down_proj", 2)):
+            p = getattr(layer.mlp.experts, name)
+            setattr(layer.mlp.experts, name, nn.Parameter(distribute_tensor(p.detach(), tp_mesh, [Shard(dim)],
+                                                                            src_data_rank=None)))
+    parallelize_module(model, tp_mesh, plan)
+
+
 def fsdp_model_with_grads(mesh):
-    """The benchmark model, FSDP2-wrapped per layer on ``mesh``, with its fixed gradients set."""
+    """The benchmark model, FSDP2-wrapped per layer on ``mesh`` (a 2-D ``(dp, tp)`` mesh: tensor
+    parallel over ``tp`` first), with its fixed gradients set."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
     model = build_model()
+    if mesh.ndim == 2:
+        tensor_parallel(model, mesh["tp"])
+    dp = mesh["dp"] if mesh.ndim == 2 else mesh
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=dp)
+    fully_shard(model, mesh=dp)
     for name, p in model.named_parameters():
-        p.grad = distribute_tensor(grad_for(name, tuple(p.shape)), mesh, p.placements, src_data_rank=None)
+        p.grad = distribute_tensor(grad_for(name, tuple(p.shape)), p.device_mesh, p.placements, src_data_rank=None)
     return model
 
 
@@ -149,13 +177,16 @@ def share_of(jobs: list[MatrixJob], rank: int, world_size: int) -> list[MatrixJo
     return mine
 
 
-def worker(rank: int, world_size: int, repeats: int) -> dict:
+def worker(rank: int, world_size: int, repeats: int, tp: int = 1) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    if tp > 1:
+        mesh = init_device_mesh("cpu", (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    else:
+        mesh = init_device_mesh("cpu", (world_size,))
     models, opts = {}, {}
-    for kind in ("dist_spectral", "allgather", "adamw"):
+    for kind in ("dist_spectral", "allgather", "adamw") if tp == 1 else ("dist_spectral", "adamw"):
         model = models[kind] = fsdp_model_with_grads(mesh)
         if kind == "adamw":
             opts[kind] = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -191,10 +222,21 @@ def worker(rank: int, world_size: int, repeats: int) -> dict:
     local_matrix_bytes = sum(opts["dist_spectral"].topology.local(p).numel() * 4
                              for g in opts["dist_spectral"].param_groups if get_rule(g["rule"]).locality == "matrix"
                              for p in g["params"])
+    ag = opts.get("allgather")
     return {"times": times, "single_flops": flops, "ds_sent": ds.bytes_sent, "ds_received": ds.bytes_received,
             "ds_flops": ds.polar_flops, "ds_exchange": ds.exchange_seconds, "ds_compute": ds.compute_seconds,
-            "ag_received": opts["allgather"].bytes_received, "ag_flops": opts["allgather"].polar_flops,
+            "ag_received": ag.bytes_received if ag else None, "ag_flops": ag.polar_flops if ag else None,
             "local_matrix_bytes": local_matrix_bytes}
+
+
+def planned_bytes(world_size: int, tp: int) -> list[int]:
+    """Bytes each rank sends to owners per step as ``dist-spectral plan --tp`` predicts them, on ``meta``."""
+    from dist_spectral.planner import Parallel, simulate_step
+
+    with torch.device("meta"):
+        model = build_model()
+    sim = simulate_step(model, Parallel(world_size, tensor_parallel=tp), "symmetric")
+    return [sim.bytes_sent(r, "gather") for r in range(world_size)]
 
 
 def opts_kinds(res) -> list[str]:
@@ -203,15 +245,17 @@ def opts_kinds(res) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worlds", default="2,4")
+    parser.add_argument("--worlds", default="2,4", help="world sizes of the FSDP2 rows")
+    parser.add_argument("--tp-worlds", default="4", help="world sizes of the dp × tp 2 rows ('' for none)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step.md"))
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     machine = machine_lines()
     rows = []
-    for W in [int(w) for w in args.worlds.split(",")]:
-        res = run_world(W, worker, args.repeats)
+    layouts = [(int(w), 1) for w in args.worlds.split(",") if w] + [(int(w), 2) for w in args.tp_worlds.split(",") if w]
+    for W, tp in layouts:
+        res = run_world(W, worker, args.repeats, tp)
         share = min(W, cores)
         floor_times = res[0]["times"]["floor"]
         floors = [t / share for t in floor_times]
@@ -219,35 +263,38 @@ def main(argv=None) -> None:
         single_flops = res[0]["single_flops"]
         step = {k: [max(r["times"][k][i] for r in res) for i in range(args.repeats)] for k in opts_kinds(res)}
         med = {k: statistics.median(v) for k, v in step.items()}
-        paired = {k: [t / f for t, f in zip(step[k], floors)] for k in ("dist_spectral", "allgather")}
+        paired = {k: [t / f for t, f in zip(step[k], floors)] for k in step if k != "adamw"}
         parallel = [max(r["times"]["parallel"][i] for r in res) for i in range(args.repeats)]
         over_parallel = [t / p for t, p in zip(step["dist_spectral"], parallel)]
         scaling = [p / f for p, f in zip(parallel, floors)]
         sent = [r["ds_sent"]["gather"] for r in res]
+        planned = planned_bytes(W, tp)
         local = [r["local_matrix_bytes"] for r in res]
         expected = [2 * (W - 1) / W * b / 2 for b in local]  # one way: (W−1)/W of the local bytes
         rows.append({
-            "W": W, "floor": floor, "floor_times": floor_times, "single_flops": single_flops, "step": step,
+            "W": W, "layout": "FSDP2" if tp == 1 else f"dp {W // tp} × tp {tp}", "floor": floor, "floor_times": floor_times, "single_flops": single_flops, "step": step,
             "med": med, "ratio": statistics.median(paired["dist_spectral"]), "paired": paired["dist_spectral"],
-            "ratio_ag": statistics.median(paired["allgather"]), "parallel": parallel,
+            "ratio_ag": statistics.median(paired["allgather"]) if "allgather" in paired else None, "parallel": parallel,
             "over_parallel": over_parallel, "scaling": scaling,
-            "flops_ds": sum(r["ds_flops"] for r in res), "flops_ag": sum(r["ag_flops"] for r in res),
-            "sent": sent, "expected": expected, "ag_received": [r["ag_received"] for r in res],
+            "flops_ds": sum(r["ds_flops"] for r in res),
+            "flops_ag": sum(r["ag_flops"] for r in res) if tp == 1 else None,
+            "sent": sent, "planned": planned, "expected": expected, "ag_received": [r["ag_received"] for r in res],
             "colsum": [r["ds_sent"]["colsum"] for r in res],
             "exchange": statistics.median(r["ds_exchange"] for r in res),
             "compute": statistics.median(r["ds_compute"] for r in res),
         })
         row = rows[-1]
-        print(f"W={W}: dist_spectral {summary(step['dist_spectral'], '.3f')} s ({row['ratio']:.2f}× floor), "
-              f"all-gather {summary(step['allgather'], '.3f')} s ({row['ratio_ag']:.2f}×), "
-              f"AdamW {summary(step['adamw'], '.4f')} s; floor {floor:.3f} s; parallel floor "
+        ag = (f"all-gather {summary(step['allgather'], '.3f')} s ({row['ratio_ag']:.2f}×), " if tp == 1 else "")
+        print(f"W={W} {row['layout']}: dist_spectral {summary(step['dist_spectral'], '.3f')} s ({row['ratio']:.2f}× floor), "
+              f"{ag}AdamW {summary(step['adamw'], '.4f')} s; floor {floor:.3f} s; parallel floor "
               f"{summary(row['parallel'], '.3f')} s, (a) / that {statistics.median(row['over_parallel']):.2f}")
-    lines = ["# Optimizer step under FSDP2 (CPU, gloo)", "",
+    lines = ["# Optimizer step under FSDP2 and FSDP2 × TP (CPU, gloo)", "",
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/step.py'] + (argv or sys.argv[1:]))}`", "",
              f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}", "", "Machine:", "", *machine, "",
              f"Model: OLMoE architecture from `transformers`, {MODEL['num_hidden_layers']} layers, width "
              f"{MODEL['hidden_size']}, {MODEL['num_experts']} experts of {MODEL['intermediate_size']}, vocab "
-             f"{MODEL['vocab_size']}; FSDP2 per layer; recipe `symmetric` (per-head Muon attention, per-expert Muon, "
+             f"{MODEL['vocab_size']}; FSDP2 per layer, or dp × tp: tensor parallel over tp = 2 as torchtitan "
+             "parallelises it (attention, embedding, LM head, each expert cut over tp) under FSDP2 over dp; recipe `symmetric` (per-head Muon attention, per-expert Muon, "
              "left-spectral router, row-norm embedding, centred row-norm head). One thread per rank.", "",
              f"Repeats: {args.repeats} rounds after one warm-up round. Each round times, one after the other, the "
              "compute floor and the three optimizers; a step's time is the slowest rank's (barrier before and after). "
@@ -256,34 +303,36 @@ def main(argv=None) -> None:
              "batches them, one thread) run by rank 0 alone while the other ranks wait in a barrier, divided by "
              f"min(W, {cores} cores). It is measured in every round because this shared machine's speed drifts by "
              "10–20 % over minutes; a (x) / floor cell is the median over rounds of that round's ratio.", "",
-             "| W | floor: one process s | GFLOP | floor s | (a) dist_spectral s | (a) / floor | (b) all-gather s | "
+             "| W | layout | floor: one process s | GFLOP | floor s | (a) dist_spectral s | (a) / floor | (b) all-gather s | "
              "(b) / floor | (c) AdamW s | exchange s | compute s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['W']} | {summary(r['floor_times'], '.3f')} | {r['single_flops'] / 1e9:.2f} | {r['floor']:.3f} | "
-                     f"{summary(r['step']['dist_spectral'], '.3f')} | {r['ratio']:.2f} "
-                     f"({min(r['paired']):.2f}–{max(r['paired']):.2f}) | {summary(r['step']['allgather'], '.3f')} | "
-                     f"{r['ratio_ag']:.2f} | {summary(r['step']['adamw'], '.4f')} | {r['exchange']:.3f} | "
-                     f"{r['compute']:.3f} |")
+        ag = (f"{summary(r['step']['allgather'], '.3f')} | {r['ratio_ag']:.2f}" if r["ratio_ag"] is not None else "— | —")
+        lines.append(f"| {r['W']} | {r['layout']} | {summary(r['floor_times'], '.3f')} | {r['single_flops'] / 1e9:.2f} | "
+                     f"{r['floor']:.3f} | {summary(r['step']['dist_spectral'], '.3f')} | {r['ratio']:.2f} "
+                     f"({min(r['paired']):.2f}–{max(r['paired']):.2f}) | {ag} | {summary(r['step']['adamw'], '.4f')} | "
+                     f"{r['exchange']:.3f} | {r['compute']:.3f} |")
     lines += ["", "Bytes per rank and step (whole-matrix roles; row-norm roles move only the centring all-reduce):", "",
-              "| W | rank | (a) sent to owners | (W−1)/W × local matrix bytes | (a) / that | (a) centring all-reduce | "
-              "(b) all-gather received |", "|---|---|---|---|---|---|---|"]
+              "| W | layout | rank | (a) sent to owners | planned (`dist-spectral plan`) | (W−1)/W × local matrix bytes | "
+              "(a) / that | (a) centring all-reduce | (b) all-gather received |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for rank, (s, e, c, ag) in enumerate(zip(r["sent"], r["expected"], r["colsum"], r["ag_received"])):
-            lines.append(f"| {r['W']} | {rank} | {s:,} | {int(e):,} | {s / e if e else float('nan'):.3f} | {c:,} | {ag:,} |")
+        for rank, (s, p, e, c, ag) in enumerate(zip(r["sent"], r["planned"], r["expected"], r["colsum"], r["ag_received"])):
+            lines.append(f"| {r['W']} | {r['layout']} | {rank} | {s:,} | {p:,} | {int(e):,} | "
+                         f"{s / e if e else float('nan'):.3f} | {c:,} | {'—' if ag is None else f'{ag:,}'} |")
     lines += ["", "Polar flops summed over ranks (a: each unit once; b: every rank does all):", "",
-              "| W | single process | (a) | (b) |", "|---|---|---|---|"]
+              "| W | layout | single process | (a) | (b) |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['W']} | {r['single_flops'] / 1e9:.2f} G | {r['flops_ds'] / 1e9:.2f} G | {r['flops_ag'] / 1e9:.2f} G |")
+        ag = "—" if r["flops_ag"] is None else f"{r['flops_ag'] / 1e9:.2f} G"
+        lines.append(f"| {r['W']} | {r['layout']} | {r['single_flops'] / 1e9:.2f} G | {r['flops_ds'] / 1e9:.2f} G | {ag} |")
     lines += ["", "What the floor assumes: that W processes on min(W, cores) cores run the same math that much "
               "faster. The parallel floor measures it: in every round each rank runs its longest-first share of the "
               "same jobs (balanced as the planner balances units) at the same time as the others, with no "
               "communication and no optimizer. (a) / parallel floor is then the optimizer's own overhead: exchange, "
               "momentum, packing, row rules, waiting.", "",
-              "| W | parallel floor s | parallel / floor (the machine's scaling) | (a) / parallel floor |",
-              "|---|---|---|---|"]
+              "| W | layout | parallel floor s | parallel / floor (the machine's scaling) | (a) / parallel floor |",
+              "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['W']} | {summary(r['parallel'], '.3f')} | {statistics.median(r['scaling']):.2f} "
+        lines.append(f"| {r['W']} | {r['layout']} | {summary(r['parallel'], '.3f')} | {statistics.median(r['scaling']):.2f} "
                      f"({min(r['scaling']):.2f}–{max(r['scaling']):.2f}) | {statistics.median(r['over_parallel']):.2f} "
                      f"({min(r['over_parallel']):.2f}–{max(r['over_parallel']):.2f}) |")
     write_results(args.out, lines)

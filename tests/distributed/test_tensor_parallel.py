@@ -341,7 +341,7 @@ def test_unsupported_placements_are_named(worlds):
 
 @pytest.mark.parametrize("scenario", PLANNED, ids="-".join)
 def test_planner_predicts_measured_bytes(worlds, scenario):
-    """``dist-spectral plan --tp 2`` (with ``--replicas 2``, ``--pp 2``) simulates the W = 4 layouts
+    """``dist-spectral plan --tp 2`` (with ``--hsdp 2``, ``--pp 2``) simulates the W = 4 layouts
     on shapes alone: its bytes per rank and collective are the ones measured (per pipeline stage,
     on the stage's ranks)."""
     from dist_spectral.planner import Parallel, simulate_step
