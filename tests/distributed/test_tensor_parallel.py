@@ -39,7 +39,8 @@ from tests.tiny import MODELS, synthetic_grad, tiny_olmoe
 
 # Measured (3 steps): the largest relative difference of the parameter displacement from the
 # reference is 4.19e-6 (OLMoE's k_norm, AdamW) and 2.38e-6 among polar units (v_proj), the same at
-# TP = 2, dp 2 × tp 2, pp 2 × dp 2 and transformers' plans: fp32 rounding of the rules, not the layout.
+# TP = 2, dp 2 × tp 2 (row-cut head too), HSDP × TP, EP × TP, pp 2 × tp 2, pp 2 × dp 2 and
+# transformers' plans: fp32 rounding of the rules, not the layout.
 DISPLACEMENT_RTOL = 5e-6
 
 #: transformers' expert parallel shards experts evenly only: OLMoE with 4 experts for it.
