@@ -33,6 +33,28 @@ from dist_spectral import build_optimizer  # noqa: E402
 
 #: layers for about 1k, 4k and 16k muon units (397 per layer: 3 per expert, 13 head blocks)
 SIZES = {"1k": 3, "4k": 10, "16k": 40}
+#: what a step's time is read from: ``wall`` (perf_counter) or ``cpu`` (the stepping thread's CPU
+#: time, thread_time: the host work itself, not the waits for a busy machine's cores or for a peer)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+CLOCK = CLOCKS["wall"]
+_COMPUTE = [0.0]  # seconds of the current step in the whole-matrix compute, on CLOCK
+
+
+def _count_compute() -> None:
+    """Time the exchange's compute phases on CLOCK, so a step's host part is read on the same
+    clock as the step (``last_stats`` times it on the wall clock, which a loaded machine inflates)."""
+    from dist_spectral.exchange import _Run
+
+    if getattr(_Run.compute, "_counted", False):
+        return
+    original = _Run.compute
+
+    def compute(self, work, replicated=False):
+        t0 = CLOCK()
+        original(self, work, replicated)
+        _COMPUTE[0] += CLOCK() - t0
+    compute._counted = True
+    _Run.compute = compute
 RECIPES = ("adamw", "muon", "symmetric")
 
 
@@ -55,17 +77,21 @@ def units_of(opt) -> int:
 
 
 def time_steps(step, repeats: int, warmup: int = 2, opt=None) -> tuple[list[float], list[float]]:
-    """Wall seconds of ``repeats`` steps after ``warmup``, and ``opt.last_stats.host_seconds`` of each
-    (the step outside the exchange's collectives and the whole-matrix compute)."""
+    """Seconds of ``repeats`` steps after ``warmup`` on CLOCK, and of each its host part: on the wall
+    clock ``opt.last_stats.host_seconds`` (the step outside the exchange's collectives and the
+    whole-matrix compute), on the CPU clock the step's CPU time outside the whole-matrix compute
+    (waits for collectives take none)."""
+    _count_compute()
     for _ in range(warmup):
         step()
     out, host = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        _COMPUTE[0] = 0.0
+        t0 = CLOCK()
         step()
-        out.append(time.perf_counter() - t0)
+        out.append(CLOCK() - t0)
         if opt is not None:
-            host.append(opt.last_stats.host_seconds)
+            host.append(opt.last_stats.host_seconds if CLOCK is CLOCKS["wall"] else out[-1] - _COMPUTE[0])
     return out, host
 
 
@@ -85,11 +111,13 @@ def measure(size: str, repeats: int) -> dict:
     return res
 
 
-def worker(rank: int, world_size: int, size: str, repeats: int) -> dict:
+def worker(rank: int, world_size: int, size: str, repeats: int, clock: str = "wall") -> dict:
     """One rank of W: the model whole on every rank (DDP-like), owners split the units; every
     step starts and ends at a barrier, so each rank's time includes waiting for the other."""
     import torch.distributed as dist
 
+    global CLOCK
+    CLOCK = CLOCKS[clock]
     model = build_model(SIZES[size])
     out = {"times": {}, "host": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -139,12 +167,17 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--world", type=int, nargs="*", default=[], help="also run at these W (gloo)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="wall time, or the stepping thread's CPU time (on a loaded machine)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "host.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     lines = ["# Host cost of an optimizer step", "",
              f"Command: `python benchmarks/host.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
-             *machine_lines(), f"- {args.threads} thread(s), {args.repeats} timed repeats after 2 warm-up steps", "",
+             *machine_lines(), f"- {args.threads} thread(s), {args.repeats} timed repeats after 2 warm-up steps, {args.clock} clock"
+             + (" (the stepping thread's CPU time)" if args.clock == "cpu" else ""), "",
              "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units.", "",
              "## One process", ""]
     rows = []
@@ -160,7 +193,7 @@ def main(argv=None) -> None:
                   + ", ".join(f"{c} {x:.2f}×" for c, x in ratio.items())]
     if len(rows) > 1:
         lines += ["", "Host model (`host ms` = the step outside the exchange's collectives and the whole-matrix "
-                  "compute, median; least squares over the rows): "
+                  "compute, on the same clock, median; least squares over the rows): "
                   + ", ".join(f"{c} {f * 1e3:.2f} ms + {u * 1e6:.2f} µs × units"
                               for c, (f, u) in ((c, host_fit(rows, c)) for c in ("muon", "symmetric")))]
     for world in args.world:
@@ -168,7 +201,7 @@ def main(argv=None) -> None:
                   "times, a barrier before and after every step)", ""]
         wrows = []
         for r in rows:
-            for rank, res in enumerate(run_world(world, worker, r["size"], args.repeats)):
+            for rank, res in enumerate(run_world(world, worker, r["size"], args.repeats, args.clock)):
                 wrows.append({"size": r["size"], "units": r["units"], "rank": rank, **res})
         lines += table(wrows)
     write_results(args.out, lines)

@@ -57,12 +57,12 @@ H100_BF16_DENSE = 989.4e12
 H100_HBM = 3.35e12
 NVLINK4_PER_DIRECTION = 450e9
 IB_NDR_PER_DIRECTION = 50e9
-# Host seconds of a step outside the exchange's collectives and the whole-matrix compute
-# (StepStats.host_seconds), fitted as fixed + per unit × units by benchmarks/host.py (muon, one
-# process, one thread) on a 2-core Intel Xeon, torch 2.13.0+cpu, Python 3.11.7; see
+# Host seconds of a step outside the exchange's collectives and the whole-matrix compute, fitted
+# as fixed + per unit × units by `benchmarks/host.py --clock cpu` (muon, one process, one thread,
+# the stepping thread's CPU time) on a 2-core Intel Xeon, torch 2.13.0+cpu, Python 3.11.7; see
 # benchmarks/results/host.md. On a CPU this includes the element-wise math of those tiny tensors.
-HOST_FIXED = 0.0
-HOST_PER_UNIT = 1.9e-6
+HOST_FIXED = 0.86e-3
+HOST_PER_UNIT = 1.96e-6
 
 
 @dataclass(frozen=True)
