@@ -1,7 +1,8 @@
 """dist_spectral.functional against float64 SVD / eigh oracles, equivariance, degenerate inputs.
 
-Bounds are measured, then given about 10× headroom; the measured value is in the comment. fp32 runs
-on CPU are deterministic, so each bound is tight for the seeds used.
+Bounds are measured, then given 2–3× headroom; the comment gives the largest value measured over the
+seeds below and three other seed sets (offsets 1000, 2000, 3000). fp32 runs on CPU are deterministic,
+so each bound is tight for the seeds used.
 """
 from __future__ import annotations
 
@@ -149,13 +150,13 @@ def test_polar_matches_polynomial_on_svd(shape, steps, coefficients):
     ref = polynomial_oracle(x, triples, scale)
     assert (polar(x, steps, coefficients).to(f64) - ref).abs().max() < 1e-5  # measured 1.5e-6
     got64 = polar(x.to(f64), steps, coefficients, dtype=f64)
-    assert (got64 - ref).abs().max() < 1e-12  # dtype= really overrides: measured 5e-15
+    assert (got64 - ref).abs().max() < 1e-14  # dtype= really overrides: measured 3.5e-15
 
 
 def test_polar_safety_parameter_is_used():
     x = randn(40, 90, seed=51)
     ref = polynomial_oracle(x, safety_table(5, 1.05), 1.05)
-    assert (polar(x, 5, safety=1.05).to(f64) - ref).abs().max() < 1e-5
+    assert (polar(x, 5, safety=1.05).to(f64) - ref).abs().max() < 2e-6  # measured 8e-7
     assert (polar(x, 5, safety=1.01).to(f64) - ref).abs().max() > 1e-3
 
 
@@ -170,7 +171,7 @@ def test_polar_biorthogonal_equivariance(m, n):
     assert (lhs - q1 @ polar(x) @ q2.T).abs().max() < 1e-5  # measured 1.5e-6
     x, q1, q2 = x.to(f64), orthogonal(m, 62 + n, f64), orthogonal(n, 63 + m, f64)
     lhs64 = polar(q1 @ x @ q2.T, dtype=f64)
-    assert (lhs64 - q1 @ polar(x, dtype=f64) @ q2.T).abs().max() < 1e-12  # measured 1e-15
+    assert (lhs64 - q1 @ polar(x, dtype=f64) @ q2.T).abs().max() < 3e-14  # measured 1e-14
 
 
 def test_polar_tall_is_transpose_of_wide_and_batched_is_loop():
@@ -178,8 +179,8 @@ def test_polar_tall_is_transpose_of_wide_and_batched_is_loop():
     out = polar(x)
     for i in range(3):
         for j in range(2):
-            assert (out[i, j] - polar(x[i, j])).abs().max() < 1e-6  # measured 0
-    assert (polar(x.mT) - out.mT).abs().max() < 1e-5  # measured 1.6e-6
+            assert (out[i, j] - polar(x[i, j])).abs().max() < 1e-7  # measured 0 (an ulp of slack for other BLAS)
+    assert (polar(x.mT) - out.mT).abs().max() < 1e-7  # measured 0: the tall case runs as the wide one transposed
     assert polar(x.mT).is_contiguous()
 
 
@@ -216,19 +217,19 @@ def test_row_norm_unit_rows_and_equivariance(seed):
     out = row_norm(x)
     norms = out.norm(dim=-1)
     assert torch.all(out[3] == 0)
-    assert torch.allclose(norms[torch.arange(12) != 3], torch.ones(11), atol=1e-6)
+    assert torch.allclose(norms[torch.arange(12) != 3], torch.ones(11), rtol=0, atol=4e-7)  # measured 1.2e-7
     p, q = permutation(12, seed), orthogonal(20, seed)
-    assert (row_norm(p @ x @ q.T) - p @ out @ q.T).abs().max() < 1e-5  # measured 5e-7
+    assert (row_norm(p @ x @ q.T) - p @ out @ q.T).abs().max() < 5e-7  # measured 1.8e-7
 
 
 @pytest.mark.parametrize("seed", [111, 112])
 def test_col_norm_unit_columns_and_equivariance(seed):
     x = randn(20, 12, seed=seed)
     out = col_norm(x)
-    assert torch.allclose(out.norm(dim=-2), torch.ones(12), atol=1e-6)
+    assert torch.allclose(out.norm(dim=-2), torch.ones(12), rtol=0, atol=4e-7)  # measured 1.2e-7
     assert torch.equal(out, row_norm(x.mT).mT)
     q, p = orthogonal(20, seed), permutation(12, seed)
-    assert (col_norm(q @ x @ p.T) - q @ out @ p.T).abs().max() < 1e-5
+    assert (col_norm(q @ x @ p.T) - q @ out @ p.T).abs().max() < 5e-7  # measured 2.1e-7
 
 
 @pytest.mark.parametrize("seed", [121, 122])
@@ -236,12 +237,12 @@ def test_centred_rules_are_shift_free(seed):
     x = randn(10, 16, seed=seed)
     shift = ones_row(10).T @ randn(1, 16, seed=seed + 1)  # 1 aᵀ
     assert center_rows(x).sum(dim=0).abs().max() < 1e-5
-    assert (center_rows(x + shift) - center_rows(x)).abs().max() < 1e-5
+    assert (center_rows(x + shift) - center_rows(x)).abs().max() < 6e-7  # measured 2.4e-7
     out = centered_row_norm(x)
-    assert out.sum(dim=0).abs().max() < 1e-5
-    assert (centered_row_norm(x + 10 * shift) - out).abs().max() < 1e-5
+    assert out.sum(dim=0).abs().max() < 4e-7  # measured 1.2e-7
+    assert (centered_row_norm(x + 10 * shift) - out).abs().max() < 1e-6  # measured 3.9e-7
     p, q = permutation(10, seed), orthogonal(16, seed)
-    assert (centered_row_norm(p @ x @ q.T) - p @ out @ q.T).abs().max() < 1e-5
+    assert (centered_row_norm(p @ x @ q.T) - p @ out @ q.T).abs().max() < 5e-7  # measured 1.8e-7
     # the inner C matters: row_norm without it is not shift-invariant
     assert (center_rows(row_norm(x + shift)) - out).abs().max() > 1e-2
 
@@ -254,8 +255,8 @@ def test_nuclear_norm_scale():
     ref = torch.stack([svd_polar(xi)[0] for xi in x])
     nu = nuclear_norm_scale(x, ref, 1.0)
     assert nu.shape == (2, 1, 1)
-    assert torch.allclose(nu.flatten(), torch.linalg.svdvals(x).sum(-1), rtol=1e-12)
-    assert torch.allclose(nuclear_norm_scale(x, ref, 0.5), nu.sqrt(), rtol=1e-12)
+    assert torch.allclose(nu.flatten(), torch.linalg.svdvals(x).sum(-1), rtol=2e-15, atol=0)  # measured 4.5e-16
+    assert torch.allclose(nuclear_norm_scale(x, ref, 0.5), nu.sqrt(), rtol=2e-15, atol=0)  # measured 0
     zero = torch.zeros(3, 4)
     assert torch.equal(nuclear_norm_scale(zero, zero, 0.0), torch.ones(1, 1))
     assert torch.equal(nuclear_norm_scale(x, ref, 0.0), torch.ones(2, 1, 1, dtype=f64))
@@ -274,9 +275,9 @@ def test_inv_sqrt_newton_schulz_against_eigh(k):
     a = x @ x.mT
     ref = regularised_inv_sqrt(a, 1e-7)
     rel = lambda got: ((got.to(f64) - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert rel(inv_sqrt(a)) < 1e-5  # fp32 NS: measured 3e-7 (k=8), 5e-7 (k=48)
-    assert rel(inv_sqrt(a.to(f64))) < 1e-12  # fp64 NS, default 24 steps: converged
-    assert rel(inv_sqrt(a.to(f64), method="eigh")) < 1e-12
+    assert rel(inv_sqrt(a)) < 1.5e-6  # fp32 NS: measured 5.4e-7
+    assert rel(inv_sqrt(a.to(f64))) < 1e-14  # fp64 NS, default 24 steps: converged, measured 2.6e-15
+    assert rel(inv_sqrt(a.to(f64), method="eigh")) < 1e-14  # measured 0
     assert rel(inv_sqrt(a, steps=3)) > 1e-3  # steps is honoured; 3 steps are far from converged
     # An independent check that does not use eigh: Z A Z = I.
     z = inv_sqrt(a.to(f64))
@@ -287,19 +288,19 @@ def test_inv_sqrt_ill_conditioned_converges_in_fp64():
     q = orthogonal(32, 151, f64)
     a = (q * torch.logspace(0, -6, 32, dtype=f64)) @ q.T
     ref = regularised_inv_sqrt(a, 1e-7)
-    assert ((inv_sqrt(a) - ref).norm() / ref.norm()) < 1e-9  # measured 7e-12
-    assert ((inv_sqrt(a.float()).to(f64) - ref).norm() / ref.norm()) < 5e-2  # fp32 A: 4e-3
+    assert ((inv_sqrt(a) - ref).norm() / ref.norm()) < 4e-11  # measured 1.4e-11
+    assert ((inv_sqrt(a.float()).to(f64) - ref).norm() / ref.norm()) < 1e-2  # fp32 A: measured 3.7e-3
 
 
 def test_inv_sqrt_eigh_pseudo_inverse_drops_null_space():
     m = center_rows(randn(6, 20, seed=161, dtype=f64))
     g = m @ m.T  # singular along 1
     z = inv_sqrt(g, eps=0.0, method="eigh")
-    assert z.abs().max() < 1e3  # the null eigenvalue (≈1e-15·λ_max) was dropped, not inverted
-    assert (z @ torch.ones(6, 1, dtype=f64)).abs().max() < 1e-10
+    assert z.abs().max() < 1.0  # measured 0.34; inverting the null eigenvalue (≈1e-15·λ_max) gives ~1e7
+    assert (z @ torch.ones(6, 1, dtype=f64)).abs().max() < 2e-15  # measured 6.7e-16
     u, s, _ = torch.linalg.svd(m, full_matrices=False)
     ref = (u[:, :5] / s[:5]) @ u[:, :5].T  # (G⁺)^{½} over the 5 non-zero directions
-    assert (z - ref).abs().max() < 1e-9
+    assert (z - ref).abs().max() < 2e-15  # measured 5e-16
 
 
 # ---------------------------------------------------------------- right / left spectral
@@ -309,8 +310,8 @@ def test_inv_sqrt_eigh_pseudo_inverse_drops_null_space():
 def test_right_spectral_is_nu_scaled_polar(m, n):
     x = randn(m, n, seed=171 + m, dtype=f64)
     ref, nu = svd_polar(x)
-    assert (right_spectral(x, alpha=0.0, eps=0.0) - ref).abs().max() < 1e-9
-    assert (right_spectral(x, alpha=1.0, eps=0.0) - nu * ref).abs().max() < 1e-9 * nu
+    assert (right_spectral(x, alpha=0.0, eps=0.0) - ref).abs().max() < 6e-13  # measured 2.1e-13
+    assert (right_spectral(x, alpha=1.0, eps=0.0) - nu * ref).abs().max() < 6e-13 * nu  # measured 2.1e-13
     # fp32, default eps and method; a square Gaussian has a tiny σ_min, so eps·‖XᵀX‖_F matters
     err = (right_spectral(x.float(), alpha=0.0).to(f64) - ref).abs().max()
     assert err < (3e-3 if m == n else 4e-6)  # measured 2.7e-4 (24×24), 4e-7 (rectangular)
@@ -320,16 +321,16 @@ def test_right_spectral_equivariance_and_centering():
     x = randn(30, 12, seed=181)
     p, q1, q2 = permutation(30, 182), orthogonal(30, 183), orthogonal(12, 184)
     out = right_spectral(x)
-    assert ((right_spectral(x.mT) - out.mT).abs().max() / out.abs().max()) < 1e-5  # other Gram
-    assert ((right_spectral(p @ x @ q2.T) - p @ out @ q2.T).abs().max() / out.abs().max()) < 1e-5
-    assert ((right_spectral(q1 @ x @ q2.T) - q1 @ out @ q2.T).abs().max() / out.abs().max()) < 1e-5
+    assert ((right_spectral(x.mT) - out.mT).abs().max() / out.abs().max()) < 1e-6  # other Gram; measured 3.4e-7
+    assert ((right_spectral(p @ x @ q2.T) - p @ out @ q2.T).abs().max() / out.abs().max()) < 2e-6  # measured 8.1e-7
+    assert ((right_spectral(q1 @ x @ q2.T) - q1 @ out @ q2.T).abs().max() / out.abs().max()) < 2e-6  # measured 7.4e-7
     c = right_spectral(x, center=True)
     shift = ones_row(30).T @ randn(1, 12, seed=185)
-    assert c.sum(dim=0).abs().max() < 1e-5 * c.abs().max()
-    assert ((right_spectral(x + shift, center=True) - c).abs().max() / c.abs().max()) < 1e-5
-    assert ((right_spectral(p @ x @ q2.T, center=True) - p @ c @ q2.T).abs().max()) < 1e-5 * c.abs().max()
+    assert c.sum(dim=0).abs().max() < 1e-6 * c.abs().max()  # measured 4.1e-7
+    assert ((right_spectral(x + shift, center=True) - c).abs().max() / c.abs().max()) < 1.5e-6  # measured 4.9e-7
+    assert ((right_spectral(p @ x @ q2.T, center=True) - p @ c @ q2.T).abs().max()) < 3e-6 * c.abs().max()  # 9.8e-7
     ref, nu = svd_polar(center_rows(x.to(f64)))
-    assert ((c.to(f64) - nu * ref).abs().max() / nu) < 1e-5
+    assert ((c.to(f64) - nu * ref).abs().max() / nu) < 1.5e-6  # measured 5.4e-7
 
 
 @pytest.mark.parametrize("e,d,seed", [(8, 32, 191), (16, 24, 192), (6, 6, 193)])
@@ -338,7 +339,7 @@ def test_left_spectral_against_svd(e, d, seed):
     mc = center_rows(m)
     ref, nu = svd_polar(mc, rank_tol=1e-6)  # drops the exact zero along 1
     assert torch.linalg.matrix_rank(mc) == e - 1 and ref.shape == (e, d)
-    assert (left_spectral(m, alpha=1.0, eps=0.0) - nu * ref).abs().max() < 1e-9 * nu
+    assert (left_spectral(m, alpha=1.0, eps=0.0) - nu * ref).abs().max() < 7e-15 * nu  # measured 2.3e-15
     got32 = left_spectral(m.float(), alpha=0.0)
     assert (got32.to(f64) - ref).abs().max() < 2e-5  # measured 1.5e-7 … 2.1e-6
     ns = left_spectral(m.float(), alpha=0.0, method="newton_schulz")
@@ -346,7 +347,7 @@ def test_left_spectral_against_svd(e, d, seed):
     # uncentred: the plain ν-scaled polar factor, not shift-free
     ref_u, nu_u = svd_polar(m)
     unc = left_spectral(m, alpha=1.0, center=False, eps=0.0)
-    assert (unc - nu_u * ref_u).abs().max() < 1e-9 * nu_u
+    assert (unc - nu_u * ref_u).abs().max() < 1e-13 * nu_u  # measured 3.8e-14
     assert unc.sum(dim=0).abs().max() > 1e-3
 
 
@@ -355,11 +356,11 @@ def test_left_spectral_router_symmetries():
     out = left_spectral(m)
     p, q = permutation(8, 202), orthogonal(40, 203)
     scale = out.abs().max()
-    assert (left_spectral(p @ m) - p @ out).abs().max() < 1e-5 * scale  # experts permuted
-    assert (left_spectral(m @ q.T) - out @ q.T).abs().max() < 1e-5 * scale  # right rotation
-    assert out.sum(dim=0).abs().max() < 1e-5 * scale  # 1ᵀU = 0
+    assert (left_spectral(p @ m) - p @ out).abs().max() < 5e-7 * scale  # experts permuted; measured 1.6e-7
+    assert (left_spectral(m @ q.T) - out @ q.T).abs().max() < 2e-6 * scale  # right rotation; measured 7.3e-7
+    assert out.sum(dim=0).abs().max() < 5e-7 * scale  # 1ᵀU = 0; measured 1.5e-7
     shift = ones_row(8).T @ randn(1, 40, seed=204)
-    assert (left_spectral(m + 3 * shift) - out).abs().max() < 1e-5 * scale
+    assert (left_spectral(m + 3 * shift) - out).abs().max() < 6e-7 * scale  # measured 2e-7
 
 
 def test_spectral_rules_are_homogeneous():
@@ -369,7 +370,7 @@ def test_spectral_rules_are_homogeneous():
         for alpha in (0.0, 1.0):
             out = fn(x, alpha=alpha)
             scaled = fn(x * 1e-4, alpha=alpha)
-            assert (scaled - out * 1e-4**alpha).abs().max() < 1e-4 * out.abs().max() * 1e-4**alpha
+            assert (scaled - out * 1e-4**alpha).abs().max() < 1e-6 * out.abs().max() * 1e-4**alpha  # 4e-7
 
 
 # ---------------------------------------------------------------- hybrid
@@ -380,8 +381,8 @@ def test_hybrid_row_then_polar_against_svd():
     n = row_norm(x)
     ref, nu = svd_polar(n)
     got = hybrid(x, steps=10, dtype=f64)
-    assert (got - nu * ref).abs().max() < 1e-6 * nu  # converged polar of R(X)
-    assert (hybrid(x, alpha=0.0, steps=10, dtype=f64) - ref).abs().max() < 1e-6
+    assert (got - nu * ref).abs().max() < 5e-15 * nu  # converged polar of R(X); measured 1.7e-15
+    assert (hybrid(x, alpha=0.0, steps=10, dtype=f64) - ref).abs().max() < 5e-15  # measured 1.6e-15
     assert (hybrid(x, steps=5, dtype=f64) - got).abs().max() > 1e-3  # polar kwargs reach polar
 
 
@@ -391,12 +392,12 @@ def test_hybrid_equivariance(order):
     p_rows, q_right = permutation(20, 232), orthogonal(14, 233)
     out = hybrid(x, order=order)
     scale = out.abs().max()
-    assert (hybrid(p_rows @ x @ q_right.T, order=order) - p_rows @ out @ q_right.T).abs().max() < 1e-4 * scale
+    assert (hybrid(p_rows @ x @ q_right.T, order=order) - p_rows @ out @ q_right.T).abs().max() < 1.5e-5 * scale  # 4.6e-6
     # left=True: the column-aware version, f(Q X Pᵀ) = Q f(X) Pᵀ
     q_left, p_cols = orthogonal(20, 234), permutation(14, 235)
     out_l = hybrid(x, order=order, left=True)
     got_l = hybrid(q_left @ x @ p_cols.T, order=order, left=True)
-    assert (got_l - q_left @ out_l @ p_cols.T).abs().max() < 1e-4 * out_l.abs().max()
+    assert (got_l - q_left @ out_l @ p_cols.T).abs().max() < 1e-5 * out_l.abs().max()  # measured 3.3e-6
     # row normalisation really happens on the chosen side (measured: the rules differ by O(1))
     assert (out_l - out).abs().max() > 1e-2 * scale
 
@@ -404,8 +405,8 @@ def test_hybrid_equivariance(order):
 def test_hybrid_polar_then_row_has_rows_of_norm_nu():
     x = randn(16, 24, seed=241)
     out = hybrid(x, alpha=0.0, order="polar_then_row")
-    assert torch.allclose(out.norm(dim=-1), torch.ones(16), atol=1e-5)
-    assert torch.allclose(out, row_norm(polar(x)), atol=1e-6)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(16), rtol=0, atol=4e-7)  # measured 1.2e-7
+    assert torch.allclose(out, row_norm(polar(x)), rtol=0, atol=1e-7)  # measured 0
 
 
 def test_hybrid_centred():
@@ -414,12 +415,12 @@ def test_hybrid_centred():
     for order in ("row_then_polar", "polar_then_row"):
         out = hybrid(x, center=True, order=order)
         scale = out.abs().max()
-        assert out.sum(dim=0).abs().max() < 1e-5 * scale
-        assert (hybrid(x + 5 * shift, center=True, order=order) - out).abs().max() < 1e-4 * scale
+        assert out.sum(dim=0).abs().max() < 1e-6 * scale  # measured 3.9e-7
+        assert (hybrid(x + 5 * shift, center=True, order=order) - out).abs().max() < 1e-5 * scale  # measured 4e-6
     n = center_rows(row_norm(center_rows(x.to(f64))))
     ref, nu = svd_polar(n, rank_tol=1e-9)
     got = hybrid(x.to(f64), center=True, steps=12, dtype=f64)
-    assert (got - nu * ref).abs().max() < 1e-6 * nu
+    assert (got - nu * ref).abs().max() < 5e-15 * nu  # measured 1.7e-15
 
 
 # ---------------------------------------------------------------- every function: degenerate, batched, dtypes
@@ -477,7 +478,7 @@ def test_batched_equals_loop_and_dtype_round_trip(rule):
     scale = out.abs().max()
     for i in range(3):
         for j in range(2):
-            assert (out[i, j] - fn(x[i, j])).abs().max() <= 1e-5 * scale
+            assert (out[i, j] - fn(x[i, j])).abs().max() <= 3e-6 * scale  # measured 9.7e-7
     assert fn(x.bfloat16()).dtype == torch.bfloat16
     assert fn(x.to(f64)).dtype == f64
 
@@ -542,7 +543,7 @@ def test_gram_form_is_the_same_map_as_the_standard_form(shape, coefficients, ste
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     standard = polar(x, steps=steps, coefficients=coefficients, dtype=torch.float64)
     gram = polar(x, steps=steps, coefficients=coefficients, dtype=torch.float64, form="gram")
-    torch.testing.assert_close(gram, standard, rtol=0, atol=1e-11)
+    torch.testing.assert_close(gram, standard, rtol=0, atol=1e-14)  # measured 3.6e-15
 
 
 def test_gram_form_keeps_fp32_accuracy_on_ill_conditioned_inputs():

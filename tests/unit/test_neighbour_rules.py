@@ -325,11 +325,12 @@ def test_preclip_state_is_the_base_step_of_the_clipped_gradient(base, transposed
             x = gc + group["beta"] * buf
             x = x.sign() if base == "sign" else F.polar(x)
         want = exact_soft_clip(x, c) * math.sqrt(max(1.0, fan_out / fan_in))
-        assert batch_rel(d, want) < 1e-13, t
+        assert batch_rel(d, want) < 1.5e-14, t  # measured 5.5e-15
     if base == "adamw":
-        assert batch_rel(state["exp_avg"], m) < 2e-14 and batch_rel(state["exp_avg_sq"], v) < 2e-14
+        # measured 2e-15 for each
+        assert batch_rel(state["exp_avg"], m) < 6e-15 and batch_rel(state["exp_avg_sq"], v) < 6e-15
     else:
-        assert batch_rel(state["momentum_buffer"], buf) < 2e-14
+        assert batch_rel(state["momentum_buffer"], buf) < 6e-15  # measured 2e-15
 
 
 def test_preclip_defaults_flops_and_state():
@@ -558,8 +559,9 @@ def test_optimizer_equals_reference(model_name, recipe, overrides):
         opt.step()
         ref.step(grads)
     for n, p in model.named_parameters():
-        # Measured: at most 2e-6 of the largest |W| (fp32 rounding of batched vs looped iterations).
-        assert (params[n] - p.detach()).abs().max() <= 5e-6 * max(float(params[n].abs().max()), 1.0), n
+        # Measured: at most 1.2e-7 of the largest |W|, one and two threads (fp32 rounding of batched vs
+        # looped iterations).
+        assert (params[n] - p.detach()).abs().max() <= 3e-7 * max(float(params[n].abs().max()), 1.0), n
         for key, value in ref.state[n].items():
             if key != "step":
                 torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-7)
