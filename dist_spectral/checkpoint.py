@@ -266,7 +266,7 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 
 def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
-               extra: dict | None = None, process_group=None):
+               extra: dict | None = None, process_group=None, when_complete=None):
     """:func:`save` in the background (``torch.distributed.checkpoint.async_save``, collective).
 
     The state is copied to CPU memory before this returns, so training may change the model and
@@ -281,6 +281,9 @@ def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
             final metadata). They run on the writer thread, so under training they need a group of
             their own (``dist.new_group(backend="gloo")``), or they would interleave with the
             training's collectives on the default group (default: ``None``, the default group).
+        when_complete (callable | None): called without arguments on rank 0, on the writer thread, once
+            the checkpoint is at ``path`` and before rank 0's future resolves, e.g. to point a
+            ``latest`` file at it (default: ``None``).
 
     Returns:
         concurrent.futures.Future: resolves when this rank's part is written (rank 0's: once the
@@ -308,6 +311,8 @@ def async_save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
         try:
             written.result()
             publish(staging, path)
+            if when_complete is not None:
+                when_complete()
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             done.set_exception(e)
         else:

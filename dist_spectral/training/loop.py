@@ -216,22 +216,21 @@ class Trainer:
             self.finish_save()  # one write in flight at a time
             if self._ckpt_group is None:  # the writer thread's collectives get a group of their own
                 self._ckpt_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-            self._pending = (checkpoint.async_save(str(path), self.model, self.opt, self.sched, extra=extra,
-                                                   process_group=self._ckpt_group), path)
+            # latest moves as soon as the checkpoint is complete (rank 0's writer thread), not at the next save
+            self._pending = checkpoint.async_save(str(path), self.model, self.opt, self.sched, extra=extra,
+                                                  process_group=self._ckpt_group, when_complete=lambda: self._saved(path))
             return path
         checkpoint.save(str(path), self.model, self.opt, self.sched, extra=extra)
         self._saved(path)
         return path
 
-    _pending, _ckpt_group = None, None  # the async save in flight (future, path); its process group
+    _pending, _ckpt_group = None, None  # the async save in flight (its future); its process group
 
     def finish_save(self) -> None:
-        """Wait for the async save in flight, if any, then name it ``latest`` (and prune)."""
+        """Wait for the async save in flight, if any (rank 0: until ``latest`` names it and old ones are pruned)."""
         if self._pending is not None:
-            future, path = self._pending
-            self._pending = None
+            future, self._pending = self._pending, None
             future.result()
-            self._saved(path)
 
     def _saved(self, path: Path) -> None:
         if self.is_main:  # rank 0 returns once the checkpoint is complete and renamed to ``path``
