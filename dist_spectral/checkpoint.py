@@ -424,4 +424,5 @@ def load_consolidated(path: str | os.PathLike, model: nn.Module, optimizer: torc
     return _restore_meta(meta, optimizer, scheduler)
 
 
-__all__ = ["save", "async_save", "load", "staging_dir", "publish", "save_consolidated", "load_consolidated", "read_meta", "manifest"]
+__all__ = ["save", "async_save", "load", "staging_dir", "publish", "save_consolidated", "load_consolidated",
+           "read_meta", "manifest"]

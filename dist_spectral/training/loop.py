@@ -218,7 +218,8 @@ class Trainer:
                 self._ckpt_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
             # latest moves as soon as the checkpoint is complete (rank 0's writer thread), not at the next save
             self._pending = checkpoint.async_save(str(path), self.model, self.opt, self.sched, extra=extra,
-                                                  process_group=self._ckpt_group, when_complete=lambda: self._saved(path))
+                                                  process_group=self._ckpt_group,
+                                                  when_complete=lambda: self._saved(path))
             return path
         checkpoint.save(str(path), self.model, self.opt, self.sched, extra=extra)
         self._saved(path)
@@ -526,4 +527,5 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             remove_own_buffer()
 
 
-__all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "format_mismatch", "optimizer_times", "schedule_change"]
+__all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "format_mismatch",
+           "optimizer_times", "schedule_change"]

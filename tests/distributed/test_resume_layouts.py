@@ -41,7 +41,8 @@ def _full_state(trainer) -> dict:
 
     msd, osd = get_state_dict(trainer.model, trainer.opt, options=StateDictOptions(full_state_dict=True))
     return {"model": {k: v.detach().clone() for k, v in msd.items()},
-            "optim": {f"{fqn}.{k}": torch.as_tensor(v).clone() for fqn, st in osd["state"].items() for k, v in st.items()},
+            "optim": {f"{fqn}.{k}": torch.as_tensor(v).clone()
+                      for fqn, st in osd["state"].items() for k, v in st.items()},
             "lrs": [g["lr"] for g in trainer.opt.param_groups], "num_steps": trainer.opt.num_steps}
 
 

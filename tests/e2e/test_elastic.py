@@ -57,7 +57,8 @@ def torchrun(config: tuple, out: Path, *, kills: str | None = None) -> str:
         env["DIST_SPECTRAL_TEST_KILL"] = kills
         elastic = ["--max-restarts=2", "--monitor-interval=0.2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *elastic,
-           str(ROOT / "launch" / "train.py"), "--config", config[0], *SHORT, *config[1:], f"out_dir={out}", "name=elastic"]
+           str(ROOT / "launch" / "train.py"), "--config", config[0], *SHORT, *config[1:], f"out_dir={out}",
+           "name=elastic"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

@@ -14,7 +14,8 @@ import pytest
 
 from dist_spectral.training.shm import PREFIX, SHM, held_files, remove_stale_buffers, stale_buffers
 
-pytestmark = pytest.mark.skipif(not (SHM.is_dir() and Path("/proc/self/maps").is_file()), reason="needs /dev/shm and /proc")
+pytestmark = pytest.mark.skipif(not (SHM.is_dir() and Path("/proc/self/maps").is_file()),
+                                reason="needs /dev/shm and /proc")
 
 # Create and map a buffer of 64 KiB, say so, then hold it until stdin closes.
 HOLD = """
