@@ -71,15 +71,33 @@ def resolve_resume(resume: str, out: Path) -> Path:
 
 
 def elastic_resume(resume: str | None, out: Path) -> str | None:
-    """What a restarted elastic worker group resumes from: this run's latest checkpoint.
+    """What a restarted elastic worker group resumes from: this job's latest checkpoint.
 
     ``torchrun --max-restarts=N`` restarts every worker with the same arguments after a failure
     (``TORCHELASTIC_RESTART_COUNT`` > 0). Starting again from scratch, or from the ``--resume`` the
     first attempt was given, would throw away the steps checkpointed since; so a restart continues
-    from the run's own latest checkpoint, and only without one from what was asked."""
+    from the run's latest checkpoint if this torchrun job saved it (``TORCHELASTIC_RUN_ID``, recorded
+    in every checkpoint), and otherwise does what the first attempt was asked: an earlier job's
+    checkpoint left in the same output directory is not this run's progress."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
         return resume
-    return "auto" if (out / "checkpoints" / "latest").is_file() else resume
+    try:
+        latest = resolve_resume("auto", out)
+    except FileNotFoundError:
+        return resume
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return "auto" if job is not None and saved_by_job(latest) == job else resume
+
+
+def saved_by_job(path: Path) -> str | None:
+    """The ``TORCHELASTIC_RUN_ID`` of the job that saved a training-entry checkpoint (None: unknown)."""
+    manifest = path / Trainer.MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("elastic_job")
+    try:
+        return (checkpoint.read_meta(path).get("extra") or {}).get("elastic_job")
+    except (ValueError, FileNotFoundError):
+        return None
 
 
 def point_latest(root: Path, name: str) -> None:
@@ -211,7 +229,8 @@ class Trainer:
             self.save_deepspeed(step, path)
             self._saved(path)
             return path
-        extra = {"step": step, "name": self.cfg.name, "schedule": self.schedule_settings(), "layout": self.layout()}
+        extra = {"step": step, "name": self.cfg.name, "schedule": self.schedule_settings(), "layout": self.layout(),
+                 "elastic_job": os.environ.get("TORCHELASTIC_RUN_ID")}
         if self.cfg.train.ckpt_async:
             self.finish_save()  # one write in flight at a time
             if self._ckpt_group is None:  # the writer thread's collectives get a group of their own
@@ -285,6 +304,7 @@ class Trainer:
                                                       "schedule": self.schedule_settings()})
         if self.is_main:
             manifest = {"step": step, "world_size": self.env.world_size,
+                        "elastic_job": os.environ.get("TORCHELASTIC_RUN_ID"),
                         "zero_stage": self.engine.zero_optimization_stage(), "recipe": self.cfg.optim.recipe}
             (staging / self.MANIFEST).write_text(json.dumps(manifest, indent=1))
         dist.barrier()  # every rank's partition is written

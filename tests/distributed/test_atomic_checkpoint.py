@@ -164,20 +164,30 @@ def test_prune_counts_only_complete_checkpoints(tmp_path):
     assert (tmp_path / "latest").read_text() == "step_000006" and not list(tmp_path.glob("latest.tmp-*"))
 
 
-def test_resume_ignores_temporaries_and_restarts_resume_latest(tmp_path, monkeypatch):
-    from dist_spectral.training.loop import elastic_resume, point_latest, resolve_resume
+def test_resume_ignores_temporaries_and_restarts_resume_this_jobs_latest(tmp_path, monkeypatch):
+    import json
+
+    from dist_spectral.training.loop import Trainer, elastic_resume, point_latest, resolve_resume
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
+
+    def saved(name: str, job: str) -> None:  # a checkpoint as the DeepSpeed path records it
+        (ckpts / name).mkdir()
+        (ckpts / name / Trainer.MANIFEST).write_text(json.dumps({"step": int(name[5:]), "elastic_job": job}))
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     assert elastic_resume(None, tmp_path) is None
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert elastic_resume(None, tmp_path) is None  # killed before its first checkpoint: from the start
-    assert elastic_resume("/elsewhere/step_000010", tmp_path) == "/elsewhere/step_000010"
-    (ckpts / "step_000002").mkdir()
+    saved("step_000008", "job-a")  # an earlier job's, left in the same output directory
+    point_latest(ckpts, "step_000008")
+    assert elastic_resume(None, tmp_path) is None and elastic_resume("/x/step_000010", tmp_path) == "/x/step_000010"
+    saved("step_000002", "job-b")
     (ckpts / "step_000004.tmp-0123456789ab").mkdir()  # a save killed after step 2's
     point_latest(ckpts, "step_000002")
-    assert elastic_resume(None, tmp_path) == "auto" and elastic_resume("/elsewhere", tmp_path) == "auto"
+    assert elastic_resume(None, tmp_path) == "auto" and elastic_resume("/x/step_000010", tmp_path) == "auto"
     assert resolve_resume("auto", tmp_path) == ckpts / "step_000002"
     with pytest.raises(ValueError, match="never finished"):
         resolve_resume(str(ckpts / "step_000004.tmp-0123456789ab"), tmp_path)
