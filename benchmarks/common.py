@@ -1,11 +1,9 @@
 """Shared bits of the benchmark scripts: machine description, summaries, process groups."""
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import torch
@@ -39,27 +37,18 @@ def machine_lines(devices=()) -> list[str]:
     return lines
 
 
-def _entry(rank, world_size, store, out_dir, fn, args):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=10))
-    try:
-        torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def run_world(world_size: int, fn, *args) -> list:
-    """Run ``fn(rank, world_size, *args)`` on a fresh gloo group of ``world_size`` processes (one
-    thread each); returns each rank's result."""
-    import torch.multiprocessing as mp
+    """Run ``fn(rank, world_size, *args)`` on a fresh gloo group of ``world_size`` spawned processes
+    (one thread each); returns each rank's result. The test suite's harness
+    (tests/distributed/harness.py), with a timeout for benchmark-sized runs."""
+    import sys
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), tmp, fn, args), nprocs=world_size,
-                           join=True, start_method="spawn")
-        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.distributed.harness import run_world as harness_run_world
+
+    return harness_run_world(world_size, fn, *args, start="spawn", timeout_s=600.0)
 
 
 #: Heading of the one section of a results file written by hand; :func:`write_results` keeps it

@@ -138,3 +138,15 @@ def worker(rank: int, world_size: int) -> dict:
         results["deterministic"] = all(torch.equal(first[n], again["params"][n]) for n in first)
     dist.barrier()
     return results
+
+
+def stage_model(model_name: str, stage: int) -> nn.Module:
+    """The full model less what the other stage holds (names keep their global indices)."""
+    model = MODELS[model_name](seed=0)
+    if stage == 0:
+        model.model.layers[1] = nn.Identity()
+        model.model.norm, model.lm_head = nn.Identity(), None
+    else:
+        model.model.layers[0] = nn.Identity()
+        model.model.embed_tokens = None
+    return model

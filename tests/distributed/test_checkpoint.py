@@ -17,22 +17,17 @@ synthetic gradients the same on every rank, one expert tensor without a gradient
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import tempfile
-import threading
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dist_spectral import build_optimizer, checkpoint, paper_schedule
 from dist_spectral.build import resolve_groups
 from dist_spectral.reference import ReferenceOptimizer
-from tests.distributed import harness
+from tests.distributed.harness import run_world, single_thread
 from tests.distributed.scenarios import full, wrap
 from tests.tiny import tiny_olmoe, tiny_qwen3, synthetic_grad
 
@@ -45,31 +40,6 @@ NO_GRAD_AT_0 = "model.layers.1.mlp.experts.down_proj"  # an expert tensor that "
 # under FSDP2/HSDP (0 under DDP and on one process).
 DISPLACEMENT_RTOL = 5e-6
 UNINTERRUPTED_RTOL = 1e-6
-
-
-
-def run_forked(world_size: int, fn, *args, timeout_s: float = 60.0) -> list:
-    """:func:`harness.run_world`, but the ranks are forked from this process, which has already imported
-    torch and transformers: a W=4 group starts in 0.2 s instead of 10-20 s. Falls back to spawn when
-    forking is unsafe (a live process group or other threads in this process)."""
-    if dist.is_initialized() or threading.active_count() > 1:
-        return harness.run_world(world_size, fn, *args, timeout_s=timeout_s)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(harness._entry, args=(world_size, os.path.join(tmp, "store"), tmp, fn, args, timeout_s),
-                           nprocs=world_size, join=True, start_method="fork")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Tiny matrices in this (parent) process: one thread is 8x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 SAVES = {2: ("fsdp", "ddp", "hsdp"), 3: ("fsdp", "ddp"), 4: ("fsdp", "hsdp")}
 RESUMES = {  # world size -> (engine, checkpoint it resumes from, format)
@@ -208,7 +178,7 @@ def _runs(root: str) -> dict:
     checkpoint.save(f"{root}/none1", model, opt, sched, extra={"step": SAVE_AT, "saved_by": "none1"})
     checkpoint.save_consolidated(f"{root}/none1.pt", model, opt, sched, extra={"step": SAVE_AT, "saved_by": "none1"})
     for world_size, phase in ((2, 2), (3, 3), (4, 4), (2, "2b")):
-        for rank, res in enumerate(run_forked(world_size, worker, root, phase)):
+        for rank, res in enumerate(run_world(world_size, worker, root, phase, start="fork", timeout_s=60.0)):
             for key, value in res.items():
                 results.setdefault(key, [None] * world_size)[rank] = value
     for engine, source, fmt in RESUMES[1]:

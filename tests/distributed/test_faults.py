@@ -23,12 +23,11 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dist_spectral import NonFiniteGradientError, build_optimizer, checkpoint, paper_schedule
 from dist_spectral.exchange import CollectiveError, Exchange
+from tests.distributed.harness import run_world, single_thread, start_ranks
 from tests.distributed.scenarios import full, wrap
-from tests.distributed.test_checkpoint import run_forked, single_thread
 from tests.tiny import synthetic_grad, tiny_olmoe, tiny_qwen3
 
 TOTAL, EVERY, DIE_AT, STALL_AT = 6, 2, 5, 3
@@ -98,13 +97,9 @@ def launch(tmp: str, root: str, cfg: dict, world_size: int = 2) -> list[dict]:
     """Start the ranks (forked from this process, which already imported everything), wait for rank 0,
     then for the others; rank 1 is killed if it is still alive (the stall run)."""
     os.makedirs(root, exist_ok=True)
-    fork_ok = not dist.is_initialized() and threading.active_count() == 1
-    ctx = mp.get_context("fork" if fork_ok else "spawn")
     store = tempfile.mktemp(dir=tmp)
     outs = [os.path.join(tmp, f"{os.path.basename(root)}-rank{r}.pt") for r in range(world_size)]
-    procs = [ctx.Process(target=train_rank, args=(r, world_size, store, root, outs[r], cfg)) for r in range(world_size)]
-    for p in procs:
-        p.start()
+    procs = start_ranks(world_size, train_rank, lambda r: (r, world_size, store, root, outs[r], cfg), start="fork")
     results = []
     for r, p in enumerate(procs):
         p.join(JOIN_LIMIT_S if r == 0 else (JOIN_LIMIT_S if not cfg.get("stall_at") else 0.0))
@@ -270,7 +265,7 @@ def bad_input_worker(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def bad_input():
     with single_thread():
-        ranks = run_forked(2, bad_input_worker)
+        ranks = run_world(2, bad_input_worker, start="fork", timeout_s=60.0)
         model = tiny_olmoe(seed=0)  # the same run on one process, without the skipped batch
         opt = build_optimizer(model, "symmetric")
         sched = paper_schedule(opt, BAD_STEPS, warmup=2)

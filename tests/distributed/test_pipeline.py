@@ -17,7 +17,7 @@ from torch import nn
 
 from dist_spectral import build_optimizer
 from tests.distributed.harness import run_world
-from tests.distributed.scenarios import STEPS, full, run_reference, set_grads
+from tests.distributed.scenarios import STEPS, full, run_reference, set_grads, stage_model
 from tests.tiny import MODELS
 
 # Measured (3 steps): the largest relative difference of the parameter displacement from the
@@ -29,18 +29,6 @@ SCENARIOS = [("qwen3", "muon", "derived"), ("qwen3", "symmetric", "device_mesh")
 
 COLLECTIVES = ("all_reduce", "all_to_all_single", "all_gather_object", "barrier", "broadcast", "all_gather",
                "reduce_scatter_tensor", "all_gather_into_tensor")
-
-
-def stage_model(model_name: str, stage: int) -> nn.Module:
-    """The full model less what the other stage holds (names keep their global indices)."""
-    model = MODELS[model_name](seed=0)
-    if stage == 0:
-        model.model.layers[1] = nn.Identity()
-        model.model.norm, model.lm_head = nn.Identity(), None
-    else:
-        model.model.layers[0] = nn.Identity()
-        model.model.embed_tokens = None
-    return model
 
 
 class Recorder:

@@ -24,7 +24,7 @@ from dist_spectral import SpectralOptimizer
 from dist_spectral.reference import ReferenceOptimizer
 from dist_spectral.roles import ParamInfo
 from dist_spectral.rules import get_rule
-from tests.distributed.test_checkpoint import run_forked, single_thread
+from tests.distributed.harness import run_world, single_thread
 
 EXAMPLES = int(os.environ.get("DIST_SPECTRAL_PROPERTY_EXAMPLES", "160"))  # raise it for a longer search
 STEPS = 2
@@ -258,7 +258,7 @@ def results():
     with single_thread():
         for world_size in (1, 2, 3, 4):
             mine = [c for c in CASES if c.world_size == world_size]
-            ranks = run_forked(world_size, worker, mine, timeout_s=120.0)
+            ranks = run_world(world_size, worker, mine, start="fork", timeout_s=120.0)
             assert all(list(r) == mine for r in ranks), "every rank ran every case"
             for case in mine:
                 out[case] = {"got": ranks[0][case], "steps": [r[case]["steps"] for r in ranks],

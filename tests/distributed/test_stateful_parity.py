@@ -31,7 +31,7 @@ from dist_spectral.planner import Parallel, simulate_step
 from dist_spectral.reference import ReferenceOptimizer
 from dist_spectral.rules import get_rule
 from tests.distributed.scenarios import full, wrap
-from tests.distributed.test_checkpoint import run_forked, single_thread
+from tests.distributed.harness import run_world, single_thread
 from tests.tiny import MODELS, synthetic_grad
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -210,7 +210,7 @@ def worlds(tmp_path_factory):
         for w in WORLD_SIZES:  # before forking: the parent's own torch work stays out of the children
             for model_name, config, _ in scenarios_for(w):
                 reference(model_name, config)
-        return {w: run_forked(w, worker, root, timeout_s=120.0) for w in WORLD_SIZES}
+        return {w: run_world(w, worker, root, start="fork", timeout_s=120.0) for w in WORLD_SIZES}
 
 
 def assert_matches_reference(got: dict, want: dict, what: str) -> float:

@@ -34,7 +34,7 @@ from torch import nn
 
 from dist_spectral import build_optimizer
 from tests.distributed.harness import run_world
-from tests.distributed.scenarios import STEPS, full, set_grads
+from tests.distributed.scenarios import STEPS, full, set_grads, stage_model
 from tests.tiny import MODELS, synthetic_grad, tiny_olmoe
 
 # Measured (3 steps): the largest relative difference of the parameter displacement from the
@@ -121,8 +121,6 @@ def build(model_name: str, engine: str, world_size: int, indices: bool = False) 
         if stage is None:
             model = MODELS[model_name](seed=0)
         else:
-            from tests.distributed.test_pipeline import stage_model
-
             model = stage_model(model_name, stage)
         if indices:
             with torch.no_grad():
