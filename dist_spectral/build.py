@@ -46,7 +46,9 @@ def build_optimizer(model: nn.Module, recipe="symmetric", *, nonfinite: str = "s
         model (nn.Module): the model (plain, DDP, FSDP2/HSDP, expert parallel).
         recipe (str | dict | Path): ``"symmetric"`` (default), ``"muon"``, ``"adamw"``, another
             name in ``configs/recipes``, a YAML path or a dict.
-        nonfinite (str): ``"skip"`` or ``"raise"`` on a non-finite gradient (default: ``"skip"``).
+        nonfinite (str): ``"skip"`` or ``"raise"`` on a non-finite gradient (one host
+            synchronisation per step), or ``"off"`` (no check and no synchronisation: the step to
+            capture in a CUDA graph) (default: ``"skip"``).
         bucket_mb (float): memory bound of one exchange bucket in MiB (default: 256).
         comm_dtype: dtype of exchanged matrices, e.g. ``"bfloat16"`` (default: fp32).
         infos: roles from :func:`classify`, if already computed.

@@ -42,6 +42,10 @@ from .stats import StepStats
 log = logging.getLogger(__name__)
 
 
+#: What :class:`SpectralOptimizer` may do on a non-finite gradient (its ``nonfinite`` argument).
+NONFINITE_POLICIES = ("skip", "raise", "off")
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf and the policy is ``"raise"``."""
 
@@ -84,10 +88,14 @@ class SpectralOptimizer(torch.optim.Optimizer):
             ``lr``, ``weight_decay`` and the rule's hyperparameters.
         infos (dict[str, ParamInfo]): role and structure of every named parameter.
         nonfinite (str): ``"skip"`` a step with a non-finite gradient on every rank (counted in
-            ``skipped_steps``), or ``"raise"`` :class:`NonFiniteGradientError` (default: ``"skip"``).
+            ``skipped_steps``), ``"raise"`` :class:`NonFiniteGradientError`, or ``"off"``: no check,
+            a NaN or Inf flows into the weights as with ``torch.optim`` (default: ``"skip"``).
             A skipped step changes no weight, state or ``step`` counter and sets
             ``last_stats.skipped``; call ``scheduler.step()`` only when it is false, so the
             learning rate follows the updates actually applied (as if that batch never came).
+            ``"skip"`` and ``"raise"`` cost one host synchronisation per training step (the flag
+            of one fused check, all-reduced, decides on the host whether anything runs); ``"off"``
+            costs none (see *Host synchronisation* below).
         bucket_bytes (int): most unit bytes gathered at once per bucket (default: 256 MiB).
         comm_dtype (torch.dtype | None): dtype of exchanged matrices (default: the state dtype).
         topology (EngineAdapter | None): engine adapter, an implementation of
@@ -122,6 +130,19 @@ class SpectralOptimizer(torch.optim.Optimizer):
             small-matrix compute weigh differently on GPUs: measure there with
             ``benchmarks/router_path.py`` before raising it.
 
+    Host synchronisation. After the first step (which checks the parameters are the model's
+    and reads the step counters once), a step with ``nonfinite="off"`` reads nothing back from
+    the device: step counters are counted on the host beside their tensors (re-read only after
+    something else wrote them, such as a checkpoint load), learning rates and weight decay are
+    Python numbers or tensors used as they are, and the plan, its batches and the kernel choices
+    are built once. That is the configuration to capture in a CUDA graph (with the gradients'
+    reduction) or to run ahead of the GPU; a check of your own (``GradScaler``, a loss check)
+    replaces the non-finite policy there. ``nonfinite="skip"`` or ``"raise"`` adds one
+    synchronisation per training step, for the skip decision. Under ``W > 1`` the exchange's
+    collectives run on the process group's stream as the engine's do; rules that decompose on
+    the host side of the math (``left_spectral``'s float64 ``eigh``) may synchronise inside
+    torch's linear-algebra calls on CUDA, which checks their convergence.
+
     At construction every rank compares a fingerprint of its parameters (names, shapes, rules,
     layouts) with the others' and raises ``ValueError`` on all ranks if they differ. Hyperparameters
     are checked as torch's optimizers check theirs (:func:`~dist_spectral.rules.check_group`: lr
@@ -132,8 +153,9 @@ class SpectralOptimizer(torch.optim.Optimizer):
                  bucket_bytes: int = 256 << 20, comm_dtype: torch.dtype | None = None,
                  topology: EngineAdapter | None = None, timeout: float | timedelta | None = None,
                  replicate_below: int | None = None, process_group=None, model=None):
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r}: use 'skip', 'raise' or 'off' (no check, no host "
+                             "synchronisation: the CUDA-graph-friendly step)")
         replicate_below = check_replicate_below(REPLICATE_BELOW if replicate_below is None else replicate_below)
         if topology is not None:
             check_engine(topology)
@@ -162,6 +184,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.num_steps = 0  # training steps, skipped ones included (saved by dist_spectral.checkpoint)
         self.last_stats = StepStats()
         self.kernel_choices: dict = {}  # (op, s, l, dtype) -> "torch" / "triton:i", as every rank runs them
+        self._host_steps: dict[int, tuple] = {}  # id(step counter) -> (counter, its value, its tensor version)
         self._check_hyperparameters()
         self._check_shapes()
         self._check_ranks_agree()
@@ -367,6 +390,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         saved; the engine adapter then sees the loaded param-group dicts (DeepSpeed's per-group
         ``step()`` calls refer to them)."""
         super().load_state_dict(state_dict)
+        self._host_steps.clear()
         self.num_steps = int(state_dict.get("num_steps", self.num_steps))
         self.skipped_steps = int(state_dict.get("skipped_steps", self.skipped_steps))
         self.topology.bind_groups(self.param_groups)
@@ -384,6 +408,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self._topology = engine
         self._attached = True
         self._plans.clear()
+        self._host_steps.clear()
 
     # ----- the step -----
     def _items(self) -> list[StepItem]:
@@ -408,8 +433,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
             self.last_stats = stats
             return loss
         steps = self._advance_counters(items)
-        inputs = [get_rule(it.group["rule"]).direction_input(it.state, it.grad, it.group, step=steps[id(it.step)])
-                  for it in items]
+        inputs = self._direction_inputs(items, steps)
         element, rows, matrix = self._route(items)
         updates = {i: inputs[i] for i in element}  # element-wise rules return the direction itself
         reduced = self._row_directions(items, rows, inputs, updates)
@@ -422,17 +446,46 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.total_polar_flops += stats.polar_flops
         return loss
 
-    @staticmethod
-    def _advance_counters(items: list[StepItem]) -> dict[int, int]:
+    def _advance_counters(self, items: list[StepItem]) -> dict[int, int]:
         """Count this step once per counter (a DeepSpeed flat's counter is shared by its
-        parameters); returns counter id → the new step. One foreach add and one read of all
-        counters together, not a host round-trip per parameter."""
+        parameters); returns counter id → the new step. One foreach add on the counters, and their
+        values from a host copy kept beside them: a counter is read from its tensor (one read of
+        all such counters together) only when the copy may be stale, i.e. on its first step, after
+        ``load_state_dict`` or when anything else wrote the tensor since the last step (its version
+        counter moved: a checkpoint loaded into it in place). A run that only steps never reads."""
         counters = list({id(it.step): it.step for it in items}.values())
         if not counters:
             return {}
+        host = self._host_steps
+        stale = [c for c in counters if (known := host.get(id(c))) is None or known[0] is not c
+                 or known[2] != c._version]
+        if stale:
+            values = torch.stack([c.reshape(()) for c in stale]).tolist()
+            for c, v in zip(stale, values):
+                host[id(c)] = (c, int(v), c._version)
         torch._foreach_add_(counters, 1)
-        values = torch.stack([c.reshape(()) for c in counters]).tolist()
-        return {id(c): int(v) for c, v in zip(counters, values)}
+        out = {}
+        for c in counters:
+            out[id(c)] = value = host[id(c)][1] + 1
+            host[id(c)] = (c, value, c._version)
+        return out
+
+    @staticmethod
+    def _direction_inputs(items: list[StepItem], steps: dict[int, int]) -> list:
+        """Every item's direction input, momentum updated in place: one
+        :meth:`~dist_spectral.rules.Rule.direction_inputs` call per param group."""
+        by_group: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            by_group.setdefault(id(it.group), []).append(i)
+        inputs: list = [None] * len(items)
+        for positions in by_group.values():
+            group = items[positions[0]].group
+            members = [items[i] for i in positions]
+            outs = get_rule(group["rule"]).direction_inputs([it.state for it in members], [it.grad for it in members],
+                                                             group, [steps[id(it.step)] for it in members])
+            for i, x in zip(positions, outs):
+                inputs[i] = x
+        return inputs
 
     @staticmethod
     def _route(items: list[StepItem]) -> tuple[list[int], list[int], list[int]]:
@@ -575,6 +628,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
         new, labelled = scope(self.param_groups) if scope else (True, [(it.name, it.grad) for it in items])
         if new:
             self.num_steps += 1  # training steps, not step() calls: DeepSpeed makes one call per group
+        if self.nonfinite == "off":
+            return False
         skipping = getattr(self, "_skipping", False)  # this training step's decision so far
         if not new and (skipping or not labelled):
             return skipping

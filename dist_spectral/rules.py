@@ -132,6 +132,21 @@ class Rule:
         m.lerp_(grad, 1 - beta)
         return m
 
+    def direction_inputs(self, states: list[dict], grads: list[Tensor], group: dict, steps: list[int]) -> list:
+        """:meth:`direction_input` for every parameter of one param group at once: ``states``,
+        ``grads`` and ``steps`` are per parameter, and so is the result.
+
+        A rule whose momentum is element-wise does it with foreach operations over the whole group
+        (a fixed handful of kernel launches instead of a few per parameter), bit for bit the
+        per-parameter result; a rule that overrides only :meth:`direction_input` (the neighbours)
+        gets a loop over it."""
+        if type(self).direction_input is not Rule.direction_input:
+            return _loop(self, states, grads, group, steps)
+        bufs = [s["momentum_buffer"] for s in states]
+        if bufs:
+            torch._foreach_lerp_(bufs, grads, 1 - group["beta"])
+        return bufs
+
     # ----- direction -----
     def key(self, group: dict) -> tuple:
         """Everything that decides the direction's math, so equal keys can share a batch."""
@@ -168,6 +183,10 @@ class Rule:
         Such statistics span one matrix, so a tensor holding several (experts, fused halves) goes
         per matrix through the owner exchange instead of running on its rows."""
         return True
+
+
+def _loop(rule: Rule, states: list[dict], grads: list[Tensor], group: dict, steps: list[int]) -> list:
+    return [rule.direction_input(s, g, group, step=t) for s, g, t in zip(states, grads, steps)]
 
 
 def _hashable(v):
@@ -297,6 +316,23 @@ class AdamW(Rule):
         """The direction itself: it is element-wise."""
         return adam_direction(local_state, grad, group["betas"], group["eps"], step)
 
+    def direction_inputs(self, states, grads, group, steps):
+        """:func:`adam_direction` over the whole group in foreach operations (the same operations
+        per element, so the same bits)."""
+        if type(self).direction_input is not AdamW.direction_input or not states:
+            return _loop(self, states, grads, group, steps)
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, [1 - beta2 ** t for t in steps])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_div(exp_avg, [1 - beta1 ** t for t in steps])
+        torch._foreach_div_(out, denom)
+        return out
+
 
 class Muon(Rule):
     """Muon: ``U = polar(G + μB) · s(m, n)`` with ``s = max(1, fan_out/fan_in)^½`` (``scale="spectral"``)
@@ -318,6 +354,15 @@ class Muon(Rule):
         buf = local_state["momentum_buffer"]
         buf.mul_(group["beta"]).add_(grad)
         return grad.add(buf, alpha=group["beta"]) if group["nesterov"] else buf
+
+    def direction_inputs(self, states, grads, group, steps):
+        """The momentum and Nesterov input over the whole group in foreach operations (same bits)."""
+        if type(self).direction_input is not Muon.direction_input or not states:
+            return _loop(self, states, grads, group, steps)
+        bufs = [s["momentum_buffer"] for s in states]
+        torch._foreach_mul_(bufs, group["beta"])
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=group["beta"]) if group["nesterov"] else bufs
 
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         m, n = x.shape[-2:]

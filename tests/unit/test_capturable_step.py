@@ -1,0 +1,154 @@
+"""A step that reads nothing back from the device, and momentum in foreach operations per group.
+
+With ``nonfinite="off"`` a step after the first must not synchronise the host with the device (what
+a CUDA graph capture forbids and what stalls a GPU run): no ``.item()``, ``.tolist()``, ``.cpu()``,
+``bool(tensor)`` and no ``aten._local_scalar_dense`` (the op every such read dispatches). There is
+no GPU here, so the test patches those reads to raise and counts the op, on CPU. The batched
+direction inputs must be the per-parameter ones bit for bit.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_spectral import build_optimizer
+from dist_spectral.rules import Rule, get_rule
+from tests.tiny import synthetic_grad, tiny_olmoe
+
+
+class _HostSync(RuntimeError):
+    pass
+
+
+class _CountScalarReads(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: a tensor's value read by the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _forbid_reads(monkeypatch):
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        def refuse(self, *args, _name=name, **kwargs):
+            raise _HostSync(f"Tensor.{_name} in step()")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def _build(recipe: str, nonfinite: str):
+    model = tiny_olmoe(experts=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, build_optimizer(model, recipe, nonfinite=nonfinite)
+
+
+def _grads(model, step: int) -> None:
+    for n, p in model.named_parameters():
+        p.grad = synthetic_grad(n, p.shape, step)
+
+
+@pytest.mark.parametrize("recipe", ["muon", "symmetric", "adamw"])
+def test_off_steps_without_host_reads(recipe, monkeypatch):
+    """Three steps under ``nonfinite="off"``, the last two with every host read refused: the
+    weights equal those of the same steps under ``"skip"`` (finite gradients), bit for bit. The
+    same patch makes a ``"skip"`` step fail, so it does catch the one read that policy needs."""
+    model, opt = _build(recipe, "off")
+    ref_model, ref_opt = _build(recipe, "skip")
+    _grads(model, 0), _grads(ref_model, 0)
+    opt.step(), ref_opt.step()  # the first step checks the model and reads the counters once
+    for step in (1, 2):
+        _grads(model, step), _grads(ref_model, step)
+        with monkeypatch.context() as m, _CountScalarReads() as reads:
+            _forbid_reads(m)
+            opt.step()
+        assert reads.reads == 0
+        ref_opt.step()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), n
+    assert opt.num_steps == ref_opt.num_steps == 3
+    _grads(ref_model, 3)
+    with monkeypatch.context() as m, pytest.raises(_HostSync):
+        _forbid_reads(m)
+        ref_opt.step()
+
+
+def test_off_lets_a_nan_through_and_skip_does_not():
+    model, opt = _build("muon", "off")
+    _grads(model, 0)
+    next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step()
+    assert not opt.last_stats.skipped and not torch.isfinite(next(model.parameters())).all()
+
+
+def test_step_counter_written_in_place_is_read_again():
+    """The host copy of a step counter follows a write into its tensor (a checkpoint loaded in
+    place): AdamW's bias correction then uses the written value, as after ``load_state_dict``."""
+    runs = [_build("adamw", "skip") for _ in range(3)]
+    for model, opt in runs:
+        _grads(model, 0)
+        opt.step()
+    (_, in_place), (_, loaded), _ = runs
+    for state in in_place.state.values():
+        state["step"].fill_(10)
+    sd = loaded.state_dict()
+    for state in sd["state"].values():
+        state["step"] = torch.tensor(10.0)
+    loaded.load_state_dict(sd)
+    for model, opt in runs:
+        _grads(model, 1)
+        opt.step()
+    (a, _), (b, _), (c, _) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+    assert all(float(s["step"]) == 11 for s in in_place.state.values())
+
+
+def _states(rule: Rule, shapes, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        p = torch.zeros(shape)
+        state = rule.init_state(p, dict(rule.defaults))
+        for t in state.values():
+            t.copy_(torch.rand(shape, generator=gen))  # positive: a valid exp_avg_sq
+        out.append(state)
+    return out
+
+
+@pytest.mark.parametrize("rule_name,options", [("adamw", {}), ("muon", {}), ("muon", {"nesterov": False}),
+                                               ("row_norm", {}), ("left_spectral", {})])
+def test_batched_direction_inputs_equal_per_parameter(rule_name, options):
+    rule = get_rule(rule_name)
+    group = {**rule.defaults, **options, "lr": 0.01, "weight_decay": 0.0}
+    shapes = [(5, 7), (3, 4, 6), (11,), (0, 3)]
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    steps = [3, 3, 1, 7]
+    batched, single = _states(rule, shapes, 2), _states(rule, shapes, 2)
+    got = rule.direction_inputs(batched, grads, group, steps)
+    want = [rule.direction_input(s, g, group, step=t) for s, g, t in zip(single, grads, steps)]
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    for s, r in zip(batched, single):
+        assert all(torch.equal(s[k], r[k]) for k in s)
+
+
+def test_rule_overriding_direction_input_only_gets_a_loop():
+    """A neighbour rule that defines only ``direction_input`` keeps its own momentum."""
+
+    class Doubling(Rule):
+        name = "doubling"
+
+        def direction_input(self, local_state, grad, group, *, step):
+            return grad * 2 + step
+
+    got = Doubling().direction_inputs([{}, {}], [torch.ones(2), torch.zeros(3)], {}, [1, 4])
+    assert torch.equal(got[0], torch.full((2,), 3.0)) and torch.equal(got[1], torch.full((3,), 4.0))
