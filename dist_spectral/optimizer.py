@@ -185,6 +185,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.last_stats = StepStats()
         self.kernel_choices: dict = {}  # (op, s, l, dtype) -> "torch" / "triton:i", as every rank runs them
         self._host_steps: dict[int, tuple] = {}  # id(step counter) -> (counter, its value, its tensor version)
+        kernel_choice.reload_environment()  # DIST_SPECTRAL_TRITON / TRITON_INTERPRET, read here, not per product
         self._check_hyperparameters()
         self._check_shapes()
         self._check_ranks_agree()

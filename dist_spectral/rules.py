@@ -367,8 +367,10 @@ class Muon(Rule):
     def direction(self, x, *, axis, transposed, group, stats=LOCAL):
         m, n = x.shape[-2:]
         fan_out, fan_in = (n, m) if transposed else (m, n)
-        # polar returns a fresh tensor: scale it in place rather than allocate another
-        return F.polar(x, **_polar_kwargs(group)).mul_(F.muon_scale(fan_out, fan_in, group["scale"]))
+        # polar returns a fresh tensor: scale it in place rather than allocate another (x · 1.0 is
+        # x exactly, so a wide matrix's spectral scale, or scale "none", costs no pass)
+        u, scale = F.polar(x, **_polar_kwargs(group)), F.muon_scale(fan_out, fan_in, group["scale"])
+        return u if scale == 1.0 else u.mul_(scale)
 
     def cost(self, m, n, group):
         return _polar_flops(m, n, group)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..kernels import gram, symmetric_polynomial
+from ..kernels import gram, resolve, symmetric_polynomial
 
 Triple = tuple[float, float, float]
 
@@ -155,9 +155,14 @@ def polar(
     # differently on a strided view (another summation order, a transposed BLAS kernel), and the
     # quintic steps amplify one fp32 ulp to ~1e-6, so the same values in another layout (a tall
     # block, the transpose of a wide one) would get another polar factor. One copy of the input.
+    copied = not X.is_contiguous()
     X = X.reshape(math.prod(X.shape[:-2]), *X.shape[-2:]).contiguous()  # [batch, s, l], s <= l
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    X = (X.to(norm_dtype) / (scale * norm + 1e-7)).to(work)
+    denom = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype).mul_(scale).add_(1e-7)
+    if copied and X.dtype == norm_dtype == work:
+        X = X.div_(denom)  # our own copy: divide in place (the same operation, one tensor fewer)
+    else:
+        X = (X.to(norm_dtype) / denom).to(work)
+    backend = resolve(backend, X.device)  # once per call: the iterations only pass it on
 
     iterate = _iterate_gram if form == "gram" and _gram_saves(*X.shape[-2:], len(schedule)) else _iterate
     chunk = _cpu_chunk(*X.shape[-2:], X.element_size()) if X.device.type == "cpu" else X.shape[0]

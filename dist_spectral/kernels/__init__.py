@@ -9,6 +9,8 @@ every rank by the optimizer (:mod:`dist_spectral.kernels.choice`).
 from __future__ import annotations
 
 from . import choice
-from .triton_gram import gram, symmetric_polynomial, syrk, syrk_torch, syrk_triton, triton_available
+from .triton_gram import (gram, reload_environment, resolve, symmetric_polynomial, syrk, syrk_torch, syrk_triton,
+                          triton_available)
 
-__all__ = ["choice", "gram", "symmetric_polynomial", "syrk", "syrk_torch", "syrk_triton", "triton_available"]
+__all__ = ["choice", "gram", "reload_environment", "resolve", "symmetric_polynomial", "syrk", "syrk_torch",
+           "syrk_triton", "triton_available"]

@@ -18,7 +18,6 @@ choice is ``"torch"`` or ``"triton:i"`` (tile configuration ``i``). This module 
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import torch
@@ -154,9 +153,16 @@ def agree(keys: dict[Key, int], device: torch.device, collectives) -> dict[Key, 
 
 def _wanted(device: torch.device) -> bool:
     """Whether ``syrk``'s auto backend could pick the kernel on ``device`` (else it is torch anyway)."""
-    from .triton_gram import triton_available
+    from .triton_gram import environment, triton_available
 
-    return device.type == "cuda" and triton_available() and os.environ.get("DIST_SPECTRAL_TRITON", "") == ""
+    return device.type == "cuda" and triton_available() and environment()[0] == "auto"
+
+
+def reload_environment() -> None:
+    """Read the kernel variables again (:func:`~dist_spectral.kernels.triton_gram.reload_environment`)."""
+    from .triton_gram import reload_environment as reload
+
+    reload()
 
 
 def decide(plan, groups: list[dict], device: torch.device, collectives) -> dict[Key, str]:
@@ -175,4 +181,4 @@ def decide(plan, groups: list[dict], device: torch.device, collectives) -> dict[
 
 
 __all__ = ["MEASURE_BYTES", "agree", "clear", "decide", "install", "installed", "key", "lookup", "measure", "polar_keys",
-           "strict"]
+           "reload_environment", "strict"]

@@ -26,6 +26,11 @@ Dispatch (:func:`syrk`):
   process alone;
 - ``DIST_SPECTRAL_TRITON=0`` / ``=1`` forces torch / the kernel.
 
+The two variables (``DIST_SPECTRAL_TRITON``, ``TRITON_INTERPRET``) are read once, on first use, and
+again whenever an optimizer is built (:func:`reload_environment`), not on every product: a polar
+call resolves its backend once (:func:`resolve`) and its iterations only look that up. Set them
+before building the optimizer, or call :func:`reload_environment` after changing them.
+
 The kernel accumulates in fp32 and rounds once to the output dtype (bf16 on GPU). ``C`` must be
 symmetric: the mirrored tiles are the transposes of the computed ones.
 """
@@ -57,6 +62,31 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install without a driver
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> tuple[str, bool]:
+    """``(backend forced by DIST_SPECTRAL_TRITON: "auto", "torch" or "triton", TRITON_INTERPRET set)``,
+    read on first use and kept until :func:`reload_environment`."""
+    forced = {"0": "torch", "1": "triton"}.get(os.environ.get("DIST_SPECTRAL_TRITON", ""), "auto")
+    return forced, os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def reload_environment() -> None:
+    """Read ``DIST_SPECTRAL_TRITON`` and ``TRITON_INTERPRET`` again (the optimizer does at build)."""
+    environment.cache_clear()
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend every product of one polar call on ``device`` can be given: ``"torch"`` where
+    the auto choice could only be torch (a CPU without the interpreter, no Triton), the forced one
+    under ``DIST_SPECTRAL_TRITON``, else ``backend`` as given (then :func:`syrk` looks the shape up)."""
+    if backend != "auto":
+        return backend
+    forced, interpret = environment()
+    if forced != "auto":
+        return forced
+    return "auto" if (device.type == "cuda" or interpret) and triton_available() else "torch"
 
 
 @functools.lru_cache(maxsize=2)
@@ -174,15 +204,17 @@ def decode(choice: str):
 
 def _backend(x: Tensor, alpha: float, beta: float, c: Tensor | None, backend: str, fallback, op: str):
     """``"torch"`` or the kernel configuration to use."""
+    if backend == "torch":  # what polar passes on a CPU (resolve): no further look-up
+        return "torch"
+    forced, interpret = environment()
     if backend == "auto":
-        backend = {"0": "torch", "1": "triton"}.get(os.environ.get("DIST_SPECTRAL_TRITON", ""), "auto")
+        backend = forced
     if backend == "torch":
         return "torch"
     if backend == "triton":
         return _CONFIGS[0]
     if backend != "auto":
         raise ValueError(f"syrk: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if (x.is_cuda or interpret) and triton_available():
         agreed = _choice.lookup(op, x.shape[1], x.shape[2], x.dtype)
         if agreed is not None:  # decided once for every rank (see dist_spectral.kernels.choice)
@@ -238,4 +270,4 @@ def symmetric_polynomial(a: Tensor, b: float, c: float, backend: str = "auto") -
     return _syrk(a, c, b, a, backend, _square_torch, "square")
 
 
-__all__ = ["gram", "symmetric_polynomial", "syrk", "syrk_torch", "syrk_triton", "triton_available"]
+__all__ = ["environment", "gram", "reload_environment", "resolve", "symmetric_polynomial", "syrk", "syrk_torch", "syrk_triton", "triton_available"]

@@ -152,3 +152,41 @@ def test_rule_overriding_direction_input_only_gets_a_loop():
 
     got = Doubling().direction_inputs([{}, {}], [torch.ones(2), torch.zeros(3)], {}, [1, 4])
     assert torch.equal(got[0], torch.full((2,), 3.0)) and torch.equal(got[1], torch.full((3,), 4.0))
+
+
+class _CountingEnviron(dict):
+    def __init__(self, base):
+        super().__init__(base)
+        self.reads = 0
+
+    def get(self, key, default=None):
+        self.reads += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return super().__getitem__(key)
+
+
+def test_kernel_variables_are_read_at_build_not_per_product(monkeypatch):
+    """``DIST_SPECTRAL_TRITON`` decides the backend as read when the optimizer was built; a polar
+    call reads no environment variable (it used to read two per product, ten per 5-step polar)."""
+    from dist_spectral.functional import polar
+    from dist_spectral.kernels import resolve, triton_gram
+
+    env = _CountingEnviron(triton_gram.os.environ)
+    env["DIST_SPECTRAL_TRITON"] = "1"
+    monkeypatch.setattr(triton_gram.os, "environ", env)
+    try:
+        _build("muon", "skip")
+        assert resolve("auto", torch.device("cpu")) == "triton"
+        env["DIST_SPECTRAL_TRITON"] = "0"
+        assert resolve("auto", torch.device("cpu")) == "triton"  # not read again until a build or a reload
+        _build("muon", "skip")
+        assert resolve("auto", torch.device("cpu")) == "torch"
+        reads = env.reads
+        polar(torch.randn(4, 8, 16), steps=5)
+        assert env.reads == reads
+    finally:
+        monkeypatch.undo()
+        triton_gram.reload_environment()  # the real environment for the tests that follow
