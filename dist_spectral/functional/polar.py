@@ -169,10 +169,8 @@ def polar(
     if chunk >= X.shape[0]:
         X = iterate(X, schedule, backend)
     else:  # each matrix is independent: bit for bit the same as one batch, and it stays in cache
-        out = torch.empty_like(X, memory_format=torch.contiguous_format)
-        for i in range(0, X.shape[0], chunk):
-            out[i:i + chunk] = iterate(X[i:i + chunk], schedule, backend)
-        X = out
+        for i in range(0, X.shape[0], chunk):  # X is this call's own copy: results go back into it
+            X[i:i + chunk] = iterate(X[i:i + chunk], schedule, backend)
 
     X = X.mT if tall else X
     return X.reshape(x.shape).to(x.dtype).contiguous()
