@@ -45,7 +45,8 @@ def launch(world: int, target: str, out_dir: Path, timeout_s: float = 600) -> No
     Path(EXT_DIR).mkdir(parents=True, exist_ok=True)
     port = harness.free_port()
     try:
-        harness.launch(world, target, out_dir, timeout_s, env={"TORCH_EXTENSIONS_DIR": EXT_DIR, "MASTER_PORT": str(port)})
+        harness.launch(world, target, out_dir, timeout_s,
+                       env={"TORCH_EXTENSIONS_DIR": EXT_DIR, "MASTER_PORT": str(port)})
     finally:
         # DeepSpeed's CPU shared-memory all-reduce leaves one buffer per rank (~70 MB) in /dev/shm.
         for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
