@@ -134,8 +134,8 @@ class SpectralOptimizer(torch.optim.Optimizer):
     and reads the step counters once), a step with ``nonfinite="off"`` reads nothing back from
     the device: step counters are counted on the host beside their tensors (re-read only after
     something else wrote them, such as a checkpoint load), learning rates and weight decay are
-    Python numbers or tensors used as they are, and the plan, its batches and the kernel choices
-    are built once. That is the configuration to capture in a CUDA graph (with the gradients'
+    Python numbers (a 0-d tensor lr would be read by the update's foreach ``alpha``, once per param
+    group), and the plan, its batches and the kernel choices are built once. That is the configuration to capture in a CUDA graph (with the gradients'
     reduction) or to run ahead of the GPU; a check of your own (``GradScaler``, a loss check)
     replaces the non-finite policy there. ``nonfinite="skip"`` or ``"raise"`` adds one
     synchronisation per training step, for the skip decision. Under ``W > 1`` the exchange's
