@@ -66,7 +66,8 @@ class OptimConfig:
     """Attributes:
         recipe (str): name in ``dist_spectral/configs/recipes`` or a YAML path (default: ``symmetric``).
         overrides (dict): ``build_optimizer`` overrides, e.g. ``{router: {rule: centered_row_norm}}``.
-        nonfinite (str): ``skip`` or ``raise`` on a non-finite gradient (default: ``skip``).
+        nonfinite (str): ``skip`` or ``raise`` on a non-finite gradient, or ``off`` (no check, no host
+            synchronisation) (default: ``skip``).
         bucket_mb (float): exchange bucket bound in MiB (default: 256).
         comm_dtype (str | None): dtype of exchanged matrices, e.g. ``bfloat16`` (default: fp32).
         replicate_below (int | None): units of rules without polar iterations (routers) with fewer
@@ -453,7 +454,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.ckpt_keep >= 0, f"train.ckpt_keep={cfg.train.ckpt_keep}: must be >= 0 (0 keeps every checkpoint)"),
         (not (cfg.train.ckpt_async and cfg.parallel.engine == "deepspeed"),
          "train.ckpt_async: DeepSpeed writes its own checkpoints synchronously; set train.ckpt_async=false"),
-        (cfg.optim.nonfinite in ("skip", "raise"), f"optim.nonfinite={cfg.optim.nonfinite!r}: use skip or raise"),
+        (cfg.optim.nonfinite in ("skip", "raise", "off"),
+         f"optim.nonfinite={cfg.optim.nonfinite!r}: use skip, raise or off"),
         (cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, f"optim.clip_grad={cfg.optim.clip_grad}: must be > 0 or null"),
         (cfg.parallel.deepspeed.stage in (None, 1, 2, 3), f"parallel.deepspeed.stage={cfg.parallel.deepspeed.stage}: "
                                                            "use 1, 2 or 3"),

@@ -55,7 +55,7 @@ def recipe(*groups) -> dict:
      "give 1-D parameters an element-wise rule such as adamw"),
     (dict(recipe="symmetric", vector={"rule": "muon"}), "rule 'muon' needs a matrix but the parameter has shape (32,)"),
     (dict(recipe="symmetric", mlp={"momentum": 0.9}), "group 'mlp' sets 'momentum', which rule 'muon' does not take"),
-    (dict(recipe="symmetric", nonfinite="ignore"), "nonfinite='ignore': use 'skip' or 'raise'"),
+    (dict(recipe="symmetric", nonfinite="ignore"), "nonfinite='ignore': use 'skip', 'raise' or 'off'"),
     (dict(recipe="no-such-recipe"), "unknown recipe 'no-such-recipe'"),
     (dict(recipe="symmetric", vector={"betas": 0.9}), "group 'vector' (rule 'adamw'): betas=0.9; give two numbers [beta1, beta2]"),
 ], ids=["unknown-rule", "override-unknown-rule", "override-unknown-group", "unknown-role", "override-unknown-role",
