@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -37,6 +38,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +83,7 @@ class Run:
     family: str = ""
     factor: float = 1.0
     centre: bool = False
+    seed: int = 0
 
     def __post_init__(self):
         if self.factor == 1.0:  # the centre itself: one run, whichever family "swept" it
@@ -91,6 +94,7 @@ class Run:
         """Names the groups' content too, so a changed recipe never reuses an old run."""
         digest = hashlib.sha1(json.dumps(self.groups(), sort_keys=True, default=str).encode()).hexdigest()[:8]
         tail = f"__{self.family}x{self.factor:g}" if self.family else ""
+        tail += f"__seed{self.seed}" if self.seed else ""
         return f"{self.model}__w{self.width}__{self.recipe}-{digest}{tail}"
 
     def groups(self) -> dict[str, dict]:
@@ -148,7 +152,7 @@ def run_one(r: Run, cfg: Settings) -> dict:
                        "optim.recipe": r.recipe, "optim.overrides": r.overrides(),
                        "optim.warmup": cfg.warmup, "parallel.engine": "none", "parallel.threads": 1,
                        "data.seq_len": cfg.seq_len, "data.batch_size": cfg.batch_size, "train.steps": cfg.steps,
-                       "train.seed": 0, "train.eval_every": cfg.eval_every, "train.eval_batches": cfg.eval_batches,
+                       "train.seed": r.seed, "train.eval_every": cfg.eval_every, "train.eval_batches": cfg.eval_batches,
                        "train.progress": False, "train.plot": False}.items():
         set_key(c, key, value)
     if (out / "metrics.jsonl").exists():
@@ -218,6 +222,20 @@ def factors_run(results: dict[Run, dict], model: str, width: int, family: str) -
     return sorted(list(FACTORS) + [x for x in extra if results.get(sweep(model, width, family, x))])
 
 
+def pooled(results: dict[Run, dict], seeds: dict[Run, dict], n: int) -> dict[Run, dict]:
+    """Each seed-0 run's result replaced by the mean over seeds 0 … n − 1 of its configuration, with
+    the number of seeds and their range (max − min)."""
+    out = {}
+    for r, res in results.items():
+        if not res:
+            out[r] = res
+            continue
+        vals = [res["val_last"]] + [v["val_last"] for s in range(1, n)
+                                    if (v := seeds.get(dataclasses.replace(r, seed=s)))]
+        out[r] = {"val_last": statistics.mean(vals), "seeds": len(vals), "range": max(vals) - min(vals)}
+    return out
+
+
 def paper_factor(family: str, model: str, width: int, groups: dict[str, dict]) -> float | None:
     """The factor between this family's lr with its scale and the paper's rule's lr (``none``):
     0.2·√L (L = the row length for row rules, the longer side for spectral rules), or None where
@@ -257,6 +275,12 @@ def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: 
              "without the scale is the one with it divided by 0.2·√L, so the run at lr η with the scale is the "
              "paper's rule at lr η·0.2·√L, exactly (L = the row length for the row rules, the longer side for the "
              "router's left-spectral rule).", ""]
+    ranges = [v["range"] for v in results.values() if v and v.get("seeds", 1) > 1]
+    if ranges:
+        lines += [f"Every configuration at {max(v.get('seeds', 1) for v in results.values() if v)} seeds (initial "
+                  "weights and batch order), the values below their mean; the range between seeds at one point is "
+                  f"{statistics.median(ranges):.3f} nats at the median, {max(ranges):.3f} at most: lr differences "
+                  "smaller than that are noise.", ""]
     summary = ["## Best lr per width (×2 grid; the grid step is one factor of 2)", "",
                "| model | family | rule | " + " | ".join(f"best lr, d={w}" for w in widths)
                + " | moves (grid steps), with the scale | best paper lr per width | moves, without |", "|---|---|---|"
@@ -369,6 +393,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=Settings.steps)
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run every configuration at this many seeds and report the mean (the sweep's edges "
+                         "are found at seed 0)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     cfg = Settings(steps=args.steps)
@@ -385,6 +412,10 @@ def main() -> None:
             break
         results.update({r: load_result(r, cfg) for r in more} if args.report_only else
                        run_all(more, cfg, args.workers))
+    if args.seeds > 1:  # every configuration seed 0 ran, again at seeds 1 … n − 1, then averaged
+        more = [dataclasses.replace(r, seed=s) for s in range(1, args.seeds) for r, v in results.items() if v]
+        seeds = ({r: load_result(r, cfg) for r in more} if args.report_only else run_all(more, cfg, args.workers))
+        results = pooled(results, seeds, args.seeds)
     command = "python benchmarks/transfer.py " + shlex.join(sys.argv[1:])
     lines = report(results, args.widths, cfg, command.strip(), time.time() - start)
     print("\n".join(lines))
