@@ -263,8 +263,8 @@ def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: 
              f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S')}; wall time {wall / 60:.0f} min", "", "Machine:", "",
              *machine_lines(), "",
              f"Every run: one process, one thread, {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} byte tokens "
-             f"from the built-in corpus, the default job's schedule (warmup {cfg.warmup}), seed 0 (the same initial "
-             f"weights at a width and the same batches), final validation loss on {cfg.eval_batches} held-out "
+             f"from the built-in corpus, the default job's schedule (warmup {cfg.warmup}), the same seeds for every "
+             f"configuration (at a width: the same initial weights and batches), final validation loss on {cfg.eval_batches} held-out "
              "batches. Widths change the hidden size with heads of a fixed size (16; Qwen3: 32, GQA 2:1) and the "
              "intermediate sizes in proportion; vocabulary 256; OLMoE with 2 layers (8 experts, top-2), Qwen3 with "
              "its 2. One lr family swept at a time on a ×2 grid around a centre, the others at the centre: the "
