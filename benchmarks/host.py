@@ -3,16 +3,19 @@
     python benchmarks/host.py                       # one process, writes benchmarks/results/host.md
     python benchmarks/host.py --world 2             # also W = 2 (gloo, one thread per rank)
 
-OLMoE architecture from `transformers`, width 16, 128 experts of width 16, 4 heads of 4, with 3,
-10 and 40 layers, so that `muon` has about 1k, 4k and 16k units (a head block or one expert's
-gate, up or down; Qwen3-30B-A3B has about 18k): the same shapes each time, only more of them,
-so the math is small and a step costs about what its Python costs. Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)``
-on the same parameters, and ``build_optimizer`` with the ``adamw``, ``muon`` and ``symmetric``
-recipes: median ms per step (min–max over repeats), µs per unit above AdamW(foreach), and the
-optimizer's own ``last_stats.host_seconds`` (the step outside the exchange's collectives and the
-whole-matrix compute), whose least-squares fit ``fixed + per unit × units`` gives the host model's
-constants in ``dist_spectral/predict.py``. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
-units ≤ 2× the 1k step.
+OLMoE architecture from `transformers`, width 16, experts of width 16, 4 heads of 4, in two
+series of about 1k, 4k and 16k `muon` units (a head block or one expert's gate, up or down;
+Qwen3-30B-A3B has about 18k): ``layers`` stacks 3, 10 and 40 layers of 128 experts (more
+parameters, the same shapes); ``experts`` keeps 3 layers and gives them 128, 440 and 1,760 experts
+(the same parameters and (rule, shape) batches, only more units in each). The dimensions are
+small so that a step costs about what its Python costs, beside the polar math of 16×16 matrices.
+Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)`` on the same
+parameters, and ``build_optimizer`` with the ``adamw``, ``muon`` and ``symmetric`` recipes: median
+ms per step (min–max over repeats), µs per unit above AdamW(foreach), and the optimizer's own
+``last_stats.host_seconds`` (the step outside the exchange's collectives and the whole-matrix
+compute), whose least-squares fit ``fixed + per unit × units`` gives the host model's constants in
+``dist_spectral/predict.py``. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
+units in the same shapes ≤ 2× the 1k step.
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ from dist_spectral import build_optimizer  # noqa: E402
 
 #: layers for about 1k, 4k and 16k muon units (397 per layer: 3 per expert, 13 head blocks)
 SIZES = {"1k": 3, "4k": 10, "16k": 40}
+#: the other series: 3 layers, experts for about 1k, 4k and 16k units (3 × (3 E + 13)), so every
+#: size has the same parameters in the same (rule, shape) batches, only with more experts in them
+EXPERTS = {"1k": 128, "4k": 440, "16k": 1760}
+#: series name -> (layers, experts) of a size
+SERIES = {"layers": lambda size: (SIZES[size], 128), "experts": lambda size: (3, EXPERTS[size])}
 #: what a step's time is read from: ``wall`` (perf_counter) or ``cpu`` (the stepping thread's CPU
 #: time, thread_time: the host work itself, not the waits for a busy machine's cores or for a peer)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -58,12 +66,12 @@ def _count_compute() -> None:
 RECIPES = ("adamw", "muon", "symmetric")
 
 
-def build_model(layers: int):
+def build_model(layers: int, experts: int = 128):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
     cfg = OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, num_experts=128, num_experts_per_tok=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=experts, num_experts_per_tok=2,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = OlmoeForCausalLM(cfg)
     gen = torch.Generator().manual_seed(1)
@@ -95,9 +103,9 @@ def time_steps(step, repeats: int, warmup: int = 2, opt=None) -> tuple[list[floa
     return out, host
 
 
-def measure(size: str, repeats: int) -> dict:
-    """ms per step of every column on the model of ``size``, one process."""
-    model = build_model(SIZES[size])
+def measure(size: str, repeats: int, series: str = "layers") -> dict:
+    """ms per step of every column on the model of ``size`` in ``series``, one process."""
+    model = build_model(*SERIES[series](size))
     res = {"size": size, "times": {}, "host": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     res["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
@@ -111,14 +119,15 @@ def measure(size: str, repeats: int) -> dict:
     return res
 
 
-def worker(rank: int, world_size: int, size: str, repeats: int, clock: str = "wall") -> dict:
+def worker(rank: int, world_size: int, size: str, repeats: int, clock: str = "wall",
+           series: str = "layers") -> dict:
     """One rank of W: the model whole on every rank (DDP-like), owners split the units; every
     step starts and ends at a barrier, so each rank's time includes waiting for the other."""
     import torch.distributed as dist
 
     global CLOCK
     CLOCK = CLOCKS[clock]
-    model = build_model(SIZES[size])
+    model = build_model(*SERIES[series](size))
     out = {"times": {}, "host": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     out["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
@@ -161,10 +170,47 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+SERIES_TITLES = {
+    "layers": "More layers (128 experts each; 3, 10 and 40 layers)",
+    "experts": "More experts in the same shapes (3 layers; 128, 440 and 1,760 experts)",
+}
+
+
+def series_section(series: str, args) -> list[str]:
+    """The tables of one series: one process, then each W in ``args.world``."""
+    lines = [f"## {SERIES_TITLES[series]}", "", "### One process", ""]
+    rows = []
+    for size in args.sizes:
+        rows.append(measure(size, args.repeats, series))
+        print(series, rows[-1]["size"], {c: f"{statistics.median(t) * 1e3:.1f} ms"
+                                         for c, t in rows[-1]["times"].items()}, flush=True)
+    lines += table(rows)
+    if len(rows) > 1:
+        ratio = {c: statistics.median(rows[-1]["times"][c]) / statistics.median(rows[0]["times"][c])
+                 for c in ("AdamW(foreach)", "muon", "symmetric")}
+        lines += ["", f"{rows[-1]['size']} / {rows[0]['size']} step time: "
+                  + ", ".join(f"{c} {x:.2f}×" for c, x in ratio.items())]
+        lines += ["", "Host model (`host ms` = the step outside the exchange's collectives and the whole-matrix "
+                  "compute, on the same clock, median; least squares over the rows): "
+                  + ", ".join(f"{c} {f * 1e3:.2f} ms + {u * 1e6:.2f} µs × units"
+                              for c, (f, u) in ((c, host_fit(rows, c)) for c in ("muon", "symmetric")))]
+    for world in args.world:
+        lines += ["", f"### W = {world} (gloo, every rank holds the whole model, owners split the units; each rank's "
+                  "times, a barrier before and after every step)", ""]
+        wrows = []
+        for r in rows:
+            for rank, res in enumerate(run_world(world, worker, r["size"], args.repeats, args.clock, series)):
+                wrows.append({"size": r["size"], "units": r["units"], "rank": rank, **res})
+        lines += table(wrows)
+    return lines + [""]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--series", nargs="+", default=list(SERIES), choices=list(SERIES),
+                    help="layers: more layers of 128 experts; experts: 3 layers, more experts (same shapes)")
     ap.add_argument("--world", type=int, nargs="*", default=[], help="also run at these W (gloo)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
@@ -178,32 +224,9 @@ def main(argv=None) -> None:
              f"Command: `python benchmarks/host.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
              *machine_lines(), f"- {args.threads} thread(s), {args.repeats} timed repeats after 2 warm-up steps, {args.clock} clock"
              + (" (the stepping thread's CPU time)" if args.clock == "cpu" else ""), "",
-             "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units.", "",
-             "## One process", ""]
-    rows = []
-    for size in args.sizes:
-        rows.append(measure(size, args.repeats))
-        print(rows[-1]["size"], {c: f"{statistics.median(t) * 1e3:.1f} ms" for c, t in rows[-1]["times"].items()},
-              flush=True)
-    lines += table(rows)
-    if len(rows) > 1:
-        ratio = {c: statistics.median(rows[-1]["times"][c]) / statistics.median(rows[0]["times"][c])
-                 for c in ("muon", "symmetric")}
-        lines += ["", f"{rows[-1]['size']} / {rows[0]['size']} step time: "
-                  + ", ".join(f"{c} {x:.2f}×" for c, x in ratio.items())]
-    if len(rows) > 1:
-        lines += ["", "Host model (`host ms` = the step outside the exchange's collectives and the whole-matrix "
-                  "compute, on the same clock, median; least squares over the rows): "
-                  + ", ".join(f"{c} {f * 1e3:.2f} ms + {u * 1e6:.2f} µs × units"
-                              for c, (f, u) in ((c, host_fit(rows, c)) for c in ("muon", "symmetric")))]
-    for world in args.world:
-        lines += ["", f"## W = {world} (gloo, every rank holds the whole model, owners split the units; each rank's "
-                  "times, a barrier before and after every step)", ""]
-        wrows = []
-        for r in rows:
-            for rank, res in enumerate(run_world(world, worker, r["size"], args.repeats, args.clock)):
-                wrows.append({"size": r["size"], "units": r["units"], "rank": rank, **res})
-        lines += table(wrows)
+             "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units.", ""]
+    for series in args.series:
+        lines += series_section(series, args)
     write_results(args.out, lines)
 
 

@@ -211,7 +211,9 @@ def left_spectral(
         U = C\big(\operatorname{tr}(G L)^\alpha \, L M_c\big)
 
     ``tr(G L) = ⟨M_c, L M_c⟩`` is the nuclear norm of ``M_c``, and ``L M_c`` its polar factor: the
-    rule equals the centred :func:`right_spectral` up to how the null space is handled. The e×e Gram
+    rule equals the centred :func:`right_spectral` up to how the null space is handled. For a tall
+    router (more experts than its width) the d×d form ``M_c (M_cᵀM_c + εI)^{-½}`` is used, which
+    is the same matrix (the two Grams share their nonzero spectrum). The e×e Gram
     of a centred matrix is exactly singular along ``1``; the default ``eigh`` path drops it with the
     pseudo-inverse cutoff (eigenvalues ``≤ λ_max · e · eps_fp32``, see :func:`inv_sqrt`). With
     ``method="newton_schulz"`` only ``ε`` bounds it and the outer ``C`` removes what leaks.
@@ -235,7 +237,13 @@ def left_spectral(
     M = x.to(_acc(x))
     if center:
         M = center_rows(M)
-    U = inv_sqrt(M @ M.mT, eps, method, steps) @ M
+    # L M_c = M_c (M_cᵀM_c + εI)^{-½}: the two Grams share their nonzero eigenvalues and their
+    # Frobenius norm (so ε means the same), so the smaller one is inverted. A tiny model's router
+    # (128 experts × width 16) would otherwise spend most of a step in a 128×128 eigh.
+    if M.shape[-2] <= M.shape[-1]:
+        U = inv_sqrt(M @ M.mT, eps, method, steps) @ M
+    else:
+        U = M @ inv_sqrt(M.mT @ M, eps, method, steps)
     U = nuclear_norm_scale(M, U, alpha) * U
     if center:
         U = center_rows(U)
