@@ -133,9 +133,10 @@ class SpectralOptimizer(torch.optim.Optimizer):
     Host synchronisation. After the first step (which checks the parameters are the model's
     and reads the step counters once), a step with ``nonfinite="off"`` reads nothing back from
     the device: step counters are counted on the host beside their tensors (re-read only after
-    something else wrote them, such as a checkpoint load), learning rates and weight decay are
-    Python numbers (a 0-d tensor lr would be read by the update's foreach ``alpha``, once per param
-    group), and the plan, its batches and the kernel choices are built once. That is the configuration to capture in a CUDA graph (with the gradients'
+    something else wrote them, such as a checkpoint load), learning rates are Python numbers
+    or 0-d tensors on the parameters' device (multiplied in on the device, so a scheduler filling
+    them in place changes a captured step; torch's ``LambdaLR`` does), and the plan, its batches
+    and the kernel choices are built once. That is the configuration to capture in a CUDA graph (with the gradients'
     reduction) or to run ahead of the GPU; a check of your own (``GradScaler``, a loss check)
     replaces the non-finite policy there. ``nonfinite="skip"`` or ``"raise"`` adds one
     synchronisation per training step, for the skip decision. Under ``W > 1`` the exchange's
@@ -549,7 +550,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _apply(items: list[StepItem], updates: dict) -> None:
         """``W ← W · (1 − lr · wd) − lr · U`` on each local piece: two foreach operations per param
-        group (one learning rate and weight decay), not two per parameter."""
+        group (one learning rate and weight decay), not two per parameter.
+
+        ``lr`` may be a 0-d tensor (as torch's capturable optimizers take it): the update is then
+        multiplied by it on the device instead of passing it as ``alpha`` (a Python number, which
+        would read the tensor back every step), so a scheduler that writes it in place
+        (``LambdaLR`` fills tensor lrs) changes a step captured in a CUDA graph."""
         by_group: dict[int, tuple[dict, list, list]] = {}
         for i, it in enumerate(items):
             _, params, ups = by_group.setdefault(id(it.group), (it.group, [], []))
@@ -557,6 +563,11 @@ class SpectralOptimizer(torch.optim.Optimizer):
             ups.append(updates[i].reshape(it.param.shape).to(it.param.dtype))
         for group, params, ups in by_group.values():
             lr, wd = group["lr"], group["weight_decay"]
+            if isinstance(lr, Tensor):
+                if wd:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_sub_(params, torch._foreach_mul(ups, lr))
+                continue
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_add_(params, ups, alpha=-lr)

@@ -96,8 +96,18 @@ def run(model, ids, kind: str, warmup: int, steps: int, clock: Clock) -> dict:
 
 
 def graph_capture(model, ids, kind: str) -> str:
-    """Whether one ``step()`` captures in a CUDA graph (after warm-up steps on a side stream)."""
-    opt = make_optimizer(model, kind)
+    """Whether one ``step()`` captures in a CUDA graph (after warm-up steps on a side stream).
+
+    Ours in the configuration meant for it: ``nonfinite="off"`` and 0-d tensor lrs on the device.
+    After a replay, every lr is filled with 0 and the graph replayed again: the weights must not
+    move (the lr is read by the graph, not baked into it), reported as "lr live"."""
+    if kind == "adamw":
+        opt = make_optimizer(model, kind)
+    else:
+        opt = build_optimizer(model, kind, nonfinite="off")
+        device = next(model.parameters()).device
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     side = torch.cuda.Stream()
@@ -112,7 +122,15 @@ def graph_capture(model, ids, kind: str) -> str:
             opt.step()
         graph.replay()
         torch.cuda.synchronize()
-        return "yes"
+        if kind == "adamw":
+            return "yes"
+        for group in opt.param_groups:
+            group["lr"].fill_(0.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        graph.replay()
+        torch.cuda.synchronize()
+        still = all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        return "yes, lr live" if still else "yes, but lr baked in (weights moved at lr 0)"
     except Exception as e:  # the finding is the error itself
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return f"no: {type(e).__name__}: {first[:160]}"

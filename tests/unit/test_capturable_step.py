@@ -80,6 +80,44 @@ def test_off_steps_without_host_reads(recipe, monkeypatch):
         ref_opt.step()
 
 
+def _tensor_lrs(opt) -> None:
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]))
+
+
+@pytest.mark.parametrize("recipe", ["muon", "symmetric", "adamw"])
+def test_tensor_lr_follows_its_scheduler_without_host_reads(recipe, monkeypatch):
+    """0-d tensor lrs (what a CUDA graph needs, as torch's capturable optimizers take them): a
+    ``LambdaLR`` fills them in place between steps, the steps read nothing back, and the weights
+    follow the Python-number lrs' run to rounding (lr in fp32 and the update no longer fused with
+    it: measured 1.2e-7 of each tensor's largest entry after 4 steps)."""
+    runs = []
+    for tensor_lr in (False, True):
+        model, opt = _build(recipe, "off")
+        if tensor_lr:
+            _tensor_lrs(opt)
+        runs.append((model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))))
+    (ref_model, ref_opt, ref_sched), (model, opt, sched) = runs
+    lr_tensors = [g["lr"] for g in opt.param_groups]
+    assert any(g["weight_decay"] for g in opt.param_groups)  # the decay's tensor path runs too
+    for step in range(4):
+        _grads(model, step), _grads(ref_model, step)
+        ref_opt.step()
+        if step == 0:
+            opt.step()  # the first step checks the model and reads the counters once
+        else:
+            with monkeypatch.context() as m, _CountScalarReads() as reads:
+                _forbid_reads(m)
+                opt.step()
+            assert reads.reads == 0
+        sched.step(), ref_sched.step()
+    assert [g["lr"] for g in opt.param_groups] == lr_tensors  # filled in place, not replaced
+    for g, ref in zip(opt.param_groups, ref_opt.param_groups):
+        assert g["lr"].item() == pytest.approx(ref["lr"], rel=1e-7)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=4e-7 * float(q.detach().abs().max()), msg=n)
+
+
 def test_off_lets_a_nan_through_and_skip_does_not():
     model, opt = _build("muon", "off")
     _grads(model, 0)
