@@ -39,13 +39,47 @@ SIZES = {"1k": 3, "4k": 10, "16k": 40}
 #: the other series: 3 layers, experts for about 1k, 4k and 16k units (3 × (3 E + 13)), so every
 #: size has the same parameters in the same (rule, shape) batches, only with more experts in them
 EXPERTS = {"1k": 128, "4k": 440, "16k": 1760}
-#: series name -> (layers, experts) of a size
-SERIES = {"layers": lambda size: (SIZES[size], 128), "experts": lambda size: (3, EXPERTS[size])}
+#: series name -> (layers, experts, width) of a size; ``width4`` is ``experts`` at width 4 (heads of
+#: 2), where the polar math is 64× fewer FLOPs per unit than at width 16
+SERIES = {"layers": lambda size: (SIZES[size], 128, 16), "experts": lambda size: (3, EXPERTS[size], 16),
+          "width4": lambda size: (3, EXPERTS[size], 4)}
 #: what a step's time is read from: ``wall`` (perf_counter) or ``cpu`` (the stepping thread's CPU
 #: time, thread_time: the host work itself, not the waits for a busy machine's cores or for a peer)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 CLOCK = CLOCKS["wall"]
 _COMPUTE = [0.0]  # seconds of the current step in the whole-matrix compute, on CLOCK
+_GEMM = [0.0]  # seconds of the current step in torch.bmm / torch.baddbmm (the polar products), on CLOCK
+
+
+def _count_gemms() -> None:
+    """Time ``torch.bmm`` and ``torch.baddbmm`` on CLOCK (polar and the Gram kernels call them
+    through the module, so the wrapper sees every batched product; two Python calls each)."""
+    if getattr(torch.bmm, "_counted", False):
+        return
+    for name in ("bmm", "baddbmm"):
+        def timed(*args, _original=getattr(torch, name), **kwargs):
+            t0 = CLOCK()
+            out = _original(*args, **kwargs)
+            _GEMM[0] += CLOCK() - t0
+            return out
+        timed._counted = True
+        setattr(torch, name, timed)
+
+
+def python_calls(step) -> int:
+    """Python and C function calls made by one ``step()`` (``sys.setprofile`` events): what grows
+    with the units if the step loops over them in Python."""
+    calls = [0]
+
+    def count(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+    sys.setprofile(count)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return calls[0]
 
 
 def _count_compute() -> None:
@@ -66,12 +100,13 @@ def _count_compute() -> None:
 RECIPES = ("adamw", "muon", "symmetric")
 
 
-def build_model(layers: int, experts: int = 128):
+def build_model(layers: int, experts: int = 128, width: int = 16):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, num_experts=experts, num_experts_per_tok=2,
+    heads = 4 if width >= 16 else 2
+    cfg = OlmoeConfig(vocab_size=64, hidden_size=width, intermediate_size=width, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, num_experts=experts, num_experts_per_tok=2,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = OlmoeForCausalLM(cfg)
     gen = torch.Generator().manual_seed(1)
@@ -90,23 +125,29 @@ def time_steps(step, repeats: int, warmup: int = 2, opt=None) -> tuple[list[floa
     whole-matrix compute), on the CPU clock the step's CPU time outside the whole-matrix compute
     (waits for collectives take none)."""
     _count_compute()
+    _count_gemms()
     for _ in range(warmup):
         step()
     out, host = [], []
+    gemm = [] if opt is not None else None
     for _ in range(repeats):
-        _COMPUTE[0] = 0.0
+        _COMPUTE[0] = _GEMM[0] = 0.0
         t0 = CLOCK()
         step()
         out.append(CLOCK() - t0)
+        if gemm is not None:
+            gemm.append(_GEMM[0])
         if opt is not None:
             host.append(opt.last_stats.host_seconds if CLOCK is CLOCKS["wall"] else out[-1] - _COMPUTE[0])
+    if gemm is not None:
+        opt._bench_gemm = gemm
     return out, host
 
 
 def measure(size: str, repeats: int, series: str = "layers") -> dict:
     """ms per step of every column on the model of ``size`` in ``series``, one process."""
     model = build_model(*SERIES[series](size))
-    res = {"size": size, "times": {}, "host": {}}
+    res = {"size": size, "times": {}, "host": {}, "outside_gemm": {}, "calls": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     res["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
     with warnings.catch_warnings():
@@ -116,6 +157,8 @@ def measure(size: str, repeats: int, series: str = "layers") -> dict:
             if recipe == "muon":
                 res["units"] = units_of(opt)
             res["times"][recipe], res["host"][recipe] = time_steps(opt.step, repeats, opt=opt)
+            res["outside_gemm"][recipe] = [t - g for t, g in zip(res["times"][recipe], opt._bench_gemm)]
+            res["calls"][recipe] = python_calls(opt.step)
     return res
 
 
@@ -158,21 +201,25 @@ def table(rows: list[dict]) -> list[str]:
     cols = ["AdamW(foreach)", *RECIPES]
     polar = ("muon", "symmetric")
     lines = ["| units (muon) | " + " | ".join(f"{c} ms" for c in cols) + " | "
-             + " | ".join(f"{c} µs/unit" for c in polar) + " | " + " | ".join(f"{c} host ms" for c in polar) + " |",
-             "|" + "---|" * (1 + len(cols) + 4)]
+             + " | ".join(f"{c} µs/unit" for c in polar) + " | " + " | ".join(f"{c} host ms" for c in polar)
+             + " | " + " | ".join(f"{c} host µs/unit" for c in polar) + " |",
+             "|" + "---|" * (1 + len(cols) + 6)]
     for r in rows:
         base = statistics.median(r["times"]["AdamW(foreach)"])
         per_unit = [(statistics.median(r["times"][c]) - base) / r["units"] * 1e6 for c in polar]
+        host_per_unit = [(statistics.median(r["host"][c]) - base) / r["units"] * 1e6 for c in polar]
         label = f"{r['units']} ({r['size']})" + (f", rank {r['rank']}" if "rank" in r else "")
         lines.append(f"| {label} | " + " | ".join(summary([t * 1e3 for t in r["times"][c]], ".1f") for c in cols)
                      + " | " + " | ".join(f"{x:.1f}" for x in per_unit)
-                     + " | " + " | ".join(summary([t * 1e3 for t in r["host"][c]], ".1f") for c in polar) + " |")
+                     + " | " + " | ".join(summary([t * 1e3 for t in r["host"][c]], ".1f") for c in polar)
+                     + " | " + " | ".join(f"{x:.2f}" for x in host_per_unit) + " |")
     return lines
 
 
 SERIES_TITLES = {
     "layers": "More layers (128 experts each; 3, 10 and 40 layers)",
     "experts": "More experts in the same shapes (3 layers; 128, 440 and 1,760 experts)",
+    "width4": "More experts in the same shapes at width 4 (3 layers; 128, 440 and 1,760 experts of 4×4)",
 }
 
 
@@ -190,6 +237,19 @@ def series_section(series: str, args) -> list[str]:
                  for c in ("AdamW(foreach)", "muon", "symmetric")}
         lines += ["", f"{rows[-1]['size']} / {rows[0]['size']} step time: "
                   + ", ".join(f"{c} {x:.2f}×" for c, x in ratio.items())]
+        lines += ["", "What grows with the units: Python calls per step (`sys.setprofile` events, one step) and "
+                  "the step without its batched products (`torch.bmm` / `torch.baddbmm`, timed on the same "
+                  "clock), ms:", "",
+                  "| units (muon) | muon Python calls | symmetric Python calls | muon ms without the products "
+                  "| symmetric ms without the products |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['units']} ({r['size']}) | {r['calls']['muon']:,} | {r['calls']['symmetric']:,} | "
+                         + " | ".join(summary([t * 1e3 for t in r["outside_gemm"][c]], ".1f")
+                                      for c in ("muon", "symmetric")) + " |")
+        outside = {c: statistics.median(rows[-1]["outside_gemm"][c]) / statistics.median(rows[0]["outside_gemm"][c])
+                   for c in ("muon", "symmetric")}
+        lines += ["", f"{rows[-1]['size']} / {rows[0]['size']} without the products: "
+                  + ", ".join(f"{c} {x:.2f}×" for c, x in outside.items())]
         lines += ["", "Host model (`host ms` = the step outside the exchange's collectives and the whole-matrix "
                   "compute, on the same clock, median; least squares over the rows): "
                   + ", ".join(f"{c} {f * 1e3:.2f} ms + {u * 1e6:.2f} µs × units"
@@ -210,7 +270,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--series", nargs="+", default=list(SERIES), choices=list(SERIES),
-                    help="layers: more layers of 128 experts; experts: 3 layers, more experts (same shapes)")
+                    help="layers: more layers of 128 experts; experts: 3 layers, more experts (same shapes); "
+                         "width4: experts at width 4")
     ap.add_argument("--world", type=int, nargs="*", default=[], help="also run at these W (gloo)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
@@ -224,7 +285,9 @@ def main(argv=None) -> None:
              f"Command: `python benchmarks/host.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
              *machine_lines(), f"- {args.threads} thread(s), {args.repeats} timed repeats after 2 warm-up steps, {args.clock} clock"
              + (" (the stepping thread's CPU time)" if args.clock == "cpu" else ""), "",
-             "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units.", ""]
+             "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units; "
+             "host µs per unit = (host median − AdamW(foreach) median) / muon units: the same without the "
+             "whole-matrix math (polar, the spectral rules' inverse square roots).", ""]
     for series in args.series:
         lines += series_section(series, args)
     write_results(args.out, lines)
