@@ -42,7 +42,7 @@ EXPERTS = {"1k": 128, "4k": 440, "16k": 1760}
 #: series name -> (layers, experts, width) of a size; ``width4`` is ``experts`` at width 4 (heads of
 #: 2), where the polar math is 64× fewer FLOPs per unit than at width 16
 SERIES = {"layers": lambda size: (SIZES[size], 128, 16), "experts": lambda size: (3, EXPERTS[size], 16),
-          "width4": lambda size: (3, EXPERTS[size], 4)}
+          "layers4": lambda size: (SIZES[size], 128, 4), "width4": lambda size: (3, EXPERTS[size], 4)}
 #: what a step's time is read from: ``wall`` (perf_counter) or ``cpu`` (the stepping thread's CPU
 #: time, thread_time: the host work itself, not the waits for a busy machine's cores or for a peer)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -156,6 +156,7 @@ def measure(size: str, repeats: int, series: str = "layers") -> dict:
             opt = build_optimizer(model, recipe)
             if recipe == "muon":
                 res["units"] = units_of(opt)
+                res["params"] = sum(len(g["params"]) for g in opt.param_groups)
             res["times"][recipe], res["host"][recipe] = time_steps(opt.step, repeats, opt=opt)
             res["outside_gemm"][recipe] = [t - g for t, g in zip(res["times"][recipe], opt._bench_gemm)]
             res["calls"][recipe] = python_calls(opt.step)
@@ -219,16 +220,32 @@ def table(rows: list[dict]) -> list[str]:
 SERIES_TITLES = {
     "layers": "More layers (128 experts each; 3, 10 and 40 layers)",
     "experts": "More experts in the same shapes (3 layers; 128, 440 and 1,760 experts)",
+    "layers4": "More layers at width 4 (128 experts of 4×4 each; 3, 10 and 40 layers)",
     "width4": "More experts in the same shapes at width 4 (3 layers; 128, 440 and 1,760 experts of 4×4)",
 }
+#: the series whose host time is (almost) all Python: the host model's constants are fitted on them
+PYTHON_BOUND = ("layers4", "width4")
 
 
-def series_section(series: str, args) -> list[str]:
-    """The tables of one series: one process, then each W in ``args.world``."""
+def host_model_fit(rows: list[dict], recipe: str) -> tuple[float, float, float]:
+    """Least squares ``host seconds = fixed + per_param × parameters + per_unit × units`` (medians)."""
+    import numpy as np
+
+    a = np.array([[1.0, r["params"], r["units"]] for r in rows])
+    y = np.array([statistics.median(r["host"][recipe]) for r in rows])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return tuple(float(c) for c in coef)
+
+
+def series_section(series: str, args, fitted: list | None = None) -> list[str]:
+    """The tables of one series: one process, then each W in ``args.world``; its one-process rows
+    are appended to ``fitted`` when given."""
     lines = [f"## {SERIES_TITLES[series]}", "", "### One process", ""]
     rows = []
     for size in args.sizes:
-        rows.append(measure(size, args.repeats, series))
+        rows.append({**measure(size, args.repeats, series), "series": series})
+        if fitted is not None:
+            fitted.append(rows[-1])
         print(series, rows[-1]["size"], {c: f"{statistics.median(t) * 1e3:.1f} ms"
                                          for c, t in rows[-1]["times"].items()}, flush=True)
     lines += table(rows)
@@ -271,7 +288,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--series", nargs="+", default=list(SERIES), choices=list(SERIES),
                     help="layers: more layers of 128 experts; experts: 3 layers, more experts (same shapes); "
-                         "width4: experts at width 4")
+                         "layers4, width4: the same at width 4")
     ap.add_argument("--world", type=int, nargs="*", default=[], help="also run at these W (gloo)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
@@ -288,8 +305,18 @@ def main(argv=None) -> None:
              "Median ms per step (min–max); µs per unit = (median − AdamW(foreach) median) / muon units; "
              "host µs per unit = (host median − AdamW(foreach) median) / muon units: the same without the "
              "whole-matrix math (polar, the spectral rules' inverse square roots).", ""]
+    fitted = []
     for series in args.series:
-        lines += series_section(series, args)
+        lines += series_section(series, args, fitted if series in PYTHON_BOUND else None)
+    if len({r["series"] for r in fitted}) > 1:
+        lines += ["## Host model", "",
+                  f"Least squares over the one-process rows of {' and '.join(PYTHON_BOUND)} (host ms, median), the "
+                  "constants of `dist_spectral/predict.py`:", ""]
+        for recipe in ("muon", "symmetric"):
+            fixed, per_param, per_unit = host_model_fit(fitted, recipe)
+            lines.append(f"- {recipe}: {fixed * 1e3:.2f} ms + {per_param * 1e6:.1f} µs × parameters + "
+                         f"{per_unit * 1e6:.3f} µs × units")
+        lines.append("")
     write_results(args.out, lines)
 
 

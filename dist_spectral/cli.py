@@ -108,7 +108,7 @@ def cmd_plan(args) -> int:
     rates = Rates(flops=args.flops_rate, flops_efficiency=args.flops_efficiency, bandwidth=args.bandwidth,
                   nvlink_bandwidth=args.nvlink_bandwidth, gpus_per_node=args.gpus_per_node,
                   comm_efficiency=args.comm_efficiency, latency=args.latency, hbm_bandwidth=args.hbm_bandwidth,
-                  host_fixed=args.host_fixed, host_per_unit=args.host_per_unit)
+                  host_fixed=args.host_fixed, host_per_param=args.host_per_param, host_per_unit=args.host_per_unit)
     for stage in range(parallel.pipeline):
         if parallel.pipeline > 1:
             first = stage * parallel.stage_world_size
@@ -153,8 +153,9 @@ def _print_plan(sim, pred, rates, args) -> None:
           f"element-wise {pred.elementwise[worst] * 1e3:.2f} ms + column all-reduces {pred.colsum[worst] * 1e3:.2f} ms + "
           f"exchange {pred.exchange[worst] * 1e3:.2f} ms (compute {pred.compute[worst] * 1e3:.2f} ms, all-to-alls "
           f"{pred.comm[worst] * 1e3:.2f} ms, overlapped; {pred.serial[worst] * 1e3:.2f} ms if not) + host "
-          f"{pred.host[worst] * 1e3:.2f} ms ({rates.host_fixed * 1e3:.2f} ms + {rates.host_per_unit * 1e6:.2f} µs × "
-          f"{int(pred.units[worst])} units; benchmarks/results/host.md)")
+          f"{pred.host[worst] * 1e3:.2f} ms ({rates.host_fixed * 1e3:.2f} ms + {rates.host_per_param * 1e6:.2f} µs × "
+          f"{int(pred.params[worst])} parameters + {rates.host_per_unit * 1e6:.2f} µs × {int(pred.units[worst])} units; "
+          "benchmarks/results/host.md)")
     print(f"  AdamW on the same shards: {pred.adamw.max() * 1e3:.2f} ms")
     busy = max(pred.compute[worst], pred.comm[worst])
     if pred.exchange[worst] > 1.5 * busy and pred.exchange[worst] - busy > 1e-3:
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"memory bytes/s for element-wise work (default: {r.hbm_bandwidth:.3g}, H100 HBM3)")
     p.add_argument("--host-fixed", type=float, default=r.host_fixed,
                    help=f"host (Python) seconds per step (default: {r.host_fixed:g}, from benchmarks/host.py)")
+    p.add_argument("--host-per-param", type=float, default=r.host_per_param,
+                   help=f"host seconds per optimized parameter a rank holds (default: {r.host_per_param:g}, from "
+                        "benchmarks/host.py)")
     p.add_argument("--host-per-unit", type=float, default=r.host_per_unit,
                    help=f"host seconds per whole-matrix unit a rank handles (default: {r.host_per_unit:g}, from "
                         "benchmarks/host.py)")

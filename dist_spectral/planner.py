@@ -188,6 +188,8 @@ class Simulation:
             carried state).
         colsum_sizes (tuple[int, ...]): length of every column-statistics all-reduce of a step
             (row rules on sharded rows); each moves ``4 · length`` bytes each way per rank.
+        local_params (tuple[int, ...]): per rank, optimized parameters it holds a piece of (what
+            the step's Python visits; empty by default, when a caller builds one by hand).
     """
 
     plan: Plan
@@ -196,6 +198,7 @@ class Simulation:
     matrix_numel: tuple[int, ...]
     state_numel: tuple[int, ...]
     colsum_sizes: tuple[int, ...]
+    local_params: tuple[int, ...] = ()
 
     @property
     def colsum_bytes(self) -> int:
@@ -267,7 +270,7 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
     protos: dict[tuple, object] = {}
     sizes: dict[int, list[int]] = {}
     colsum_cache: dict[tuple, list[int]] = {}
-    local, matrix, state = (np.zeros(W, dtype=np.int64) for _ in range(3))
+    local, matrix, state, held_params = (np.zeros(W, dtype=np.int64) for _ in range(4))
     colsum_sizes: list[int] = []
     for g in groups:
         rule = get_rule(g.rule)
@@ -280,6 +283,7 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
                 sizes[id(layout)] = np.array([layout.local_numel(r) for r in range(W)], dtype=np.int64)
             held = sizes[id(layout)]
             local += held
+            held_params += held > 0
             state += buffers * held
             if rule.locality == "element":
                 continue
@@ -299,7 +303,7 @@ def simulate_step(model: nn.Module, parallel: Parallel, recipe="symmetric", buck
     plan = build_plan(params, W, int(bucket_mb * (1 << 20)), element_bytes,
                       REPLICATE_BELOW if replicate_below is None else replicate_below)
     return Simulation(plan, parallel, tuple(local.tolist()), tuple(matrix.tolist()), tuple(state.tolist()),
-                      tuple(colsum_sizes))
+                      tuple(colsum_sizes), tuple(held_params.tolist()))
 
 
 def simulate(model: nn.Module, parallel: Parallel, recipe="symmetric", bucket_mb: float = 256,

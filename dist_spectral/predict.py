@@ -21,7 +21,8 @@ rank's sent and received bytes (ranks in the same node of ``gpus_per_node`` use 
 for Muon-type rules, the rule's estimate for the spectral ones). Before the exchange, the
 element-wise part (momentum, AdamW groups, row rules, the weight update) streams every local
 element through memory, and row rules make their column all-reduces (ring: ``2 (W−1)/W`` of the
-bytes). Host (Python) time is modelled apart, per rank, as ``host_fixed + host_per_unit · units``
+bytes). Host (Python) time is modelled apart, per rank, as ``host_fixed + host_per_param ·
+parameters + host_per_unit · units``
 (``units``: the whole-matrix units the rank computes or holds pieces of), with the constants
 measured by ``benchmarks/host.py`` (see :class:`Rates`), and added to the step: a serial upper
 bound, since on a GPU the host dispatches while the device works.
@@ -58,11 +59,14 @@ H100_HBM = 3.35e12
 NVLINK4_PER_DIRECTION = 450e9
 IB_NDR_PER_DIRECTION = 50e9
 # Host seconds of a step outside the exchange's collectives and the whole-matrix compute, fitted
-# as fixed + per unit × units by `benchmarks/host.py --clock cpu` (muon, one process, one thread,
-# the stepping thread's CPU time) on a 2-core Intel Xeon, torch 2.13.0+cpu, Python 3.11.7; see
-# benchmarks/results/host.md. On a CPU this includes the element-wise math of those tiny tensors.
-HOST_FIXED = 0.86e-3
-HOST_PER_UNIT = 1.96e-6
+# as fixed + per parameter × parameters + per unit × units by `benchmarks/host.py --clock cpu`
+# (muon, one process, one thread, the stepping thread's CPU time) over its two width-4 series,
+# where the element-wise work and the math are negligible beside the Python (a parameter costs
+# about 55 Python calls a step; the units cost none, only bigger tensors), on a 2-core AMD EPYC,
+# torch 2.13.0+cpu, Python 3.11.7; see benchmarks/results/host.md.
+HOST_FIXED = 0.5e-3
+HOST_PER_PARAM = 20e-6
+HOST_PER_UNIT = 0.05e-6
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class Rates:
             into the gathered matrix and back out of the result, fp32).
         host_fixed (float): host (Python) seconds per step whatever the units (default:
             :data:`HOST_FIXED`, measured by ``benchmarks/host.py``).
+        host_per_param (float): host seconds per optimized parameter a rank holds a piece of
+            (default: :data:`HOST_PER_PARAM`, measured by ``benchmarks/host.py``).
         host_per_unit (float): host seconds per whole-matrix unit a rank computes or holds pieces
             of (default: :data:`HOST_PER_UNIT`, measured by ``benchmarks/host.py``).
     """
@@ -105,6 +111,7 @@ class Rates:
     momentum_bytes: int = 20
     matrix_bytes: int = 16
     host_fixed: float = HOST_FIXED
+    host_per_param: float = HOST_PER_PARAM
     host_per_unit: float = HOST_PER_UNIT
 
     def describe(self) -> str:
@@ -112,8 +119,8 @@ class Rates:
                 f"{self.bandwidth / 1e9:.0f} GB/s and NVLink {self.nvlink_bandwidth / 1e9:.0f} GB/s per GPU and "
                 f"direction × {self.comm_efficiency:g} ({self.gpus_per_node} GPUs per node), {self.latency * 1e6:.0f} µs "
                 f"per collective, HBM {self.hbm_bandwidth / 1e12:.2f} TB/s × {self.hbm_efficiency:g}; polar in "
-                f"{8 * self.work_bytes}-bit; host {self.host_fixed * 1e3:.2f} ms + {self.host_per_unit * 1e6:.2f} µs "
-                f"per unit")
+                f"{8 * self.work_bytes}-bit; host {self.host_fixed * 1e3:.2f} ms + {self.host_per_param * 1e6:.2f} µs "
+                f"per parameter + {self.host_per_unit * 1e6:.2f} µs per unit")
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,10 @@ class Prediction:
         serial (ndarray): ``compute + comm``, nothing overlapped.
         elementwise (ndarray): momentum, element-wise rules and the weight update.
         colsum (ndarray): column-statistics all-reduces.
-        host (ndarray): host (Python) seconds, ``host_fixed + host_per_unit · units``.
+        host (ndarray): host (Python) seconds, ``host_fixed + host_per_param · params +
+            host_per_unit · units``.
         units (ndarray): whole-matrix units each rank computes or holds pieces of.
+        params (ndarray): optimized parameters each rank holds a piece of.
         step (ndarray): ``elementwise + colsum + exchange + host``: the predicted optimizer step.
         adamw (ndarray): an AdamW step on the same shards.
         peak_extra (ndarray): extra memory bytes (see the module docstring).
@@ -146,6 +155,7 @@ class Prediction:
     colsum: np.ndarray
     host: np.ndarray
     units: np.ndarray
+    params: np.ndarray
     step: np.ndarray
     adamw: np.ndarray
     peak_extra: np.ndarray
@@ -311,9 +321,10 @@ def predict(sim: Simulation, rates: Rates = Rates()) -> Prediction:
         collectives += len(sim.colsum_sizes)
     colsum = np.full(W, colsum_time)
     unit_count = units_per_rank(plan)
-    host = rates.host_fixed + rates.host_per_unit * unit_count
+    param_count = np.asarray(sim.local_params or (0,) * W, dtype=np.int64)
+    host = rates.host_fixed + rates.host_per_param * param_count + rates.host_per_unit * unit_count
     return Prediction(compute=compute, comm=comm, exchange=exchange, serial=compute + comm, elementwise=elementwise,
-                      colsum=colsum, host=host, units=unit_count, step=elementwise + colsum + exchange + host,
+                      colsum=colsum, host=host, units=unit_count, params=param_count, step=elementwise + colsum + exchange + host,
                       adamw=local * rates.adamw_bytes / hbm,
                       peak_extra=peak, state=state, adamw_state=8 * local, collectives=collectives)
 
@@ -358,4 +369,4 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 __all__ = ["Rates", "Prediction", "predict", "units_per_rank", "summary_rows", "format_table", "HOST_FIXED",
-           "HOST_PER_UNIT"]
+           "HOST_PER_PARAM", "HOST_PER_UNIT"]

@@ -198,6 +198,7 @@ class Trainer:
             self._calls = StepStats()
             self.opt.register_step_post_hook(lambda opt, args, kwargs: self._calls.add(opt.last_stats))
         self.schedule_note = None  # set by load() when the resumed run's schedule differs from the saved one
+        self.hyper_note = None  # set by load() when this run's hyperparameters differ from the checkpoint's
         self.val = ([x.to(env.device) for x in self.data.val_batches(env.rank, cfg.train.eval_batches)]
                     if cfg.train.eval_every else [])
 
@@ -261,6 +262,7 @@ class Trainer:
         error = format_mismatch(Path(path), self.layout(), self.engine is not None)
         if error:
             raise ValueError(error)
+        configured = [hyperparameters(g) for g in self.opt.param_groups], list(self.sched.base_lrs)
         extra = (self.load_deepspeed(path) if self.engine is not None
                  else checkpoint.load(str(path), self.model, self.opt, self.sched))
         step = int(extra["step"])
@@ -269,6 +271,9 @@ class Trainer:
         # The groups hold the lrs saved under the checkpoint's schedule; continue on this run's.
         self.schedule_note = schedule_change(extra.get("schedule"), self.schedule_settings(), step,
                                              self.opt.param_groups, self.sched.base_lrs, apply_schedule(self.sched))
+        # Loading restored the checkpoint's hyperparameters (torch's convention); this run's config
+        # is what the user asked for, so its values apply, and the change is said.
+        self.hyper_note = restore_configured(self.opt.param_groups, self.sched, *configured)
         return step
 
     def schedule_settings(self) -> dict:
@@ -428,7 +433,8 @@ class Trainer:
             restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
             print(self.header() + (f"\nresumed at step {start}" if resume else "")
                   + (f" (elastic restart {restart})" if restart and resume else "")
-                  + (f"\n{self.schedule_note}" if self.schedule_note else ""), flush=True)
+                  + (f"\n{self.schedule_note}" if self.schedule_note else "")
+                  + (f"\n{self.hyper_note}" if self.hyper_note else ""), flush=True)
             metrics.write({"kind": "segment", "step": start, "layout": self.layout(), "engine": cfg.parallel.engine,
                            "world_size": self.env.world_size})
         write = metrics.write if metrics else (lambda record: None)
@@ -531,6 +537,46 @@ def schedule_change(saved: dict | None, now: dict, step: int, groups: list[dict]
             f"(of the base lr): {ratios}")
 
 
+#: param-group keys that are not hyperparameters a config sets: the lr is the schedule's (its base is
+#: compared); a changed rule or membership is a mismatch the checkpoint load refuses
+_NOT_HYPER = ("params", "lr", "initial_lr", "name", "rule", "param_names")
+
+
+def hyperparameters(group: dict) -> dict:
+    """A param group's hyperparameters as this run's config set them (sequences as tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k not in _NOT_HYPER}
+
+
+def restore_configured(groups: list[dict], scheduler, configured: list[dict], base_lrs: list[float]) -> str | None:
+    """Put this run's hyperparameters back into ``groups`` after a checkpoint load restored the
+    saved ones, and this run's base lrs into ``scheduler`` (the lr then follows this run's
+    schedule from its base); one line naming what changed, or None.
+
+    Args:
+        groups (list of dict): the optimizer's param groups, as loaded.
+        scheduler (LambdaLR): the scheduler, as loaded.
+        configured (list of dict): :func:`hyperparameters` of each group before the load.
+        base_lrs (list of float): the scheduler's base lrs before the load (this run's).
+    """
+    changed = []
+    for i, (group, want) in enumerate(zip(groups, configured, strict=True)):
+        name = group.get("name", f"group {i}")
+        have = hyperparameters(group)
+        for key in sorted(set(want) | set(have)):
+            if key in want and have.get(key) != want[key]:
+                changed.append(f"{name} {key} {have.get(key)!r} -> {want[key]!r}")
+                group[key] = list(want[key]) if isinstance(group.get(key), list) else want[key]
+        saved_base = scheduler.base_lrs[i]
+        if saved_base != base_lrs[i]:
+            changed.append(f"{name} lr {saved_base:g} -> {base_lrs[i]:g}")
+            scheduler.base_lrs[i] = base_lrs[i]
+            group["initial_lr"] = base_lrs[i]
+    if not changed:
+        return None
+    apply_schedule(scheduler)
+    return ("hyperparameters differ from the checkpoint's, this run's apply from here on: " + "; ".join(changed))
+
+
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
     """Run ``cfg`` on this process (under torchrun, or alone as a world of one); returns the summary."""
     env = init_distributed(cfg.parallel)
@@ -548,4 +594,4 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
 
 
 __all__ = ["Trainer", "train", "resolve_resume", "elastic_resume", "prune_checkpoints", "format_mismatch",
-           "optimizer_times", "schedule_change"]
+           "optimizer_times", "schedule_change", "hyperparameters", "restore_configured"]

@@ -68,3 +68,31 @@ def test_the_resume_is_a_segment_of_the_plot(extended):
     assert segments == [(0, "none x1"), (FIRST, "none x1")]
     d = plot_data(read_metrics(out / "metrics.jsonl"))
     assert d["resumes"] == [(FIRST, "resumed: none x1")] and d["layouts"] == ["none x1"]
+
+
+@pytest.fixture(scope="module")
+def overridden(tmp_path_factory) -> tuple[Path, str]:
+    """The same first run, resumed with an embedding lr and an mlp weight decay of its own."""
+    out = tmp_path_factory.mktemp("override")
+    train(f"train.steps={FIRST}", "train.ckpt_final=true", f"out_dir={out}")
+    return out, train(f"train.steps={EXTENDED}", f"out_dir={out}", "--resume", "optim.overrides.embedding.lr=0.01",
+                      "optim.overrides.mlp.weight_decay=0.0")
+
+
+def test_hyperparameters_changed_at_resume_apply_and_are_said(overridden):
+    """A checkpoint load restores the saved hyperparameters (torch's convention); the resumed run's
+    config must win, and say so, rather than train on the old values in silence."""
+    out, stdout = overridden
+    lines = [line for line in stdout.splitlines() if "hyperparameters differ" in line]
+    assert len(lines) == 1, stdout
+    assert "embedding lr 0.02 -> 0.01" in lines[0] and "mlp weight_decay 0.001 -> 0.0" in lines[0], lines[0]
+    lrs = {r["step"]: r["lr"] for r in records(out, "train")}
+    planned = planned_lrs("symmetric", EXTENDED, WARMUP)
+    for step in range(FIRST + 1, EXTENDED + 1):
+        assert lrs[step]["embedding"] == pytest.approx(planned[step]["embedding"] / 2, rel=1e-12), step
+        assert lrs[step]["mlp"] == planned[step]["mlp"], step
+
+
+def test_unchanged_hyperparameters_say_nothing(extended):
+    _, stdout = extended
+    assert "hyperparameters differ" not in stdout
