@@ -3,18 +3,22 @@
     python benchmarks/host.py                       # one process, writes benchmarks/results/host.md
     python benchmarks/host.py --world 2             # also W = 2 (gloo, one thread per rank)
 
-OLMoE architecture from `transformers`, width 16, experts of width 16, 4 heads of 4, in two
+OLMoE architecture from `transformers`, width 16, experts of width 16, 4 heads of 4, in series
 series of about 1k, 4k and 16k `muon` units (a head block or one expert's gate, up or down;
 Qwen3-30B-A3B has about 18k): ``layers`` stacks 3, 10 and 40 layers of 128 experts (more
 parameters, the same shapes); ``experts`` keeps 3 layers and gives them 128, 440 and 1,760 experts
-(the same parameters and (rule, shape) batches, only more units in each). The dimensions are
-small so that a step costs about what its Python costs, beside the polar math of 16×16 matrices.
+(the same parameters and (rule, shape) batches, only more units in each); ``layers4`` and
+``width4`` are the same at width 4 (experts of 4×4, 2 heads of 2), where the math and the
+element-wise passes are negligible beside the Python: the host model's constants
+(``fixed + per parameter × parameters + per unit × units``, ``dist_spectral/predict.py``) are the
+least-squares fit over their one-process rows. At width 16 the polar products of 16×16 matrices
+are real work on a CPU.
 Gradients are synthetic and fixed. Columns: ``torch.optim.AdamW(foreach=True)`` on the same
 parameters, and ``build_optimizer`` with the ``adamw``, ``muon`` and ``symmetric`` recipes: median
 ms per step (min–max over repeats), µs per unit above AdamW(foreach), and the optimizer's own
 ``last_stats.host_seconds`` (the step outside the exchange's collectives and the whole-matrix
-compute), whose least-squares fit ``fixed + per unit × units`` gives the host model's constants in
-``dist_spectral/predict.py``. Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
+compute), and per series the Python calls of one step and the step without its batched products.
+Targets (issue 15): ≤ 5 µs per unit for muon and symmetric, and 16k
 units in the same shapes ≤ 2× the 1k step.
 """
 from __future__ import annotations
