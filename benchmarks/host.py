@@ -3,7 +3,7 @@
     python benchmarks/host.py                       # one process, writes benchmarks/results/host.md
     python benchmarks/host.py --world 2             # also W = 2 (gloo, one thread per rank)
 
-OLMoE architecture from `transformers`, width 16, experts of width 16, 4 heads of 4, in series
+OLMoE architecture from `transformers`, width 16, experts of width 16, 4 heads of 4, in
 series of about 1k, 4k and 16k `muon` units (a head block or one expert's gate, up or down;
 Qwen3-30B-A3B has about 18k): ``layers`` stacks 3, 10 and 40 layers of 128 experts (more
 parameters, the same shapes); ``experts`` keeps 3 layers and gives them 128, 440 and 1,760 experts
