@@ -64,9 +64,9 @@ IB_NDR_PER_DIRECTION = 50e9
 # where the element-wise work and the math are negligible beside the Python (a parameter costs
 # about 55 Python calls a step; the units cost none, only bigger tensors), on a 2-core AMD EPYC,
 # torch 2.13.0+cpu, Python 3.11.7; see benchmarks/results/host.md.
-HOST_FIXED = 0.5e-3
-HOST_PER_PARAM = 20e-6
-HOST_PER_UNIT = 0.05e-6
+HOST_FIXED = 0.17e-3
+HOST_PER_PARAM = 27e-6
+HOST_PER_UNIT = 0.07e-6
 
 
 @dataclass(frozen=True)
