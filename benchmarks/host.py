@@ -123,29 +123,25 @@ def units_of(opt) -> int:
     return len(opt.plan().units)
 
 
-def time_steps(step, repeats: int, warmup: int = 2, opt=None) -> tuple[list[float], list[float]]:
-    """Seconds of ``repeats`` steps after ``warmup`` on CLOCK, and of each its host part: on the wall
-    clock ``opt.last_stats.host_seconds`` (the step outside the exchange's collectives and the
-    whole-matrix compute), on the CPU clock the step's CPU time outside the whole-matrix compute
-    (waits for collectives take none)."""
+def time_steps(step, repeats: int, warmup: int = 2, opt=None) -> tuple[list[float], list[float], list[float]]:
+    """Seconds of ``repeats`` steps after ``warmup`` on CLOCK; of each its host part (with ``opt``:
+    on the wall clock ``opt.last_stats.host_seconds``, the step outside the exchange's collectives
+    and the whole-matrix compute; on the CPU clock the step's CPU time outside the whole-matrix
+    compute, as waits for collectives take none); and of each its time in the batched products."""
     _count_compute()
     _count_gemms()
     for _ in range(warmup):
         step()
-    out, host = [], []
-    gemm = [] if opt is not None else None
+    out, host, gemm = [], [], []
     for _ in range(repeats):
         _COMPUTE[0] = _GEMM[0] = 0.0
         t0 = CLOCK()
         step()
         out.append(CLOCK() - t0)
-        if gemm is not None:
-            gemm.append(_GEMM[0])
+        gemm.append(_GEMM[0])
         if opt is not None:
             host.append(opt.last_stats.host_seconds if CLOCK is CLOCKS["wall"] else out[-1] - _COMPUTE[0])
-    if gemm is not None:
-        opt._bench_gemm = gemm
-    return out, host
+    return out, host, gemm
 
 
 def measure(size: str, repeats: int, series: str = "layers") -> dict:
@@ -153,7 +149,7 @@ def measure(size: str, repeats: int, series: str = "layers") -> dict:
     model = build_model(*SERIES[series](size))
     res = {"size": size, "times": {}, "host": {}, "outside_gemm": {}, "calls": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    res["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
+    res["times"]["AdamW(foreach)"], _, _ = time_steps(base.step, repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for recipe in RECIPES:
@@ -161,8 +157,8 @@ def measure(size: str, repeats: int, series: str = "layers") -> dict:
             if recipe == "muon":
                 res["units"] = units_of(opt)
                 res["params"] = sum(len(g["params"]) for g in opt.param_groups)
-            res["times"][recipe], res["host"][recipe] = time_steps(opt.step, repeats, opt=opt)
-            res["outside_gemm"][recipe] = [t - g for t, g in zip(res["times"][recipe], opt._bench_gemm)]
+            res["times"][recipe], res["host"][recipe], gemm = time_steps(opt.step, repeats, opt=opt)
+            res["outside_gemm"][recipe] = [t - g for t, g in zip(res["times"][recipe], gemm)]
             res["calls"][recipe] = python_calls(opt.step)
     return res
 
@@ -178,7 +174,7 @@ def worker(rank: int, world_size: int, size: str, repeats: int, clock: str = "wa
     model = build_model(*SERIES[series](size))
     out = {"times": {}, "host": {}}
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    out["times"]["AdamW(foreach)"], _ = time_steps(base.step, repeats)
+    out["times"]["AdamW(foreach)"], _, _ = time_steps(base.step, repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for recipe in RECIPES:
@@ -188,18 +184,19 @@ def worker(rank: int, world_size: int, size: str, repeats: int, clock: str = "wa
                 dist.barrier()
                 opt.step()
                 dist.barrier()
-            out["times"][recipe], out["host"][recipe] = time_steps(step, repeats, opt=opt)
+            out["times"][recipe], out["host"][recipe], _ = time_steps(step, repeats, opt=opt)
     return out
 
 
-def host_fit(rows: list[dict], recipe: str) -> tuple[float, float]:
-    """Least-squares ``host seconds = fixed + per_unit × units`` over the rows (medians)."""
+def host_fit(rows: list[dict], recipe: str, terms: tuple[str, ...] = ("units",)) -> tuple[float, ...]:
+    """Least squares ``host seconds = fixed + Σ coefficient × row[term]`` over the rows (medians):
+    ``(fixed, *coefficients)``."""
     import numpy as np
 
-    x = np.array([r["units"] for r in rows], dtype=np.float64)
+    a = np.array([[1.0, *(r[t] for t in terms)] for r in rows], dtype=np.float64)
     y = np.array([statistics.median(r["host"][recipe]) for r in rows])
-    per_unit, fixed = np.polyfit(x, y, 1) if len(rows) > 1 else (y[0] / x[0], 0.0)
-    return float(fixed), float(per_unit)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return tuple(float(c) for c in coef)
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -229,16 +226,6 @@ SERIES_TITLES = {
 }
 #: the series whose host time is (almost) all Python: the host model's constants are fitted on them
 PYTHON_BOUND = ("layers4", "width4")
-
-
-def host_model_fit(rows: list[dict], recipe: str) -> tuple[float, float, float]:
-    """Least squares ``host seconds = fixed + per_param × parameters + per_unit × units`` (medians)."""
-    import numpy as np
-
-    a = np.array([[1.0, r["params"], r["units"]] for r in rows])
-    y = np.array([statistics.median(r["host"][recipe]) for r in rows])
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    return tuple(float(c) for c in coef)
 
 
 def series_section(series: str, args, fitted: list | None = None) -> list[str]:
@@ -317,7 +304,7 @@ def main(argv=None) -> None:
                   f"Least squares over the one-process rows of {' and '.join(PYTHON_BOUND)} (host ms, median), the "
                   "constants of `dist_spectral/predict.py`:", ""]
         for recipe in ("muon", "symmetric"):
-            fixed, per_param, per_unit = host_model_fit(fitted, recipe)
+            fixed, per_param, per_unit = host_fit(fitted, recipe, ("params", "units"))
             lines.append(f"- {recipe}: {fixed * 1e3:.2f} ms + {per_param * 1e6:.1f} µs × parameters + "
                          f"{per_unit * 1e6:.3f} µs × units")
         lines.append("")

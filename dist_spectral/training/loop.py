@@ -562,8 +562,8 @@ def restore_configured(groups: list[dict], scheduler, configured: list[dict], ba
     for i, (group, want) in enumerate(zip(groups, configured, strict=True)):
         name = group.get("name", f"group {i}")
         have = hyperparameters(group)
-        for key in sorted(set(want) | set(have)):
-            if key in want and have.get(key) != want[key]:
+        for key in sorted(want):
+            if have.get(key) != want[key]:
                 changed.append(f"{name} {key} {have.get(key)!r} -> {want[key]!r}")
                 group[key] = list(want[key]) if isinstance(group.get(key), list) else want[key]
         saved_base = scheduler.base_lrs[i]
