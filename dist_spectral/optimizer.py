@@ -36,7 +36,7 @@ from .kernels import choice as kernel_choice
 from .plan import Plan, build_plan, check_replicate_below
 from .roles import ParamInfo
 from .route import REPLICATE_BELOW, plan_param, runs_on_rows
-from .rules import RULES, RowStats, check_group, get_rule
+from .rules import RULES, RowStats, check_group, check_lr_form, get_rule
 from .stats import StepStats
 
 log = logging.getLogger(__name__)
@@ -429,6 +429,7 @@ class SpectralOptimizer(torch.optim.Optimizer):
         if not self._model_checked or not items:
             self._check_model()  # raises before anything changes
             self._model_checked = True
+        self._check_lrs()  # a scheduler or the user may have set them since the groups were checked
         stats = StepStats()
         if self._nonfinite(items):
             stats.skipped = True
@@ -447,6 +448,14 @@ class SpectralOptimizer(torch.optim.Optimizer):
         self.last_stats = stats
         self.total_polar_flops += stats.polar_flops
         return loss
+
+    def _check_lrs(self) -> None:
+        """Each group's lr in a form the update takes, before anything changes (no device read)."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                check_lr_form(group["lr"])
+            except ValueError as err:
+                raise ValueError(f"param group {group.get('name', i)!r}: {err}. Nothing was updated") from None
 
     def _advance_counters(self, items: list[StepItem]) -> dict[int, int]:
         """Count this step once per counter (a DeepSpeed flat's counter is shared by its
@@ -563,14 +572,12 @@ class SpectralOptimizer(torch.optim.Optimizer):
             ups.append(updates[i].reshape(it.param.shape).to(it.param.dtype))
         for group, params, ups in by_group.values():
             lr, wd = group["lr"], group["weight_decay"]
-            if isinstance(lr, Tensor):
-                if wd:
-                    torch._foreach_mul_(params, 1 - lr * wd)
-                torch._foreach_sub_(params, torch._foreach_mul(ups, lr))
-                continue
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_add_(params, ups, alpha=-lr)
+            if isinstance(lr, Tensor):
+                torch._foreach_sub_(params, torch._foreach_mul(ups, lr))
+            else:
+                torch._foreach_add_(params, ups, alpha=-lr)
 
     @staticmethod
     def _channels(it: StepItem, x) -> Tensor:

@@ -251,11 +251,21 @@ def _check_range(key: str, value, low: float, high: float | None = None, *, open
 _BOOLEAN_KEYS = ("nesterov", "per_head", "split_gate_up", "center", "normalize")
 
 
+def check_lr_form(lr) -> None:
+    """``ValueError`` unless ``lr`` is a number or a 0-d tensor: the update multiplies a tensor lr
+    into foreach operations, which take a 0-d tensor only (a ``[1]``-shaped one would fail halfway
+    through applying a step)."""
+    if isinstance(lr, Tensor) and lr.ndim != 0:
+        raise ValueError(f"lr={lr!r}: a tensor lr must be 0-d, e.g. torch.tensor({lr.reshape(-1)[0].item():g}) "
+                         f"(shape {tuple(lr.shape)} given); or give a Python number")
+
+
 def check_common(group: dict) -> None:
     """``ValueError`` naming the first of the hyperparameters every rule shares that is out of range:
     ``lr`` ≥ 0, ``weight_decay`` ≥ 0, ``beta`` and each of ``betas`` in [0, 1), ``eps`` > 0,
     ``norm_eps`` / ``spectral_eps`` ≥ 0, ``steps`` an integer ≥ 0, the switches booleans. A
     negative lr or weight decay would train uphill, a momentum of 1 or more diverges."""
+    check_lr_form(group.get("lr"))
     _check_range("lr", group.get("lr"), 0.0)
     _check_range("weight_decay", group.get("weight_decay", 0.0), 0.0)
     if "beta" in group:

@@ -242,3 +242,26 @@ def test_polar_works_in_its_own_copy(shape):
         out = polar(view)
         assert torch.equal(view, before)
         assert torch.equal(out[-1], polar(view[-1]))
+
+
+def test_a_tensor_lr_that_is_not_0d_is_refused_before_anything_changes():
+    """A ``[1]``-shaped lr passes a numel check but not the update's foreach operations: refused at
+    construction, and at a step (a scheduler or the user may set it later) before any weight, state
+    or counter moves."""
+    model = tiny_olmoe(experts=3)
+    with pytest.raises(ValueError, match=r"group .embedding.*lr=tensor\(\[0.0100\]\): a tensor lr must be 0-d"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_optimizer(model, "muon", lr=torch.tensor([0.01]))
+    model, opt = _build("muon", "skip")
+    _grads(model, 0)
+    opt.step()
+    _grads(model, 1)
+    opt.param_groups[-1]["lr"] = torch.tensor([0.01])  # the last group: earlier ones would be applied first
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=r"param group .vector.: lr=tensor\(\[0.0100\]\).*Nothing was updated"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.equal(v, opt.state[p][k]) for p in opt.state for k, v in state[id(p)].items())
+    assert opt.num_steps == 1
