@@ -10,14 +10,14 @@ size ``d``, heads of a fixed size, intermediate sizes ``d`` (experts) or ``2d`` 
 built-in corpus with the
 ``symmetric`` recipe, one group family's lr swept on a ×2 grid around the recipe's value (×½, 1, 2, and
 further out, one ×2 step at a time up to ×8 either way, while the best sits on an edge) with the
-others at theirs. ``train.seed`` fixes the initial weights and the batch order, so the runs of one
+others at the recipe's. ``train.seed`` fixes the initial weights and the batch order, so the runs of one
 width are paired: they differ only in the lr.
 
-With the width-aware scale (``scale: rms``, the recipe's) the direction of a row rule is
-``0.2·√n · R(M)`` and of a spectral rule ``0.2·√max(m, n) · ν^α · …``. Without it (``scale: none``,
-the paper's rule) the direction is the same matrix divided by that factor, so a run at lr ``η``
-with the scale *is* the paper's rule at lr ``η · 0.2·√L``: the report gives both lr axes from one
-set of runs (the "paper lr" column), exactly, rather than training every run twice. The families
+With the width-aware scale (``scale: rms``) the direction of a row rule is ``0.2·√n · R(M)`` and of
+a spectral rule ``0.2·√max(m, n) · ν^α · …``. Without it (``scale: none``, the paper's rule) the
+direction is the same matrix divided by that factor, so a run at lr ``η`` with the scale *is* the
+paper's rule at lr ``η · 0.2·√L``: whichever scale the recipe ships for a family, the report gives
+both lr axes from one set of runs, exactly, rather than training every run twice. The families
 swept are those of the rules the scale applies to (embedding, LM head, router); the hidden matrices'
 Muon has its own shape-aware scale (``scale: spectral``) and the same lr in the ``muon`` and
 ``symmetric`` recipes (``Run.family = "hidden"`` sweeps it). At each width, the default ``muon`` and
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -53,7 +52,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 MODELS = {"moe": "tiny-olmoe", "dense": "tiny-qwen3"}
 HEAD_DIM = 16
-#: Group families swept per model, and the rule family whose scale decides the "paper lr" column.
+#: Group families swept per model.
 FAMILIES = {"moe": ("embedding", "lm_head", "router"), "dense": ("embedding", "lm_head")}
 FACTORS = (0.5, 1.0, 2.0)  # the grid, × the recipe's lr; extended past an edge where the best sits on it
 
@@ -67,59 +66,42 @@ def width_config(model: str, width: int) -> dict:
             "num_key_value_heads": width // (2 * HEAD_DIM), "head_dim": 2 * HEAD_DIM}
 
 
-#: The lrs the sweeps are centred on: the ``muon`` recipe's AdamW lr for these groups (the scale makes
-#: the row and spectral rules' updates AdamW-sized), the rest as the ``symmetric`` recipe has it.
-CENTRE = {"embedding": 1e-2, "lm_head": 1e-2, "router": 1e-2}
-
-
 @dataclass(frozen=True)
 class Run:
-    """One training run: model, width, recipe; with ``centre`` the lrs of :data:`CENTRE` and one
-    family's lr × ``factor``, without it the recipe exactly as it ships (its defaults)."""
+    """One training run: model, width, recipe, with one family's lr × ``factor`` (the recipe exactly
+    as it ships at ``factor`` 1)."""
 
     model: str
     width: int
     recipe: str = "symmetric"
     family: str = ""
     factor: float = 1.0
-    centre: bool = False
     seed: int = 0
 
     def __post_init__(self):
-        if self.factor == 1.0:  # the centre itself: one run, whichever family "swept" it
+        if self.factor == 1.0:  # the recipe itself: one run, whichever family "swept" it
             object.__setattr__(self, "family", "")
 
     @property
     def run_id(self) -> str:
         """Names the groups' content too, so a changed recipe never reuses an old run."""
-        digest = hashlib.sha1(json.dumps(self.groups(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(json.dumps(recipe_groups(self.recipe), sort_keys=True, default=str).encode()).hexdigest()[:8]
         tail = f"__{self.family}x{self.factor:g}" if self.family else ""
         tail += f"__seed{self.seed}" if self.seed else ""
         return f"{self.model}__w{self.width}__{self.recipe}-{digest}{tail}"
 
-    def groups(self) -> dict[str, dict]:
-        """The recipe's groups with :data:`CENTRE`'s lrs where ``centre`` (before ``factor``)."""
-        groups = copy.deepcopy(recipe_groups(self.recipe))
-        if self.centre:
-            for name, lr in CENTRE.items():
-                if name in groups:
-                    groups[name]["lr"] = lr
-        return groups
-
     def overrides(self) -> dict:
-        """``optim.overrides``: the centre's lrs, this run's family's × ``factor`` (hidden = attention
-        and mlp)."""
-        groups = self.groups()
-        out = {name: {"lr": lr} for name, lr in CENTRE.items() if self.centre and name in groups}
-        if self.family:
-            for name in ("attention", "mlp") if self.family == "hidden" else (self.family,):
-                out[name] = {"lr": groups[name]["lr"] * self.factor}
-        return out
+        """``optim.overrides``: this run's family's lr × ``factor`` (hidden = attention and mlp)."""
+        groups = recipe_groups(self.recipe)
+        if not self.family:
+            return {}
+        return {name: {"lr": groups[name]["lr"] * self.factor}
+                for name in (("attention", "mlp") if self.family == "hidden" else (self.family,))}
 
 
 def sweep(model: str, width: int, family: str, factor: float) -> Run:
-    """A run of the sweep: the centre with ``family``'s lr × ``factor``."""
-    return Run(model, width, "symmetric", family, factor, centre=True)
+    """A run of the sweep: the ``symmetric`` recipe with ``family``'s lr × ``factor``."""
+    return Run(model, width, "symmetric", family, factor)
 
 
 @dataclass
@@ -236,19 +218,16 @@ def pooled(results: dict[Run, dict], seeds: dict[Run, dict], n: int) -> dict[Run
     return out
 
 
-def paper_factor(family: str, model: str, width: int, groups: dict[str, dict]) -> float | None:
-    """The factor between this family's lr with its scale and the paper's rule's lr (``none``):
-    0.2·√L (L = the row length for row rules, the longer side for spectral rules), or None where
-    the family has no width-aware scale."""
+def scale_factor(family: str, model: str, width: int) -> float | None:
+    """``0.2·√L``, the factor between a family's rule with ``scale: rms`` and without (``none``, the
+    paper's rule), at this width (L = the row length for row rules, the longer side for spectral
+    rules); None for the hidden matrices, whose Muon has its own scale."""
     from dist_spectral.models import build_model
+    from dist_spectral.roles import classify
 
     if family == "hidden":
         return None
-    group = groups[family]
-    if group.get("scale", "none") != "rms":
-        return None
-    from dist_spectral.roles import classify
-
+    group = recipe_groups("symmetric")[family]
     model_ = build_model(MODELS[model], device="meta", **width_config(model, width))
     info = next(i for i in classify(model_) if i.role == family)
     m, n = info.shape[-2:]
@@ -256,9 +235,34 @@ def paper_factor(family: str, model: str, width: int, groups: dict[str, dict]) -
     return 0.2 * math.sqrt(length)
 
 
+def in_both_scales(family: str, model: str, width: int, lr: float) -> tuple[float, float] | None:
+    """A run's lr for ``family`` as the same update's lr with ``scale: rms`` and with ``scale: none``:
+    the direction with the scale is the one without it times 0.2·√L, so the run at lr η under one is
+    exactly the other's run at η·0.2·√L (or η / 0.2·√L)."""
+    factor = scale_factor(family, model, width)
+    if factor is None:
+        return None
+    if recipe_groups("symmetric")[family].get("scale", "none") == "rms":
+        return lr, lr * factor
+    return lr / factor, lr
+
+
 # ----- report -----
+def best_lrs(results: dict[Run, dict], model: str, family: str, widths: list[int]) -> list[tuple | None]:
+    """Per width, the lowest-loss run's lr as (rms lr, none lr), or None where nothing ran."""
+    out = []
+    for w in widths:
+        done = {x: v["val_last"] for x in factors_run(results, model, w, family)
+                if (v := results.get(sweep(model, w, family, x)))}
+        if not done:
+            out.append(None)
+            continue
+        x = min(done, key=done.get)
+        out.append(in_both_scales(family, model, w, _family_lr(family) * x))
+    return out
+
+
 def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: str, wall: float) -> list[str]:
-    groups = recipe_groups("symmetric")
     lines = ["# Learning-rate transfer across widths", "", f"Command: `{command}`", "",
              f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S')}; wall time {wall / 60:.0f} min", "", "Machine:", "",
              *machine_lines(), "",
@@ -267,14 +271,13 @@ def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: 
              f"configuration (at a width: the same initial weights and batches), final validation loss on {cfg.eval_batches} held-out "
              "batches. Widths change the hidden size with heads of a fixed size (16; Qwen3: 32, GQA 2:1) and the "
              "intermediate sizes in proportion; vocabulary 256; OLMoE with 2 layers (8 experts, top-2), Qwen3 with "
-             "its 2. One lr family swept at a time on a ×2 grid around a centre, the others at the centre: the "
-             f"`symmetric` recipe's rules and hidden-matrix lrs with embedding, head and router at {CENTRE} (the `muon` "
-             "recipe's AdamW lr for them). The `symmetric` default below is the recipe as it ships, its lrs chosen "
-             "from these sweeps.", "",
-             "The \"paper lr\" column is the same run's lr in the paper's units (`scale: none`): the direction "
-             "without the scale is the one with it divided by 0.2·√L, so the run at lr η with the scale is the "
-             "paper's rule at lr η·0.2·√L, exactly (L = the row length for the row rules, the longer side for the "
-             "router's left-spectral rule).", ""]
+             "its 2. One lr family swept at a time on a ×2 grid around the `symmetric` recipe's lr, the others at "
+             "the recipe's; the recipe's own run is the sweeps' centre (factor 1).", "",
+             "Each run's lr is given with the width-aware scale (`scale: rms`) and without it (`scale: none`, the "
+             "paper's rule), whichever the recipe ships: the direction with the scale is the one without it times "
+             "0.2·√L, so a run at lr η under one is exactly the other's run at η·0.2·√L (or η / 0.2·√L), with "
+             "L = the row length for the row rules, the longer side for the router's left-spectral rule. Both "
+             "columns come from the same runs.", ""]
     ranges = [v["range"] for v in results.values() if v and v.get("seeds", 1) > 1]
     if ranges:
         lines += [f"Every configuration at {max(v.get('seeds', 1) for v in results.values() if v)} seeds (initial "
@@ -282,45 +285,28 @@ def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: 
                   f"{statistics.median(ranges):.3f} nats at the median, {max(ranges):.3f} at most: lr differences "
                   "smaller than that are noise.", ""]
     summary = ["## Best lr per width (×2 grid; the grid step is one factor of 2)", "",
-               "| model | family | rule | " + " | ".join(f"best lr, d={w}" for w in widths)
-               + " | moves (grid steps), with the scale | best paper lr per width | moves, without |", "|---|---|---|"
-               + "---|" * len(widths) + "---|---|---|"]
+               "| model | family | rule (the recipe's scale) | "
+               + " | ".join(f"best lr, d={w}: rms / none" for w in widths)
+               + " | moves (grid steps), `rms` | moves, `none` |", "|---|---|---|" + "---|" * len(widths) + "---|---|"]
     detail = []
     for model, families in FAMILIES.items():
         for family in families:
             detail += [f"### {model} (`{MODELS[model]}`): {family}", "",
-                       "| factor × recipe lr | " + " | ".join(f"d={w}: lr / paper lr / val" for w in widths) + " |",
+                       "| factor × recipe lr | " + " | ".join(f"d={w}: rms lr / none lr / val" for w in widths) + " |",
                        "|---|" + "---|" * len(widths)]
-            best, best_paper = [], []
             grid = sorted(set().union(*(factors_run(results, model, w, family) for w in widths)))
             for x in grid:
                 cells = []
                 for w in widths:
                     res = results.get(sweep(model, w, family, x))
-                    lr = _family_lr(groups, family) * x
-                    pf = paper_factor(family, model, w, groups)
-                    paper = f"{lr * pf:.3g}" if pf else "-"
-                    cells.append(f"{lr:.3g} / {paper} / {res['val_last']:.4f}" if res else f"{lr:.3g} / {paper} / (not run)")
+                    rms, none = in_both_scales(family, model, w, _family_lr(family) * x)
+                    cells.append(f"{rms:.3g} / {none:.3g} / " + (f"{res['val_last']:.4f}" if res else "(not run)"))
                 detail.append(f"| {x:g} | " + " | ".join(cells) + " |")
-            for w in widths:
-                vals = {x: results.get(sweep(model, w, family, x)) for x in grid}
-                done = {x: v["val_last"] for x, v in vals.items() if v}
-                if not done:
-                    best.append(None)
-                    best_paper.append(None)
-                    continue
-                x = min(done, key=done.get)
-                lr = _family_lr(groups, family) * x
-                pf = paper_factor(family, model, w, groups)
-                best.append(lr)
-                best_paper.append(lr * pf if pf else None)
             detail.append("")
-            moves = _moves(best)
-            moves_paper = _moves(best_paper)
-            summary.append(f"| {model} | {family} | {_rule(groups, family)} | "
-                           + " | ".join(f"{b:.3g}" if b else "-" for b in best)
-                           + f" | {moves} | " + ", ".join(f"{b:.3g}" if b else "-" for b in best_paper)
-                           + f" | {moves_paper} |")
+            best = best_lrs(results, model, family, widths)
+            summary.append(f"| {model} | {family} | {_rule(family)} | "
+                           + " | ".join(f"{b[0]:.3g} / {b[1]:.3g}" if b else "-" for b in best)
+                           + f" | {_moves([b and b[0] for b in best])} | {_moves([b and b[1] for b in best])} |")
     defaults = ["## Out of the box: the default recipes at each width (final validation loss)", "",
                 "| model | d | `symmetric` default | best of the sweeps | gap to it | `muon` default | "
                 "symmetric − muon |", "|---|---|---|---|---|---|---|"]
@@ -338,13 +324,13 @@ def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: 
     return lines + summary + [""] + defaults + ["", "## Every run", ""] + detail
 
 
-def _family_lr(groups: dict, family: str) -> float:
-    """The lr a family's sweep is centred on."""
-    return CENTRE.get(family) or groups["attention" if family == "hidden" else family]["lr"]
+def _family_lr(family: str) -> float:
+    """The recipe's lr for a family: its sweep's centre."""
+    return recipe_groups("symmetric")["attention" if family == "hidden" else family]["lr"]
 
 
-def _rule(groups: dict, family: str) -> str:
-    g = groups["attention" if family == "hidden" else family]
+def _rule(family: str) -> str:
+    g = recipe_groups("symmetric")["attention" if family == "hidden" else family]
     return f"{g['rule']} ({g.get('scale', 'none')})"
 
 
@@ -361,25 +347,22 @@ def plot(results: dict[Run, dict], widths: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = recipe_groups("symmetric")
     panels = [(m, f) for m, fs in FAMILIES.items() for f in fs]
     fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 6), squeeze=False)
     for col, (model, family) in enumerate(panels):
-        for row, paper in enumerate((False, True)):
+        for row, scale in enumerate(("rms", "none")):
             ax = axes[row][col]
             for w in widths:
-                pf = paper_factor(family, model, w, groups) if paper else 1.0
-                if pf is None:
-                    continue
                 xs, ys = [], []
                 for x in factors_run(results, model, w, family):
                     res = results.get(sweep(model, w, family, x))
                     if res:
-                        xs.append(_family_lr(groups, family) * x * pf)
+                        xs.append(in_both_scales(family, model, w, _family_lr(family) * x)[row])
                         ys.append(res["val_last"])
                 ax.plot(xs, ys, marker="o", label=f"d={w}")
             ax.set_xscale("log")
-            ax.set_title(f"{model} {family}\n{'paper lr (scale: none)' if paper else 'lr (recipe scale)'}", fontsize=8)
+            ships = " (the recipe's)" if recipe_groups("symmetric")[family].get("scale", "none") == scale else ""
+            ax.set_title(f"{model} {family}\nlr, scale: {scale}{ships}", fontsize=8)
             ax.tick_params(labelsize=7)
             if col == 0:
                 ax.set_ylabel("final val loss")
