@@ -218,21 +218,24 @@ def pooled(results: dict[Run, dict], seeds: dict[Run, dict], n: int) -> dict[Run
     return out
 
 
+@functools.cache
 def scale_factor(family: str, model: str, width: int) -> float | None:
     """``0.2·√L``, the factor between a family's rule with ``scale: rms`` and without (``none``, the
-    paper's rule), at this width (L = the row length for row rules, the longer side for spectral
-    rules); None for the hidden matrices, whose Muon has its own scale."""
+    paper's rule), at this width (the library's ``width_scale``: L = the row length for row rules,
+    the longer side for spectral rules); None for the hidden matrices, whose Muon has its own scale.
+    Cached: the report asks once per table cell, and each answer builds the model on ``meta``."""
+    from dist_spectral.functional import width_scale
     from dist_spectral.models import build_model
     from dist_spectral.roles import classify
+    from dist_spectral.rules import get_rule
 
     if family == "hidden":
         return None
-    group = recipe_groups("symmetric")[family]
     model_ = build_model(MODELS[model], device="meta", **width_config(model, width))
     info = next(i for i in classify(model_) if i.role == family)
     m, n = info.shape[-2:]
-    length = n if group["rule"] in ("row_norm", "centered_row_norm") else max(m, n)
-    return 0.2 * math.sqrt(length)
+    length = n if get_rule(_group(family)["rule"]).locality == "rows" else max(m, n)
+    return width_scale(length, "rms")
 
 
 def in_both_scales(family: str, model: str, width: int, lr: float) -> tuple[float, float] | None:
@@ -242,7 +245,7 @@ def in_both_scales(family: str, model: str, width: int, lr: float) -> tuple[floa
     factor = scale_factor(family, model, width)
     if factor is None:
         return None
-    if recipe_groups("symmetric")[family].get("scale", "none") == "rms":
+    if _group(family).get("scale", "none") == "rms":
         return lr, lr * factor
     return lr / factor, lr
 
@@ -324,13 +327,18 @@ def report(results: dict[Run, dict], widths: list[int], cfg: Settings, command: 
     return lines + summary + [""] + defaults + ["", "## Every run", ""] + detail
 
 
+def _group(family: str) -> dict:
+    """The ``symmetric`` recipe's group a family's sweep varies (hidden: attention's, as mlp's)."""
+    return recipe_groups("symmetric")["attention" if family == "hidden" else family]
+
+
 def _family_lr(family: str) -> float:
     """The recipe's lr for a family: its sweep's centre."""
-    return recipe_groups("symmetric")["attention" if family == "hidden" else family]["lr"]
+    return _group(family)["lr"]
 
 
 def _rule(family: str) -> str:
-    g = recipe_groups("symmetric")["attention" if family == "hidden" else family]
+    g = _group(family)
     return f"{g['rule']} ({g.get('scale', 'none')})"
 
 
@@ -361,7 +369,7 @@ def plot(results: dict[Run, dict], widths: list[int], path: Path) -> None:
                         ys.append(res["val_last"])
                 ax.plot(xs, ys, marker="o", label=f"d={w}")
             ax.set_xscale("log")
-            ships = " (the recipe's)" if recipe_groups("symmetric")[family].get("scale", "none") == scale else ""
+            ships = " (the recipe's)" if _group(family).get("scale", "none") == scale else ""
             ax.set_title(f"{model} {family}\nlr, scale: {scale}{ships}", fontsize=8)
             ax.tick_params(labelsize=7)
             if col == 0:
