@@ -16,7 +16,10 @@ be whole on one rank; inside it, *blocks* are the separate matrices a rule is ap
 
 Units are the granularity of ownership: a unit is gathered to one owner, which runs the rule on its
 blocks. Per-head column blocks (``o``) keep the whole matrix as one unit because columns cut every
-row; gathering the rows once and splitting on the owner costs the same bytes.
+row; gathering the rows once and splitting on the owner costs the same bytes. They are also the
+only blocks that split a matrix's input side: the heads' outputs add, so Muon scales them by the
+whole ``o``'s shape (:attr:`Block.input_parts`), and splitting into heads changes the update's
+direction, not its size.
 
 The *permuted axis* says which side of a block carries the permutation symmetry (tokens, neurons,
 experts): row rules normalise along it, so a column-aware rule is the row rule on the transpose.
@@ -38,6 +41,11 @@ class Block:
     With ``row_runs > 1`` its rows are that range repeated every ``row_period`` rows, ``row_runs``
     times, in order (q, k or v of a fused qkv whose rows are grouped per kv head); read and write
     such a block with :func:`read_block` / :func:`write_block`.
+
+    ``input_parts`` counts the equal blocks, this one included, that split one matrix's *input*
+    side: the ``H`` head blocks of a per-head attention output. Their outputs add into the same
+    features, so a shape scale must see the whole matrix's input width ``input_parts · fan_in``,
+    not the block's (see :func:`~dist_spectral.functional.muon_scale`).
     """
 
     row_start: int
@@ -47,6 +55,7 @@ class Block:
     col_step: int = 1
     row_period: int = 0
     row_runs: int = 1
+    input_parts: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -160,7 +169,8 @@ def unit_specs(info: ParamInfo, per_head: bool = True, split_gate_up: bool = Tru
     if per_head and head_dim and role == "attention.o":
         if cols % head_dim:
             raise ValueError(f"{info.name}: {cols} columns are not a multiple of head_dim={head_dim} for per-head polar")
-        blocks = tuple(Block(0, rows, h * head_dim, (h + 1) * head_dim) for h in range(cols // head_dim))
+        heads = cols // head_dim
+        blocks = tuple(Block(0, rows, h * head_dim, (h + 1) * head_dim, input_parts=heads) for h in range(heads))
         return (UnitSpec(0, rows, blocks),)
     if role == "attention.qkv" and info.qkv_split and info.qkv_layout == "grouped":
         return (_grouped_qkv(info, rows, cols),)

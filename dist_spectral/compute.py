@@ -60,22 +60,24 @@ def run_jobs(jobs: list[MatrixJob]) -> tuple[list[Tensor], int]:
     for j, job in enumerate(jobs):
         stateful = job.rule.stateful
         for k, b in enumerate(job.spec.blocks):
-            key = (job.rule.key(job.group), job.axis, job.transposed, b.shape, job.matrix.dtype)
+            key = (job.rule.key(job.group), job.axis, job.transposed, b.shape, job.matrix.dtype, b.input_parts)
             batches[key + ((job.step,) if stateful else ())].append((j, k))
     results = [job.out if job.out is not None else _new_result(job) for job in jobs]
     flops = 0
     for key, members in batches.items():
-        first = jobs[members[0][0]]
+        first, parts = jobs[members[0][0]], key[5]
         rule = first.rule
         stack = torch.stack([read_block(jobs[j].matrix, jobs[j].spec.blocks[k]) for j, k in members])
         if rule.stateful:
             inputs = [stack[:, c] for c in range(rule.inputs)]
             state = {name: stack[:, rule.inputs + c] for c, name in enumerate(rule.carried)}
             out, new_state = rule.direction_with_state(inputs, state, step=first.step, axis=first.axis,
-                                                       transposed=first.transposed, group=first.group)
+                                                       transposed=first.transposed, group=first.group,
+                                                       input_parts=parts)
             channels = torch.stack([out] + [new_state[name] for name in rule.carried], dim=1)
         else:
-            channels = rule.direction(stack, axis=first.axis, transposed=first.transposed, group=first.group)
+            channels = rule.direction(stack, axis=first.axis, transposed=first.transposed, group=first.group,
+                                      input_parts=parts)
         flops += len(members) * int(rule.polar_flops(*key[3], first.group))
         for (j, k), u in zip(members, channels):
             write_block(results[j], jobs[j].spec.blocks[k], u)
@@ -107,7 +109,7 @@ class BlockRef:
     """One block to compute: block ``block`` of a unit whose ``[rows, cols]`` matrix starts at
     element ``offset`` of every channel of the source tensor ``source`` (a ``[C, L]`` tensor)."""
 
-    key: tuple  # the batching key (rule key, axis, transposed, block shape, ...)
+    key: tuple  # the batching key (rule key, axis, transposed, block shape, input parts, ...)
     param: int  # whose context the batch uses
     source: object
     offset: int
@@ -130,12 +132,14 @@ class _Read:
 @dataclass(frozen=True)
 class Batch:
     """Blocks with one key, stacked into ``[B, m, n]``: a fixed handful of tensor operations
-    however many blocks (one read and one write per source, one rule call)."""
+    however many blocks (one read and one write per source, one rule call). ``input_parts`` is
+    the blocks' :attr:`~dist_spectral.blocks.Block.input_parts` (part of the key)."""
 
     param: int
     shape: tuple[int, int]
     reads: tuple[_Read, ...]
     size: int
+    input_parts: int = 1
 
 
 def _pattern(rows: int, cols: int, b: Block) -> Tensor:
@@ -177,7 +181,8 @@ def compile_batches(refs: list[BlockRef], device: torch.device) -> list[Batch]:
                 source, pattern = group[0], _pattern(r.rows, r.cols, r.block)
             index = (torch.tensor(starts, dtype=torch.int64).view(-1, 1) + pattern.reshape(1, -1)).reshape(-1)
             reads.append(_Read(source, len(members), None, index.to(device)))
-        batches.append(Batch(first.param, first.block.shape, tuple(reads), sum(r.count for r in reads)))
+        batches.append(Batch(first.param, first.block.shape, tuple(reads), sum(r.count for r in reads),
+                             first.block.input_parts))
     return batches
 
 
@@ -223,8 +228,10 @@ def run_batch(batch: Batch, sources: dict, dests: dict, contexts: dict) -> None:
         inputs = [stack[:, c] for c in range(rule.inputs)]
         state = {name: stack[:, rule.inputs + c] for c, name in enumerate(rule.carried)}
         out, new_state = rule.direction_with_state(inputs, state, step=ctx.step, axis=ctx.axis,
-                                                   transposed=ctx.transposed, group=ctx.group)
+                                                   transposed=ctx.transposed, group=ctx.group,
+                                                   input_parts=batch.input_parts)
         result = torch.stack([out] + [new_state[name] for name in rule.carried], dim=0)
     else:
-        result = rule.direction(stack[0], axis=ctx.axis, transposed=ctx.transposed, group=ctx.group).unsqueeze(0)
+        result = rule.direction(stack[0], axis=ctx.axis, transposed=ctx.transposed, group=ctx.group,
+                                input_parts=batch.input_parts).unsqueeze(0)
     write_batch(batch, dests, result)

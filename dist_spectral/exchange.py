@@ -270,7 +270,7 @@ class Exchange:
                 k = keys[u.param]
                 stateful_step = (k[-1],) if k[-1] is not None else ()
                 for b in u.spec.blocks:
-                    refs.append(BlockRef(k[:-1] + (b.shape,) + stateful_step, u.param, source, off,
+                    refs.append(BlockRef(k[:-1] + (b.shape, b.input_parts) + stateful_step, u.param, source, off,
                                          u.spec.rows, plan.params[u.param].layout.cols, b))
             compiled = compile_batches(refs, device)
             flops = sum(b.size * int(contexts[b.param].rule.polar_flops(*b.shape, contexts[b.param].group))

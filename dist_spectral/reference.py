@@ -5,6 +5,7 @@ no batching, no locality tricks. Each parameter is a full tensor; each whole-mat
 block by block in a Python loop, straight from ``functional``::
 
     muon               U = polar(G + μB) · max(1, fan_out/fan_in)^½      (B ← μB + G)
+                       (a head of a per-head o, p heads: (max(fan_out, fan_in)/(p·fan_in))^½)
     row_norm           U = s_n · R(M)                                     (M ← βM + (1−β)G)
     centered_row_norm  U = s_n · C(R(C(M)))
     hybrid             U = s_max · ν(N)^α polar(N), N = R(M)   (centred: s_max · C(ν^α polar(C(R(C(M))))))
@@ -79,13 +80,14 @@ def cosh_brake(g: Tensor, gamma: float, normalize: bool) -> Tensor:
     return ((n if normalize else g64) / (r + 1e-8)).to(g.dtype)
 
 
-def block_direction(rule: str, block: Tensor, info: ParamInfo, group: dict) -> Tensor:
-    """The direction of one matrix block, from ``functional`` directly."""
+def block_direction(rule: str, block: Tensor, info: ParamInfo, group: dict, input_parts: int = 1) -> Tensor:
+    """The direction of one matrix block, from ``functional`` directly (``input_parts``: the
+    block's :attr:`~dist_spectral.blocks.Block.input_parts`)."""
     cols = permuted_axis(info) == "cols"
     x = block.T if cols else block
     if rule == "muon":
         fan_out, fan_in = fan_out_in(info, tuple(block.shape))
-        u = F.polar(x, **_polar_args(group)) * F.muon_scale(fan_out, fan_in, group["scale"])
+        u = F.polar(x, **_polar_args(group)) * F.muon_scale(fan_out, fan_in, group["scale"], input_parts)
     elif rule == "row_norm":
         u = F.row_norm(x, eps=group["norm_eps"]) * F.width_scale(x.shape[1], group["scale"])
     elif rule == "centered_row_norm":
@@ -124,7 +126,8 @@ def matrix_direction(rule: str, m: Tensor, info: ParamInfo, group: dict) -> Tens
     for unit in group_unit_specs(info, group):
         rows_of_unit = slice(unit.row_start, unit.row_stop)
         for b in unit.blocks:
-            write_block(out[rows_of_unit], b, block_direction(rule, read_block(m2[rows_of_unit], b), info, group))
+            u = block_direction(rule, read_block(m2[rows_of_unit], b), info, group, b.input_parts)
+            write_block(out[rows_of_unit], b, u)
     return out.reshape(m.shape)
 
 

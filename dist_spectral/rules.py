@@ -153,17 +153,25 @@ class Rule:
         return (self.name,) + tuple((k, _hashable(group[k] if k in group else self.defaults[k]))
                                     for k in self.direction_options)
 
-    def direction(self, x: Tensor, *, axis: str, transposed: bool, group: dict, stats: RowStats = LOCAL) -> Tensor:
+    def direction(self, x: Tensor, *, axis: str, transposed: bool, group: dict, stats: RowStats = LOCAL,
+                  input_parts: int = 1) -> Tensor:
+        """The direction of ``x``: rows of one matrix (``rows`` locality) or whole blocks ``[B, m, n]``.
+
+        ``input_parts`` is :attr:`~dist_spectral.blocks.Block.input_parts` of the blocks (the heads
+        of a per-head attention output split its input side into that many): Muon's
+        ``scale="spectral"`` uses the whole matrix's input width; the other rules ignore it.
+        """
         raise NotImplementedError
 
     def direction_with_state(self, inputs: list[Tensor], state: dict[str, Tensor], *, step: int, axis: str,
-                             transposed: bool, group: dict) -> tuple[Tensor, dict[str, Tensor]]:
+                             transposed: bool, group: dict, input_parts: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
         """The direction of a batch of whole blocks and their new carried state.
 
         Args:
             inputs: ``self.inputs`` tensors ``[B, m, n]`` (what :meth:`direction_input` returned).
             state: every key of ``carried`` → ``[B, m, n]``, the blocks' current state (read-only).
             step: the parameter's step counter, this step included (1 on the first step).
+            input_parts: as for :meth:`direction`.
 
         Returns:
             (direction ``[B, m, n]``, key of ``carried`` → new state ``[B, m, n]``).
@@ -346,7 +354,9 @@ class AdamW(Rule):
 
 class Muon(Rule):
     """Muon: ``U = polar(G + μB) · s(m, n)`` with ``s = max(1, fan_out/fan_in)^½`` (``scale="spectral"``)
-    or ``0.2·√max(m, n)`` (``scale="rms"``, Moonlight's AdamW-RMS match).
+    or ``0.2·√max(m, n)`` (``scale="rms"``, Moonlight's AdamW-RMS match). A head block of a per-head
+    attention output takes the whole output matrix's input width in ``s`` (``input_parts``, see
+    :func:`~dist_spectral.functional.muon_scale`), so the stacked heads have whole-matrix Muon's RMS.
 
     The matrices are the blocks of :func:`~dist_spectral.blocks.unit_specs`: each head with
     ``per_head``, and a fused gate/up tensor as gate and up apart unless ``split_gate_up`` is
@@ -374,12 +384,12 @@ class Muon(Rule):
         torch._foreach_add_(bufs, grads)
         return torch._foreach_add(grads, bufs, alpha=group["beta"]) if group["nesterov"] else bufs
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         m, n = x.shape[-2:]
         fan_out, fan_in = (n, m) if transposed else (m, n)
         # polar returns a fresh tensor: scale it in place rather than allocate another (x · 1.0 is
         # x exactly, so a wide matrix's spectral scale, or scale "none", costs no pass)
-        u, scale = F.polar(x, **_polar_kwargs(group)), F.muon_scale(fan_out, fan_in, group["scale"])
+        u, scale = F.polar(x, **_polar_kwargs(group)), F.muon_scale(fan_out, fan_in, group["scale"], input_parts)
         return u if scale == 1.0 else u.mul_(scale)
 
     def cost(self, m, n, group):
@@ -399,7 +409,7 @@ class RowNorm(Rule):
     direction_options = ("norm_eps", "scale")
     scales = F.WIDTH_SCALES
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         return normalize(x, axis, stats, group["norm_eps"]).mul_(row_scale(x, axis, stats, group))
 
     def needs_matrix_statistics(self, axis):
@@ -419,7 +429,7 @@ class CenteredRowNorm(Rule):
     direction_options = ("norm_eps", "scale")
     scales = F.WIDTH_SCALES
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         u = center(x, axis, stats)
         u = normalize(u, axis, stats, group["norm_eps"])
         return center(u, axis, stats).mul_(row_scale(x, axis, stats, group))
@@ -472,7 +482,7 @@ class Hybrid(Rule):
     direction_options = ("alpha", "center", "order", "scale") + _POLAR_OPTIONS
     scales = F.WIDTH_SCALES
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         u = F.hybrid(orient(x, axis), alpha=group["alpha"], order=group["order"], center=group["center"],
                      **_polar_kwargs(group))
         return orient(u.mul_(spectral_scale(x, group)), axis)
@@ -493,7 +503,7 @@ class LeftSpectral(Rule):
     direction_options = ("alpha", "center", "spectral_eps", "scale")
     scales = F.WIDTH_SCALES
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         u = F.left_spectral(orient(x, axis), alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
         return orient(u.mul_(spectral_scale(x, group)), axis)
 
@@ -511,7 +521,7 @@ class RightSpectral(Rule):
     direction_options = ("alpha", "center", "spectral_eps", "scale")
     scales = F.WIDTH_SCALES
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         u = F.right_spectral(orient(x, axis), alpha=group["alpha"], center=group["center"], eps=group["spectral_eps"])
         return orient(u.mul_(spectral_scale(x, group)), axis)
 

@@ -283,26 +283,39 @@ def polar_flops(m: int, n: int, steps: int, form: str = "standard") -> int:
     return min(standard, _gram_flops(s, l, steps)) if form == "gram" else standard
 
 
-def muon_scale(m: int, n: int, kind: str = "spectral") -> float:
+def muon_scale(m: int, n: int, kind: str = "spectral", input_parts: int = 1) -> float:
     r"""Muon's output scale for an ``m×n`` update (m = rows = output dim, n = columns).
 
     .. math::
-        \text{spectral: } \max(1, m/n)^{1/2} \qquad
+        \text{spectral: } \Big(\frac{\max(m, n)}{p\,n}\Big)^{1/2} \qquad
         \text{rms (Moonlight): } 0.2\,\sqrt{\max(m, n)} \qquad \text{none: } 1
 
-    ``"spectral"`` keeps ``‖U‖_{RMS→RMS}`` at ``√(m/n)`` for tall matrices; ``"rms"`` gives the
-    update an RMS of about 0.2, matching AdamW's, so AdamW learning rates carry over.
+    ``"spectral"`` keeps ``‖U‖_{RMS→RMS}`` at ``√(m/n)`` for tall matrices; with ``p = 1`` it is
+    ``max(1, m/n)^½``. ``"rms"`` gives the update an RMS of about 0.2, matching AdamW's, so AdamW
+    learning rates carry over.
+
+    ``p`` (``input_parts``) is for a block that is one of ``p`` equal blocks splitting a matrix's
+    input side, the heads of a per-head attention output ``o`` (``d × H·hd`` as ``H`` blocks
+    ``d × hd``). The heads' outputs add into the same ``d`` features, so each block takes the whole
+    matrix's input width ``p·n``: ``polar`` of an ``m×n`` block has RMS ``1/√max(m, n)``, and
+    ``(max(m, n)/(p·n))^½`` of it is ``1/√(p·n)``, the RMS of Muon on the whole ``m × p·n`` matrix
+    (``max(1, m/(p·n))^½ / √max(m, p·n)``). Splitting into heads then changes the update's
+    direction, not its size. The block's own ``√(m/n)`` would give the stacked heads ``√p`` times
+    the whole matrix's RMS, a factor that grows with width at a fixed head size. ``"rms"`` already
+    has the whole matrix's RMS per block; ``"none"`` is the paper's unscaled rule; neither uses ``p``.
 
     Args:
         m (int): rows (output features).
         n (int): columns (input features).
         kind (str): ``"spectral"``, ``"rms"`` or ``"none"`` (default: ``"spectral"``).
+        input_parts (int): equal blocks splitting the matrix's input side, this one included
+            (default: 1, a whole matrix).
 
     Returns:
         float: the factor that multiplies ``polar(M)``.
     """
     if kind == "spectral":
-        return math.sqrt(max(1.0, m / n))
+        return math.sqrt(max(m, n) / (input_parts * n))
     if kind == "rms":
         return 0.2 * math.sqrt(max(m, n))
     if kind == "none":

@@ -209,7 +209,7 @@ class ARO(Rule):
         local_state["momentum_buffer"].lerp_(grad, 1 - group["beta"])
         return local_state["momentum_buffer"]
 
-    def direction_with_state(self, inputs, state, *, step, axis, transposed, group):
+    def direction_with_state(self, inputs, state, *, step, axis, transposed, group, input_parts=1):
         d, r = aro(inputs[0], state["rotation"], step=step, base=group["base_rule"], scale=group["scale"],
                    eps=group["norm_eps"], sinkhorn_steps=group["sinkhorn_steps"])
         return d, {"rotation": r}
@@ -249,7 +249,7 @@ class AROAdam(Rule):
         local_state["exp_avg"].lerp_(grad, 1 - group["betas"][0])
         return local_state["exp_avg"], grad
 
-    def direction_with_state(self, inputs, state, *, step, axis, transposed, group):
+    def direction_with_state(self, inputs, state, *, step, axis, transposed, group, input_parts=1):
         m, g = inputs
         d, v, r = aro_adam(m, g, state["exp_avg_sq"], state["rotation"], step=step, betas=group["betas"],
                            eps=group["eps"], scale=group["scale"])

@@ -67,7 +67,7 @@ class AuON(Rule):
         m.lerp_(grad, 1 - group["beta"])
         return grad.lerp(m, group["beta"]) if group["nesterov"] else m
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         # Rows of one matrix (stats span it) or whole matrices [B, m, n] (LOCAL: per matrix).
         m, n = stats.rows(x), x.shape[-1]
         fan_out, fan_in = (n, m) if transposed else (m, n)
@@ -91,7 +91,7 @@ class AuONHybrid(AuON):
     defaults = {**AuON.defaults, **_POLAR_DEFAULTS, "steps": 1, "coefficients": "muon"}
     direction_options = AuON.direction_options + _POLAR_OPTIONS
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         m, n = x.shape[-2:]
         fan_out, fan_in = (n, m) if transposed else (m, n)
         u = F.cosh_brake(F.polar(x, **_polar_kwargs(group)), group["gamma"], group["normalize"])

@@ -119,7 +119,7 @@ class Conda(Rule):
         local_state["exp_avg"].lerp_(grad, 1 - group["betas"][0])
         return local_state["exp_avg"], grad
 
-    def direction_with_state(self, inputs, state, *, step, axis, transposed, group):
+    def direction_with_state(self, inputs, state, *, step, axis, transposed, group, input_parts=1):
         m, g = inputs
         d, v, basis = conda(m, g, state["exp_avg_sq"], state["basis"], step=step, betas=group["betas"],
                             eps=group["eps"], interval=group["update_proj_gap"], scale=group["scale"])

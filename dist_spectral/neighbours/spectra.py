@@ -136,7 +136,7 @@ class Spectra(Rule):
         """The base update, element-wise on the shard: what the owner clips."""
         return base_update(local_state, grad, group, step)
 
-    def direction(self, x, *, axis, transposed, group, stats=LOCAL):
+    def direction(self, x, *, axis, transposed, group, stats=LOCAL, input_parts=1):
         m, n = x.shape[-2:]
         fan_out, fan_in = (n, m) if transposed else (m, n)
         if group["base"] == "muon":
@@ -206,7 +206,7 @@ class SpectraPreclip(Spectra):
         """The raw gradient: its moments need it clipped, so it travels to the owner as it is."""
         return grad
 
-    def direction_with_state(self, inputs, state, *, step, axis, transposed, group):
+    def direction_with_state(self, inputs, state, *, step, axis, transposed, group, input_parts=1):
         (g,) = inputs
         g = F.soft_clip(g, pre_clip_c(group), group["pre_clip_steps"])
         new = {k: v.clone() for k, v in state.items()}
