@@ -6,8 +6,12 @@ Trainer run resumed from its halfway checkpoint ends where the uninterrupted run
 FSDP2 shards the data: each step's two half batches are the loop's whole batch, so the logged mean
 of the ranks' losses is the loop's loss to rounding (measured: at most 4.8e-7, one float32 ulp at
 4, over 6 steps). Under DeepSpeed on CPU Accelerate does not shard the data (see
-``accelerate_workers``): both ranks take the loop's batch, and the losses are the loop's bit for bit
-at ZeRO-2 and to one ulp at ZeRO-3 (measured: 4.8e-7 at step 3).
+``accelerate_workers``): both ranks take the loop's batch, and the losses are the loop's to one ulp
+at ZeRO-2 and ZeRO-3 (measured: 4.8e-7). Not bit for bit: after the first ZeRO-2 step the
+embedding and the LM head (row rules, whose statistics are summed over the two ranks' partitions)
+differ from the loop's in the last bit (up to 3.7e-9, in 52 and 275 of their elements), while every
+Muon matrix is equal. Those differences reach the logged losses on some trajectories and not on
+others.
 """
 from __future__ import annotations
 
@@ -56,10 +60,7 @@ def test_deepspeed_plugin_trains_as_our_loop(tmp_path, monkeypatch, worker, stag
     monkeypatch.setenv("DS_TEST_STAGE", str(stage))
     result = run(tmp_path, worker)
     assert result["engine"] == "ZeroEngine"  # stepping DeepSpeed's flat partitions
-    if stage == 2:
-        assert result["losses"] == own_losses(BATCH)
-    else:
-        assert result["losses"] == pytest.approx(own_losses(BATCH), rel=0, abs=ULPS_2)
+    assert result["losses"] == pytest.approx(own_losses(BATCH), rel=0, abs=ULPS_2)
 
 
 @pytest.mark.parametrize("worker", ["fsdp2_trainer", "deepspeed_trainer"])
