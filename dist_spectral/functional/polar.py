@@ -314,6 +314,9 @@ def muon_scale(m: int, n: int, kind: str = "spectral", input_parts: int = 1) -> 
     Returns:
         float: the factor that multiplies ``polar(M)``.
     """
+    if isinstance(input_parts, bool) or not isinstance(input_parts, int) or input_parts < 1:
+        raise ValueError(f"muon_scale: input_parts={input_parts!r}; it counts the blocks splitting the matrix's "
+                         "input side, an integer >= 1 (1 for a whole matrix)")
     if kind == "spectral":
         return math.sqrt(max(m, n) / (input_parts * n))
     if kind == "rms":

@@ -42,6 +42,9 @@ def test_muon_scale_takes_the_whole_input_width():
     assert muon_scale(4, 8, input_parts=2) == math.sqrt(8 / 16)       # a head wider than the model
     assert muon_scale(64, 16, "rms", input_parts=8) == muon_scale(64, 16, "rms")
     assert muon_scale(64, 16, "none", input_parts=8) == 1.0
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="input_parts"):
+            muon_scale(64, 16, input_parts=bad)
 
 
 def test_only_the_output_heads_split_the_input_side():
